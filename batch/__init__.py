@@ -1,0 +1,1 @@
+"""batch: the Ray Data batch upscaling pipeline."""

@@ -1,0 +1,1 @@
+"""infra: Google Cloud submission of the training and batch jobs."""

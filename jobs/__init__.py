@@ -1,0 +1,1 @@
+"""jobs: the training job (data pipeline from storage, train loop, checkpoints, logging)."""

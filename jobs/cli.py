@@ -1,0 +1,5 @@
+"""jobs' subcommands (prepare, train)."""
+
+
+def register(sub) -> None:
+    pass

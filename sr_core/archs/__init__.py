@@ -1,0 +1,51 @@
+"""Architecture registries: plain dicts from the name a config or model file uses to
+the class, and from (name, preset) to hyperparameters. No decorators, no import
+scanning, no fallback names: an unknown name is a ValueError listing the known ones.
+
+Every generator class has ``arch_name``, ``self.hparams`` (its constructor arguments,
+JSON-serializable, enough to rebuild it), ``self.scale`` and ``self.size_multiple``
+(input height/width must be a multiple of it; the Upscaler pads).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from sr_core.archs import rrdbnet
+
+GENERATORS: dict[str, type[nn.Module]] = {
+    "rrdbnet": rrdbnet.RRDBNet,
+}
+
+DISCRIMINATORS: dict[str, type[nn.Module]] = {}
+
+# Named hyperparameter sets per architecture; every architecture has "tiny" for CPU.
+PRESETS: dict[str, dict[str, dict]] = {
+    "rrdbnet": rrdbnet.PRESETS,
+}
+
+
+def _build(registry: dict, kind: str, name: str, preset: str | None, hparams: dict) -> nn.Module:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+    cls = registry[name]
+    presets = PRESETS.get(name, {})
+    if preset is not None and preset not in presets:
+        raise ValueError(f"{name}: unknown preset {preset!r}; known: {', '.join(sorted(presets)) or 'none'}")
+    merged = {**(presets[preset] if preset else {}), **hparams}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(merged) - accepted)
+    if unknown:
+        raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; accepted: {sorted(accepted)}")
+    return cls(**merged)
+
+
+def build_generator(name: str, preset: str | None = None, **hparams) -> nn.Module:
+    """Build a generator by registry name, e.g. ``build_generator("rrdbnet", "tiny", scale=2)``."""
+    return _build(GENERATORS, "generator", name, preset, hparams)
+
+
+def build_discriminator(name: str, preset: str | None = None, **hparams) -> nn.Module:
+    return _build(DISCRIMINATORS, "discriminator", name, preset, hparams)

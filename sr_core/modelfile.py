@@ -1,0 +1,291 @@
+"""Model files: self-describing ``.safetensors`` of our own, and imports of foreign
+ESRGAN / Real-ESRGAN ``.pth`` files.
+
+Our files carry metadata naming the architecture, its hyperparameters and scale, so
+``load_generator(url)`` needs nothing else. Foreign files are read with
+``torch.load(weights_only=True)`` — never plain pickle, which would run code from the
+file — and their layout is recognized from the keys:
+
+- BasicSR / Real-ESRGAN: ``conv_first``, ``body.N.rdbK.convM``, ... (ours), possibly
+  wrapped in ``params_ema`` / ``params`` and prefixed ``module.``;
+- the ESRGAN repository's: ``RRDB_trunk.N.RDBK.convM``, ``trunk_conv``, ``upconv1``,
+  ``HRconv``;
+- the oldest ESRGAN one: ``model.0``, ``model.1.sub.N.RDBK.convM.0``, ``model.3``, ...
+
+For foreign files, num_feat / num_block / num_grow_ch / scale come from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from sr_core import storage
+from sr_core.archs import build_generator
+
+FORMAT = "sr-cloud"
+FORMAT_VERSION = "1"
+
+# Key layouts of the two old ESRGAN formats, mapped onto ours (= BasicSR's).
+_ESRGAN_RENAMES = [
+    (re.compile(r"^RRDB_trunk\.(\d+)\.RDB(\d)\."), r"body.\1.rdb\2."),
+    (re.compile(r"^trunk_conv\."), "conv_body."),
+    (re.compile(r"^upconv(\d)\."), r"conv_up\1."),
+    (re.compile(r"^HRconv\."), "conv_hr."),
+]
+
+
+class ModelFileError(ValueError):
+    """A file that is not a model we can load (names the file and the reason)."""
+
+
+# ---------------------------------------------------------------- saving
+
+
+def generator_metadata(model: nn.Module, **provenance) -> dict[str, str]:
+    if not hasattr(model, "arch_name") or not hasattr(model, "hparams"):
+        raise ValueError(f"{type(model).__name__} is not a registered generator (no arch_name/hparams)")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch_name,
+        "hparams": json.dumps(model.hparams, sort_keys=True),
+        "scale": str(model.scale),
+    }
+    if provenance:
+        meta["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
+    return meta
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage; clone to be safe and contiguous.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_generator(model: nn.Module, url: str, **provenance) -> None:
+    """Write ``model`` to ``url`` as self-describing ``.safetensors`` (atomically).
+
+    Keyword arguments are recorded as provenance (e.g. ``run="exp1", step=40000``).
+    """
+    data = safetensors_save(_plain_state_dict(model), metadata=generator_metadata(model, **provenance))
+    storage.write_bytes(url, data)
+
+
+def save_basicsr_pth(model: nn.Module, url: str) -> None:
+    """Write ``model`` as a BasicSR / Real-ESRGAN ``.pth`` (``{"params_ema": state}``),
+    loadable by their tools and by chaiNNer. Only RRDBNet has their key layout."""
+    if getattr(model, "arch_name", None) != "rrdbnet":
+        raise ValueError(f"BasicSR .pth export supports rrdbnet only, not {getattr(model, 'arch_name', '?')}")
+    if model.hparams.get("upsampler", "nearest") != "nearest":
+        raise ValueError("BasicSR's RRDBNet has nearest upsampling only; this model uses pixelshuffle")
+    buf = io.BytesIO()
+    torch.save({"params_ema": _plain_state_dict(model)}, buf)
+    storage.write_bytes(url, buf.getvalue())
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_model_file(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and metadata (empty for foreign files) from any supported file."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: model file not found") from None
+    if not data:
+        raise ModelFileError(f"{url}: empty file, not a model")
+    if _looks_like_safetensors(data):
+        return _read_safetensors(url, data)
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        return _read_torch_file(url, data), {}
+    raise ModelFileError(f"{url}: not a model file (neither .safetensors nor a PyTorch .pth)")
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    # 8-byte little-endian header length, then a JSON object.
+    return len(data) >= 10 and data[8:9] == b"{"
+
+
+def _read_safetensors(url: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise ModelFileError(f"{url}: truncated .safetensors file (header says {header_len} bytes, file has {len(data) - 8})")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        tensors = safetensors_load(data)
+    except Exception as exc:  # safetensors raises its own error type for corrupt data
+        raise ModelFileError(f"{url}: corrupt or truncated .safetensors file ({exc})") from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _read_torch_file(url: str, data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # weights_only=True refuses anything that would execute code on unpickling.
+        raise ModelFileError(
+            f"{url}: cannot read as a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "Only plain tensors are accepted; files needing arbitrary unpickling are refused."
+        ) from None
+    return _unwrap_state_dict(url, obj)
+
+
+def _unwrap_state_dict(url: str, obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        # BasicSR saves {"params": ..., "params_ema": ...}; the EMA weights are the good ones.
+        for wrapper in ("params_ema", "params", "state_dict", "model"):
+            if wrapper in obj and isinstance(obj[wrapper], dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ModelFileError(f"{url}: no state dict found in the file")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        state[key[len("module."):] if key.startswith("module.") else key] = value
+    if not state:
+        raise ModelFileError(f"{url}: the file holds no tensors")
+    return state
+
+
+def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Load any supported generator file: ours (self-describing), a bare safetensors
+    state dict, or a foreign ESRGAN / Real-ESRGAN .pth. Returns the model in eval mode."""
+    state, meta = read_model_file(url)
+    if meta.get("format") == FORMAT:
+        try:
+            hparams = json.loads(meta["hparams"])
+            model = build_generator(meta["arch"], **hparams)
+        except (KeyError, json.JSONDecodeError, ValueError) as exc:
+            raise ModelFileError(f"{url}: bad sr-cloud metadata ({exc})") from None
+    else:
+        arch, hparams, state = infer_architecture(url, state)
+        model = build_generator(arch, **hparams)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{url}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def read_metadata(url: str) -> dict:
+    """Metadata of one of our files, with ``hparams``/``provenance`` decoded ({} for foreign files)."""
+    _, meta = read_model_file(url)
+    out = dict(meta)
+    for key in ("hparams", "provenance"):
+        if key in out:
+            out[key] = json.loads(out[key])
+    return out
+
+
+# ---------------------------------------------------------------- foreign layouts
+
+
+def infer_architecture(url: str, state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """Recognize a foreign layout; return (arch name, hparams, state in our keys)."""
+    if "model.0.weight" in state and any(k.startswith("model.1.sub.") for k in state):
+        state = _rename_oldest_esrgan(url, state)
+    elif any(k.startswith("RRDB_trunk.") for k in state):
+        state = _rename_keys(state, _ESRGAN_RENAMES)
+    if "conv_first.weight" in state and "body.0.rdb1.conv1.weight" in state:
+        return "rrdbnet", _rrdbnet_hparams_from_shapes(url, state), state
+    sample = ", ".join(sorted(state)[:4])
+    raise ModelFileError(f"{url}: unrecognized weight layout (keys begin {sample}, ...); supported: "
+                         "ESRGAN/Real-ESRGAN RRDBNet in BasicSR, ESRGAN-repository or oldest model.N layout")
+
+
+def _rename_keys(state: dict, renames: list) -> dict:
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in renames:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    return out
+
+
+def _rename_oldest_esrgan(url: str, state: dict) -> dict:
+    """Oldest ESRGAN: model.0 = conv_first, model.1.sub.N = RRDBs then the trunk conv,
+    then per x2 stage (upsample, conv, act), then HR conv, act, last conv."""
+    body = re.compile(r"^model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)$")
+    trunk = re.compile(r"^model\.1\.sub\.(\d+)\.(weight|bias)$")
+    top = re.compile(r"^model\.(\d+)\.(weight|bias)$")
+    out, top_level = {}, {}
+    for key, value in state.items():
+        if m := body.match(key):
+            out[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = value
+        elif m := trunk.match(key):
+            out[f"conv_body.{m[2]}"] = value
+        elif m := top.match(key):
+            top_level.setdefault(int(m[1]), {})[m[2]] = value
+        else:
+            raise ModelFileError(f"{url}: unexpected key {key!r} in an old-ESRGAN (model.N) file")
+    indices = sorted(top_level)
+    if len(indices) < 4 or indices[0] != 0:
+        raise ModelFileError(f"{url}: incomplete old-ESRGAN (model.N) file")
+    convs_after_trunk = indices[1:]
+    up_indices, hr_index, last_index = convs_after_trunk[:-2], convs_after_trunk[-2], convs_after_trunk[-1]
+    if len(up_indices) not in (2, 3):
+        raise ModelFileError(f"{url}: old-ESRGAN file with {len(up_indices)} upsampling stages; "
+                             "only x4 and x8 exist in that layout")
+    names = {0: "conv_first", hr_index: "conv_hr", last_index: "conv_last"}
+    names.update({idx: f"conv_up{n + 1}" for n, idx in enumerate(up_indices)})
+    for idx, params in top_level.items():
+        for kind, value in params.items():
+            out[f"{names[idx]}.{kind}"] = value
+    return out
+
+
+def _rrdbnet_hparams_from_shapes(url: str, state: dict) -> dict:
+    first = state["conv_first.weight"]
+    num_feat, in_channels = first.shape[0], first.shape[1]
+    num_out_ch = state["conv_last.weight"].shape[0]
+    num_block = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
+    num_grow_ch = state["body.0.rdb1.conv1.weight"].shape[0]
+    # Input channels are num_in_ch x unshuffle^2; models map RGB->RGB or L->L, so take
+    # num_in_ch = num_out_ch when that divides evenly.
+    unshuffle_sq = in_channels // num_out_ch if in_channels % num_out_ch == 0 else 0
+    scale_for_unshuffle_sq = {1: 4, 4: 2, 16: 1}
+    if unshuffle_sq not in scale_for_unshuffle_sq:
+        raise ModelFileError(f"{url}: conv_first has {in_channels} input channels for {num_out_ch} "
+                             "output channels; cannot tell the scale")
+    scale = scale_for_unshuffle_sq[unshuffle_sq]
+    if "conv_up3.weight" in state:
+        scale = 8
+    upsampler = "pixelshuffle" if state["conv_up1.weight"].shape[0] == 4 * num_feat else "nearest"
+    return dict(num_in_ch=in_channels // unshuffle_sq, num_out_ch=num_out_ch, scale=scale,
+                num_feat=num_feat, num_block=num_block, num_grow_ch=num_grow_ch, upsampler=upsampler)
+
+
+# ---------------------------------------------------------------- interpolation
+
+
+def interpolate_generators(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Module:
+    """Network interpolation (ESRGAN paper, sec. 3.4): weights (1 - alpha) * A + alpha * B.
+
+    With A the PSNR-oriented model and B the GAN one, alpha trades fidelity (0) for
+    perceptual sharpness (1). Both must be the same architecture and hyperparameters.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if (model_a.arch_name, model_a.hparams) != (model_b.arch_name, model_b.hparams):
+        raise ValueError(
+            f"cannot interpolate different architectures: {model_a.arch_name} {model_a.hparams} "
+            f"vs {model_b.arch_name} {model_b.hparams}"
+        )
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    mixed = {}
+    for key, a in state_a.items():
+        b = state_b[key]
+        # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights.
+        mixed[key] = (1 - alpha) * a + alpha * b if a.is_floating_point() else a.clone()
+    out = build_generator(model_a.arch_name, **model_a.hparams)
+    out.load_state_dict(mixed)
+    return out.eval()
