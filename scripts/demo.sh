@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: local files, CPU, a small model.
+# Every step is a real `sr` command you can copy. Outputs go to ${OUT:-demo-out}/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-demo-out}
+IMAGES=assets/images
+mkdir -p "$OUT/models"
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+step "1. Build two small RRDBNet x4 generators and save them as self-describing .safetensors"
+run python - "$OUT/models" <<'PY'
+import sys, torch
+from sr_core import build_generator, save_generator
+out = sys.argv[1]
+for seed in (1, 2):
+    torch.manual_seed(seed)
+    model = build_generator("rrdbnet", "small", scale=4)
+    save_generator(model, f"{out}/rrdb-small-x4-seed{seed}.safetensors", note="randomly initialised demo model")
+n = sum(p.numel() for p in model.parameters())
+print(f"rrdbnet 'small' preset: {model.hparams}, {n:,} parameters")
+PY
+
+step "2. Convert to BasicSR/Real-ESRGAN .pth (params_ema) and back"
+run sr convert "$OUT/models/rrdb-small-x4-seed1.safetensors" "$OUT/models/rrdb-small-x4-seed1.pth" --overwrite
+run sr convert "$OUT/models/rrdb-small-x4-seed1.pth" "$OUT/models/roundtrip.safetensors" --overwrite
+
+step "3. Network interpolation: 0.2 * seed1 + 0.8 * seed2"
+run sr interpolate "$OUT/models/rrdb-small-x4-seed1.safetensors" "$OUT/models/rrdb-small-x4-seed2.safetensors" \
+    --alpha 0.8 -o "$OUT/models/interp.safetensors" --overwrite
+
+printf '\nDone. Outputs are in %s/\n' "$OUT"

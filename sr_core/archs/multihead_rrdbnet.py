@@ -1,0 +1,128 @@
+"""Multi-head RRDBNet: the ESRGAN trunk with several output heads of growing depth.
+
+The trunk (``conv_first``, ``body``, ``conv_body``, ``conv_up*``, ``conv_hr``) has
+exactly RRDBNet's keys and shapes, so a trained RRDBNet's trunk loads into it
+(``load_state_dict(..., strict=False)`` leaves only the heads to train). RRDBNet's
+single 3x3 ``conv_last`` is replaced by ``num_heads`` heads working at the output
+resolution: head k is k blocks of (9x9 conv, LeakyReLU) followed by a final 9x9 conv
+to the output channels, so head 0 is one 9x9 conv, head 1 is conv-LReLU-conv, ...
+
+Training calls ``forward(x, all_heads=True)`` and sums the losses of all heads, so the
+shared trunk learns features that serve shallow and deep reconstructions alike;
+inference returns the head chosen by ``output_head`` (or the mean of all heads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sr_core.archs.rrdbnet import RRDB, UNSHUFFLE_FOR_SCALE
+
+HEAD_KERNEL = 9
+# output_head value meaning "average all heads" (an ensemble at the price of all heads).
+MEAN_OF_HEADS = -1
+
+
+def make_head(num_feat: int, num_out_ch: int, depth: int) -> nn.Sequential:
+    """``depth`` blocks of (9x9 conv, LeakyReLU), then a 9x9 conv to ``num_out_ch``."""
+    pad = HEAD_KERNEL // 2
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(num_feat, num_feat, HEAD_KERNEL, 1, pad), nn.LeakyReLU(0.2, inplace=True)]
+    layers.append(nn.Conv2d(num_feat, num_out_ch, HEAD_KERNEL, 1, pad))
+    return nn.Sequential(*layers)
+
+
+class MultiHeadRRDBNet(nn.Module):
+    """``forward(x)`` takes BCHW in [0, 1] and returns BCHW x ``scale`` from the head
+    selected by ``output_head``; ``forward(x, all_heads=True)`` returns the list of all
+    ``num_heads`` outputs, shallowest head first."""
+
+    arch_name = "multihead_rrdbnet"
+
+    def __init__(
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        scale: int = 4,
+        num_feat: int = 64,
+        num_block: int = 23,
+        num_grow_ch: int = 32,
+        upsampler: str = "nearest",
+        num_heads: int = 3,
+        output_head: int = MEAN_OF_HEADS,
+    ):
+        super().__init__()
+        if scale not in UNSHUFFLE_FOR_SCALE:
+            raise ValueError(f"multihead_rrdbnet: scale must be one of {sorted(UNSHUFFLE_FOR_SCALE)}, got {scale}")
+        if upsampler not in ("nearest", "pixelshuffle"):
+            raise ValueError(f"multihead_rrdbnet: upsampler must be 'nearest' or 'pixelshuffle', got {upsampler!r}")
+        if num_heads < 1:
+            raise ValueError(f"multihead_rrdbnet: num_heads must be at least 1, got {num_heads}")
+        self.hparams = dict(
+            num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
+            num_block=num_block, num_grow_ch=num_grow_ch, upsampler=upsampler,
+            num_heads=num_heads, output_head=output_head,
+        )
+        self.scale = scale
+        self.upsampler = upsampler
+        self.unshuffle = UNSHUFFLE_FOR_SCALE[scale]
+        self.size_multiple = self.unshuffle
+
+        # Trunk: same module names and shapes as RRDBNet (keys must stay compatible).
+        self.conv_first = nn.Conv2d(num_in_ch * self.unshuffle**2, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(num_feat, num_grow_ch) for _ in range(num_block)])
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        up_out = num_feat * 4 if upsampler == "pixelshuffle" else num_feat
+        self.conv_up1 = nn.Conv2d(num_feat, up_out, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, up_out, 3, 1, 1)
+        if scale == 8:
+            self.conv_up3 = nn.Conv2d(num_feat, up_out, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+
+        self.heads = nn.ModuleList([make_head(num_feat, num_out_ch, depth) for depth in range(num_heads)])
+        self.select_head(output_head)
+
+    def select_head(self, output_head: int) -> None:
+        """Switch the head ``forward`` returns (kept in ``hparams`` so a saved file keeps it)."""
+        if not (output_head == MEAN_OF_HEADS or 0 <= output_head < len(self.heads)):
+            raise ValueError(
+                f"multihead_rrdbnet: output_head must be {MEAN_OF_HEADS} (mean of all heads) or a head index "
+                f"0..{len(self.heads) - 1}, got {output_head}"
+            )
+        self.output_head = output_head
+        self.hparams["output_head"] = output_head
+
+    def _up(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if self.upsampler == "pixelshuffle":
+            return self.lrelu(F.pixel_shuffle(conv(x), 2))
+        return self.lrelu(conv(F.interpolate(x, scale_factor=2, mode="nearest")))
+
+    def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.unshuffle)
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = self._up(self.conv_up1, feat)
+        feat = self._up(self.conv_up2, feat)
+        if self.scale == 8:
+            feat = self._up(self.conv_up3, feat)
+        feat = self.lrelu(self.conv_hr(feat))
+
+        if all_heads or self.output_head == MEAN_OF_HEADS:
+            outputs = [head(feat) for head in self.heads]
+            return outputs if all_heads else torch.stack(outputs).mean(dim=0)
+        # Only the selected head runs: the deep heads are costly at output resolution.
+        return self.heads[self.output_head](feat)
+
+
+PRESETS = {
+    # The ESRGAN trunk at its published size, with three heads.
+    "esrgan": dict(num_feat=64, num_block=23, num_grow_ch=32, num_heads=3),
+    # A fast model for CPU tests and demos.
+    "tiny": dict(num_feat=8, num_block=1, num_grow_ch=4, num_heads=3),
+    "small": dict(num_feat=16, num_block=2, num_grow_ch=8, num_heads=3),
+}
