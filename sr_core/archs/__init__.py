@@ -5,6 +5,10 @@ scanning, no fallback names: an unknown name is a ValueError listing the known o
 Every generator class has ``arch_name``, ``self.hparams`` (its constructor arguments,
 JSON-serializable, enough to rebuild it), ``self.scale`` and ``self.size_multiple``
 (input height/width must be a multiple of it; the Upscaler pads).
+
+Every discriminator class has ``arch_name``, ``self.hparams``, ``self.input_size``
+(the one crop size it accepts, or None for any), ``self.size_multiple`` and
+``self.min_input_size``; it returns raw logits (no sigmoid).
 """
 
 from __future__ import annotations
@@ -13,17 +17,38 @@ import inspect
 
 from torch import nn
 
-from sr_core.archs import rrdbnet
+from sr_core.archs import (
+    multihead_rrdbnet,
+    rrdbnet,
+    srgan_discriminator,
+    srresnet,
+    unet_discriminator,
+    vgg_discriminator,
+)
 
 GENERATORS: dict[str, type[nn.Module]] = {
     "rrdbnet": rrdbnet.RRDBNet,
+    "multihead_rrdbnet": multihead_rrdbnet.MultiHeadRRDBNet,
+    "srresnet": srresnet.SRResNet,
 }
 
-DISCRIMINATORS: dict[str, type[nn.Module]] = {}
+DISCRIMINATORS: dict[str, type[nn.Module]] = {
+    "vgg_style": vgg_discriminator.VGGStyleDiscriminator,
+    "vgg_style_any": vgg_discriminator.VGGStyleDiscriminatorAnySize,
+    "srgan": srgan_discriminator.SRGANDiscriminator,
+    "unet_sn": unet_discriminator.UNetDiscriminatorSN,
+}
 
-# Named hyperparameter sets per architecture; every architecture has "tiny" for CPU.
+# Named hyperparameter sets per architecture (generators and discriminators share the
+# namespace); every architecture has "tiny" for CPU.
 PRESETS: dict[str, dict[str, dict]] = {
     "rrdbnet": rrdbnet.PRESETS,
+    "multihead_rrdbnet": multihead_rrdbnet.PRESETS,
+    "srresnet": srresnet.PRESETS,
+    "vgg_style": vgg_discriminator.PRESETS,
+    "vgg_style_any": vgg_discriminator.PRESETS_ANY_SIZE,
+    "srgan": srgan_discriminator.PRESETS,
+    "unet_sn": unet_discriminator.PRESETS,
 }
 
 

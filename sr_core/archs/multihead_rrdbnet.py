@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from sr_core.archs.rrdbnet import RRDB, UNSHUFFLE_FOR_SCALE
+from sr_core.archs.rrdbnet import RRDBNet
 
 HEAD_KERNEL = 9
 # output_head value meaning "average all heads" (an ensemble at the price of all heads).
@@ -35,7 +34,7 @@ def make_head(num_feat: int, num_out_ch: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class MultiHeadRRDBNet(nn.Module):
+class MultiHeadRRDBNet(RRDBNet):
     """``forward(x)`` takes BCHW in [0, 1] and returns BCHW x ``scale`` from the head
     selected by ``output_head``; ``forward(x, all_heads=True)`` returns the list of all
     ``num_heads`` outputs, shallowest head first."""
@@ -54,35 +53,12 @@ class MultiHeadRRDBNet(nn.Module):
         num_heads: int = 3,
         output_head: int = MEAN_OF_HEADS,
     ):
-        super().__init__()
-        if scale not in UNSHUFFLE_FOR_SCALE:
-            raise ValueError(f"multihead_rrdbnet: scale must be one of {sorted(UNSHUFFLE_FOR_SCALE)}, got {scale}")
-        if upsampler not in ("nearest", "pixelshuffle"):
-            raise ValueError(f"multihead_rrdbnet: upsampler must be 'nearest' or 'pixelshuffle', got {upsampler!r}")
         if num_heads < 1:
             raise ValueError(f"multihead_rrdbnet: num_heads must be at least 1, got {num_heads}")
-        self.hparams = dict(
-            num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
-            num_block=num_block, num_grow_ch=num_grow_ch, upsampler=upsampler,
-            num_heads=num_heads, output_head=output_head,
-        )
-        self.scale = scale
-        self.upsampler = upsampler
-        self.unshuffle = UNSHUFFLE_FOR_SCALE[scale]
-        self.size_multiple = self.unshuffle
-
-        # Trunk: same module names and shapes as RRDBNet (keys must stay compatible).
-        self.conv_first = nn.Conv2d(num_in_ch * self.unshuffle**2, num_feat, 3, 1, 1)
-        self.body = nn.Sequential(*[RRDB(num_feat, num_grow_ch) for _ in range(num_block)])
-        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        up_out = num_feat * 4 if upsampler == "pixelshuffle" else num_feat
-        self.conv_up1 = nn.Conv2d(num_feat, up_out, 3, 1, 1)
-        self.conv_up2 = nn.Conv2d(num_feat, up_out, 3, 1, 1)
-        if scale == 8:
-            self.conv_up3 = nn.Conv2d(num_feat, up_out, 3, 1, 1)
-        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
-
+        # The trunk is RRDBNet's, module for module, so its keys and shapes stay compatible.
+        super().__init__(num_in_ch, num_out_ch, scale, num_feat, num_block, num_grow_ch, upsampler)
+        del self.conv_last
+        self.hparams.update(num_heads=num_heads, output_head=output_head)
         self.heads = nn.ModuleList([make_head(num_feat, num_out_ch, depth) for depth in range(num_heads)])
         self.select_head(output_head)
 
@@ -96,22 +72,8 @@ class MultiHeadRRDBNet(nn.Module):
         self.output_head = output_head
         self.hparams["output_head"] = output_head
 
-    def _up(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        if self.upsampler == "pixelshuffle":
-            return self.lrelu(F.pixel_shuffle(conv(x), 2))
-        return self.lrelu(conv(F.interpolate(x, scale_factor=2, mode="nearest")))
-
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        if self.unshuffle > 1:
-            x = F.pixel_unshuffle(x, self.unshuffle)
-        feat = self.conv_first(x)
-        feat = feat + self.conv_body(self.body(feat))
-        feat = self._up(self.conv_up1, feat)
-        feat = self._up(self.conv_up2, feat)
-        if self.scale == 8:
-            feat = self._up(self.conv_up3, feat)
-        feat = self.lrelu(self.conv_hr(feat))
-
+        feat = self.features(x)
         if all_heads or self.output_head == MEAN_OF_HEADS:
             outputs = [head(feat) for head in self.heads]
             return outputs if all_heads else torch.stack(outputs).mean(dim=0)

@@ -120,7 +120,9 @@ class RRDBNet(nn.Module):
             return self.lrelu(F.pixel_shuffle(conv(x), 2))
         return self.lrelu(conv(F.interpolate(x, scale_factor=2, mode="nearest")))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything up to ``conv_last``: HR-resolution features (shared with the
+        multi-head variant, whose heads replace ``conv_last``)."""
         if self.unshuffle > 1:
             x = F.pixel_unshuffle(x, self.unshuffle)
         feat = self.conv_first(x)
@@ -129,7 +131,10 @@ class RRDBNet(nn.Module):
         feat = self._up(self.conv_up2, feat)
         if self.scale == 8:
             feat = self._up(self.conv_up3, feat)
-        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+        return self.lrelu(self.conv_hr(feat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_last(self.features(x))
 
 
 PRESETS = {

@@ -1,0 +1,87 @@
+"""SRResNet: the SRGAN generator (Ledig et al., 2017).
+
+A 9x9 conv + PReLU, ``num_block`` residual blocks (conv-BN-PReLU-conv-BN), a conv-BN
+closing the trunk with a long skip from the first features, one sub-pixel stage per
+x2 (3x3 conv to 4x channels, PixelShuffle(2), PReLU), and a 9x9 conv to the image.
+Unlike RRDBNet it keeps BatchNorm, as the paper does: use ``.eval()`` for inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+UPSAMPLE_STAGES_FOR_SCALE = {2: 1, 4: 2, 8: 3}
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, num_feat: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(num_feat)
+        self.prelu = nn.PReLU(num_feat)
+        self.conv2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(num_feat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.prelu(self.bn1(self.conv1(x)))
+        return x + self.bn2(self.conv2(out))
+
+
+class UpsampleStage(nn.Module):
+    """x2 by sub-pixel convolution: conv to 4x channels, then PixelShuffle(2)."""
+
+    def __init__(self, num_feat: int):
+        super().__init__()
+        self.conv = nn.Conv2d(num_feat, num_feat * 4, 3, 1, 1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.prelu = nn.PReLU(num_feat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prelu(self.shuffle(self.conv(x)))
+
+
+class SRResNet(nn.Module):
+    """``forward`` takes BCHW in [0, 1] and returns BCHW x ``scale``; any input size."""
+
+    arch_name = "srresnet"
+
+    def __init__(
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        scale: int = 4,
+        num_feat: int = 64,
+        num_block: int = 16,
+    ):
+        super().__init__()
+        if scale not in UPSAMPLE_STAGES_FOR_SCALE:
+            raise ValueError(f"srresnet: scale must be one of {sorted(UPSAMPLE_STAGES_FOR_SCALE)}, got {scale}")
+        if num_block < 1:
+            raise ValueError(f"srresnet: num_block must be at least 1, got {num_block}")
+        self.hparams = dict(num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
+                            num_block=num_block)
+        self.scale = scale
+        self.size_multiple = 1
+
+        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 9, 1, 4)
+        self.prelu_first = nn.PReLU(num_feat)
+        self.body = nn.Sequential(*[ResidualBlock(num_feat) for _ in range(num_block)])
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.bn_body = nn.BatchNorm2d(num_feat)
+        self.upsample = nn.Sequential(*[UpsampleStage(num_feat) for _ in range(UPSAMPLE_STAGES_FOR_SCALE[scale])])
+        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 9, 1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.prelu_first(self.conv_first(x))
+        feat = feat + self.bn_body(self.conv_body(self.body(feat)))
+        return self.conv_last(self.upsample(feat))
+
+
+PRESETS = {
+    # The paper's SRResNet: 64 features, 16 residual blocks.
+    "srgan": dict(num_feat=64, num_block=16),
+    # A fast model for CPU tests and demos.
+    "tiny": dict(num_feat=8, num_block=1),
+    "small": dict(num_feat=16, num_block=4),
+}
