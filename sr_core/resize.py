@@ -13,11 +13,13 @@ the same operator or the numbers are not comparable (DESIGN.md contract 5):
 - output size ``ceil(in * scale)``; with an explicit ``size`` the per-axis scale is
   ``out / in``, as MATLAB does.
 
-Each axis is one precomputed dense ``(out, in)`` weight matrix (MATLAB's
-"contributions": a few weights per output pixel at mirrored input indices, scattered
-into a matrix), so a resize is two matrix multiplications. The axis with the larger
-reduction goes first, as in MATLAB; in exact arithmetic the order does not matter (the
-two products commute), it only saves work.
+Each axis uses precomputed "contributions" as MATLAB does: for every output pixel a
+few weights (4 taps at scale >= 1, about 4 / scale when antialiasing a downscale) and
+their mirrored input indices. The resize is a weighted sum of gathered rows (then
+columns): memory stays proportional to the output, unlike a dense (out, in) matrix
+that would take hundreds of MB for an 8K output. The axis with the larger reduction
+goes first, as in MATLAB; in exact arithmetic the order does not matter (the two
+passes commute), it only saves work.
 
 Away from the borders this agrees with Pillow's ``Image.resize(..., BICUBIC)`` on float
 ("F" mode) images; within ~4 pixels of an edge they differ (Pillow renormalizes the
@@ -75,16 +77,16 @@ def contributions(in_length: int, out_length: int, scale: float, antialiasing: b
     return weights, mirrored
 
 
-@lru_cache(maxsize=64)
-def weight_matrix(in_length: int, out_length: int, scale: float, antialiasing: bool) -> np.ndarray:
-    """Dense ``(out_length, in_length)`` float64 matrix: ``out = M @ in`` along one axis."""
+@lru_cache(maxsize=32)
+def trimmed_contributions(in_length: int, out_length: int, scale: float, antialiasing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``contributions`` without the taps that are zero for every output pixel (MATLAB
+    trims them too); cached, read-only."""
     weights, indices = contributions(in_length, out_length, scale, antialiasing)
-    matrix = np.zeros((out_length, in_length), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(out_length)[:, None], indices.shape)
-    # Mirrored taps can land on the same input pixel twice: accumulate, don't overwrite.
-    np.add.at(matrix, (rows, indices), weights)
-    matrix.setflags(write=False)
-    return matrix
+    used = np.any(weights != 0, axis=0)
+    weights, indices = np.ascontiguousarray(weights[:, used]), np.ascontiguousarray(indices[:, used])
+    weights.setflags(write=False)
+    indices.setflags(write=False)
+    return weights, indices
 
 
 def _plan(in_h: int, in_w: int, scale: float | None, size: tuple[int, int] | None) -> tuple[int, int, float, float]:
@@ -139,16 +141,24 @@ def _imresize_numpy(x: np.ndarray, scale, size, antialiasing: bool) -> np.ndarra
     out = x.astype(np.float64)
     for axis in _axis_order(scale_h, scale_w):
         if axis == "h":
-            matrix = weight_matrix(in_h, out_h, scale_h, antialiasing)
-            out = np.tensordot(matrix, out, axes=(1, 0))
+            out = _resize_axis0_numpy(out, *trimmed_contributions(in_h, out_h, scale_h, antialiasing))
         else:
-            matrix = weight_matrix(in_w, out_w, scale_w, antialiasing)
-            out = np.moveaxis(np.tensordot(matrix, out, axes=(1, 1)), 0, 1)
+            out = _resize_axis0_numpy(out.swapaxes(0, 1), *trimmed_contributions(in_w, out_w, scale_w, antialiasing))
+            out = out.swapaxes(0, 1)
     if max_value is None:
         return np.ascontiguousarray(out, dtype=np.float32)
     # MATLAB rounds half away from zero; values are clipped non-negative first, so
     # floor(v + 0.5) is the same thing (numpy's round is half-to-even).
     return np.floor(np.clip(out, 0, max_value) + 0.5).astype(x.dtype)
+
+
+def _resize_axis0_numpy(x: np.ndarray, weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Resize along axis 0: ``out[i] = sum_k weights[i, k] * x[indices[i, k]]``."""
+    broadcast = (-1,) + (1,) * (x.ndim - 1)
+    out = np.zeros((weights.shape[0],) + x.shape[1:], dtype=np.float64)
+    for tap in range(weights.shape[1]):
+        out += weights[:, tap].reshape(broadcast) * x[indices[:, tap]]
+    return out
 
 
 def _imresize_torch(x: torch.Tensor, scale, size, antialiasing: bool) -> torch.Tensor:
@@ -163,9 +173,19 @@ def _imresize_torch(x: torch.Tensor, scale, size, antialiasing: bool) -> torch.T
     out = x.to(compute_dtype)
     for axis in _axis_order(scale_h, scale_w):
         if axis == "h":
-            matrix = torch.tensor(weight_matrix(in_h, out_h, scale_h, antialiasing))
-            out = torch.matmul(matrix.to(device=x.device, dtype=compute_dtype), out)
+            out = _resize_dim_torch(out, -2, *trimmed_contributions(in_h, out_h, scale_h, antialiasing))
         else:
-            matrix = torch.tensor(weight_matrix(in_w, out_w, scale_w, antialiasing))
-            out = torch.matmul(out, matrix.to(device=x.device, dtype=compute_dtype).T)
+            out = _resize_dim_torch(out, -1, *trimmed_contributions(in_w, out_w, scale_w, antialiasing))
     return out.to(x.dtype)
+
+
+def _resize_dim_torch(x: torch.Tensor, dim: int, weights: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    """Resize along ``dim`` (-2 or -1) with gathered taps, like ``_resize_axis0_numpy``."""
+    weights_t = torch.tensor(weights, dtype=x.dtype, device=x.device)
+    indices_t = torch.tensor(indices, dtype=torch.long, device=x.device)
+    shape = (-1, 1) if dim == -2 else (-1,)
+    out = None
+    for tap in range(weights.shape[1]):
+        term = weights_t[:, tap].view(shape) * x.index_select(dim, indices_t[:, tap])
+        out = term if out is None else out + term
+    return out
