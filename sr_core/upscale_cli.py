@@ -1,5 +1,238 @@
-"""`sr upscale` (placeholder until the Upscaler lands)."""
+"""``sr upscale``: upscale files, folders (recursive), globs and fsspec URLs with one model.
+
+Each output goes to OUT/<path of the input below the folder (or glob prefix) it was
+found under>, with the new extension and a suffix. Existing outputs are skipped unless
+--overwrite, so a rerun finishes only what is missing. A bad input is reported with its
+reason and the run goes on; the exit code is 1 when anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+
+_GLOB_CHARS = "*?["
 
 
 def add_upscale_parser(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "upscale",
+        help="upscale image files, folders, globs or fsspec URLs with a model",
+        description=(
+            "Upscale images with a generator file (ours or a foreign ESRGAN/Real-ESRGAN .pth). "
+            "INPUT may be a file, a folder (searched recursively; the relative structure is kept "
+            "under OUT), a glob (quote it) or an fsspec URL (gs://, s3://, memory://). Existing "
+            "outputs are skipped unless --overwrite. Bad inputs are reported and skipped; the "
+            "exit code is 1 if any input failed."
+        ),
+    )
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image file, folder, glob or URL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (path or fsspec URL)")
+    p.add_argument("-m", "--model", required=True, help="generator file (.safetensors or .pth; path or URL)")
+    p.add_argument("-s", "--outscale", "--scale", dest="outscale", type=float, default=None,
+                   help="final scale factor; the network's output is resized with MATLAB bicubic "
+                        "(default: the model's own scale)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side in input pixels; 0 disables tiling (default: chosen from memory)")
+    p.add_argument("--overlap", type=int, default=None, help="context pixels around each tile (default: 16)")
+    p.add_argument("--tiles-per-batch", type=int, default=None, help="tiles per forward pass (default: 4 on GPUs, 1 on CPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on V100-class GPUs, bf16 on A100 and newer, fp32 on CPU")
+    p.add_argument("--alpha", default="model", choices=["model", "bicubic"],
+                   help="how the alpha channel is upscaled (default: model)")
+    p.add_argument("-f", "--format", default="png", choices=["png", "jpg", "jpeg", "webp"],
+                   help="output format (default: png)")
+    p.add_argument("--suffix", default="_sr", help="added to output file names (default: _sr)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--png-compress-level", type=int, default=1,
+                   help="PNG zlib level 0-9 (default 1: fast, slightly larger files)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
+    p.add_argument("--webp-quality", type=int, default=90, help="WebP quality (default: 90)")
+    p.add_argument("--webp-lossless", action="store_true", help="lossless WebP")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse inputs with more pixels (decompression-bomb guard; default: 100,000,000)")
+    p.set_defaults(func=run_upscale)
+
+
+@dataclass
+class Job:
+    """One input image and where its output goes."""
+
+    input: str
+    output: str
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _has_glob(url: str) -> bool:
+    return any(c in url for c in _GLOB_CHARS)
+
+
+def _glob_root(url: str) -> str:
+    """The folder part of a glob before its first wildcard component."""
+    scheme, rest = (url.split("://", 1) if "://" in url else ("", url))
+    parts = rest.split("/")
+    fixed = []
+    for part in parts:
+        if _has_glob(part):
+            break
+        fixed.append(part)
+    root = "/".join(fixed) or "."
+    return f"{scheme}://{root}" if scheme else root
+
+
+def _find_inputs(url: str) -> list[tuple[str, str]]:
+    """(root, file URL) pairs for one INPUT argument; raises FileNotFoundError."""
+    from sr_core import codecs, storage
+
+    fs, path = storage.get_fs(url)
+    prefix = storage.protocol_prefix(url)
+
+    def full(p: str) -> str:
+        return p if not prefix or p.startswith(prefix) else prefix + p
+
+    if _has_glob(url):
+        matches = [p for p in fs.glob(path) if fs.isfile(p) and not posixpath.basename(p).startswith(".")]
+        if not matches:
+            raise FileNotFoundError(f"{url}: the pattern matches no files")
+        return [(_glob_root(url), full(p)) for p in sorted(matches)]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no such file or folder")
+    if fs.isdir(path):
+        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS)
+        return [(url, f) for f in files]
+    return [(full(posixpath.dirname(path)) if prefix else posixpath.dirname(path), url)]
+
+
+def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Plan:
+    """Map every input file to its output URL; inputs that cannot be found, and outputs
+    that would collide or replace an input, become failures."""
+    from sr_core import storage
+
+    plan = Plan()
+    taken: dict[str, str] = {}
+    input_paths = set()
+    pairs = []
+    for url in inputs:
+        try:
+            found = _find_inputs(url)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            plan.failures.append((url, _reason(exc, url)))
+            continue
+        pairs.extend(found)
+        input_paths.update(storage.get_fs(f)[1] for _, f in found)
+    for root, url in pairs:
+        try:
+            rel = storage.relative_key(root, url)
+            stem = posixpath.splitext(rel)[0]
+            output = storage.join(out, storage.safe_key(stem + suffix + extension))
+        except ValueError as exc:
+            plan.failures.append((url, str(exc)))
+            continue
+        output_path = storage.get_fs(output)[1]
+        if output_path in input_paths:
+            plan.failures.append((url, f"the output {output} would replace an input; choose another OUT or --suffix"))
+        elif output in taken:
+            if taken[output] != url:
+                plan.failures.append((url, f"the output {output} is also the output of {taken[output]}"))
+        else:
+            taken[output] = url
+            plan.jobs.append(Job(url, output))
+    return plan
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    from sr_core import codecs, storage, upscaler
+
+    options = codecs.EncodeOptions(format=args.format, png_compress_level=args.png_compress_level,
+                                   jpeg_quality=args.jpeg_quality, webp_quality=args.webp_quality,
+                                   webp_lossless=args.webp_lossless)
+    if args.outscale is not None and args.outscale <= 0:
+        raise ValueError(f"--outscale must be positive, got {args.outscale}")
+    max_pixels = args.max_pixels if args.max_pixels is not None else codecs.DEFAULT_MAX_PIXELS
+    plan = plan_outputs(args.inputs, args.output, args.suffix, options.extension)
+    failures = list(plan.failures)
+    todo, skipped = [], 0
+    for job in plan.jobs:
+        if not args.overwrite and storage.exists(job.output):
+            skipped += 1
+        else:
+            todo.append(job)
+
+    written = 0
+    if todo:
+        settings = {k: v for k, v in (("overlap", args.overlap), ("tiles_per_batch", args.tiles_per_batch))
+                    if v is not None}
+        up = upscaler.Upscaler.from_file(args.model, device=args.device, precision=args.precision,
+                                         tile=args.tile, alpha=args.alpha, **settings)
+        out_pixels = 0
+        start = time.perf_counter()
+        bar = tqdm(total=len(todo), unit="img", desc="upscale", file=sys.stderr, dynamic_ncols=True)
+
+        def save(job: Job, image) -> int:
+            storage.write_bytes(job.output, codecs.encode_image(image, options))
+            return image.shape[0] * image.shape[1]
+
+        # Encoding (PNG above all) is as slow as a small model: it runs in the
+        # background while the next image is upscaled. At most two results wait, so
+        # memory stays at a few outputs.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = {}
+
+            def collect(done) -> None:
+                nonlocal written, out_pixels
+                for future in done:
+                    job = pending.pop(future)
+                    try:
+                        out_pixels += future.result()
+                        written += 1
+                    except Exception as exc:  # a failed write is reported, the run goes on
+                        failures.append((job.input, f"writing {job.output}: {_reason(exc, job.output)}"))
+                    bar.update(1)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{out_pixels / elapsed / 1e6:.2f} Mpx/s out")
+
+            for job in todo:
+                try:
+                    image = codecs.read_image(job.input, max_pixels=max_pixels)
+                    result = up(image, outscale=args.outscale)
+                except Exception as exc:  # a bad input is reported, the run goes on
+                    failures.append((job.input, _reason(exc, job.input)))
+                    bar.update(1)
+                    continue
+                while len(pending) >= 2:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    collect(done)
+                pending[pool.submit(save, job, result)] = job
+                del image, result
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                collect(done)
+        bar.close()
+
+    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}")
+    for url, reason in failures:
+        print(f"  FAILED {url}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _reason(exc: Exception, url: str) -> str:
+    """The reason, without the URL our errors start with (the report names it)."""
+    message = str(exc)
+    if message.startswith(url + ": "):
+        message = message[len(url) + 2:]
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return message
+    return f"{type(exc).__name__}: {message}"

@@ -1,0 +1,318 @@
+"""Upscaler throughput and memory, side by side in one run (prints tables; not a test).
+
+Variants, on the same images, model and tile settings:
+
+- ``floor``: the bare model forward over exactly the Upscaler's batches of tiles,
+  prepared in memory beforehand: the compute floor, no I/O, no conversion, no assembly.
+- ``upscaler``: ``sr_core.Upscaler`` end to end, uint8 array in, uint8 array out, with
+  its default batching for the device (1 tile per forward pass on CPU).
+- ``upscaler-b4``: the same with 4 tiles per forward pass (the GPU default), to show
+  what batching costs or gains on this device.
+- ``reference``: the straightforward loop popular upscalers use: pad the frame, one
+  tile at a time (NCHW, fp32), each tile's centre copied into a full-frame float32
+  output, converted to uint8 at the end.
+
+Each variant runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own.
+A second table upscales one 3840x2160 frame x4 with the ``tiny`` preset and reports
+peak RSS against the uint8 output size.
+
+FLOP model: 2 x multiply-accumulates of every Conv2d, counted from the model's layers
+on a probe input (per input pixel); activations, upsampling and concatenations are
+not counted. The counter reproduces NOTES.md's 35.85 MFLOP per input pixel for the
+full ESRGAN generator (printed as a check).
+
+Run: ``.venv/bin/python bench/bench_upscaler.py`` (a few minutes on 2 CPU cores);
+``--quick`` for a smaller run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "assets" / "images"
+PHOTOS = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
+# A small-ish RRDBNet that finishes on a CPU in minutes but has the real layer mix.
+BENCH_MODEL = dict(num_feat=32, num_block=4, num_grow_ch=16, scale=4)
+TILE, OVERLAP = 128, 16
+REPEATS = {"photos": 3, "4k": 1}
+
+
+# ---------------------------------------------------------------- helpers run in workers
+
+
+def conv_flops_per_input_pixel(model, num_channels: int = 3, side: int = 16) -> float:
+    import torch
+    from torch import nn
+
+    macs = 0
+
+    def count(module, _inputs, output):
+        nonlocal macs
+        in_per_group = module.in_channels // module.groups
+        macs += output.numel() * in_per_group * module.kernel_size[0] * module.kernel_size[1]
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, num_channels, side, side))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * macs / (side * side)
+
+
+def load_photos(crop: int | None) -> list[np.ndarray]:
+    from PIL import Image
+
+    images = []
+    for name in PHOTOS:
+        img = np.asarray(Image.open(IMAGES / name).convert("RGB"))
+        if crop:
+            img = img[:crop, :crop]
+        images.append(np.ascontiguousarray(img))
+    return images
+
+
+def frame_4k() -> np.ndarray:
+    """A 3840x2160 RGB frame tiled from a real photograph (no large temporaries)."""
+    from PIL import Image
+
+    tile = np.asarray(Image.open(IMAGES / "coffee.png").convert("RGB"))  # 600x400
+    reps = (-(-2160 // tile.shape[0]), -(-3840 // tile.shape[1]), 1)
+    return np.ascontiguousarray(np.tile(tile, reps)[:2160, :3840])
+
+
+def build_model(spec: dict):
+    import torch
+
+    from sr_core import build_generator
+
+    torch.manual_seed(0)
+    if "preset" in spec:
+        return build_generator("rrdbnet", spec["preset"], scale=spec["scale"])
+    return build_generator("rrdbnet", **spec)
+
+
+def reference_loop(model, image: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """One tile at a time, the way popular upscalers do it (NCHW fp32, full-frame
+    float32 output on the model's device, conversion to uint8 at the very end)."""
+    import torch
+    from torch.nn import functional as F
+
+    scale, multiple = model.scale, model.size_multiple
+    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
+    height, width = x.shape[-2:]
+    x = F.pad(x, (0, -width % multiple, 0, -height % multiple), mode="reflect")
+    _, channels, ph, pw = x.shape
+    out = torch.zeros(1, channels, ph * scale, pw * scale)
+    for y0 in range(0, ph, tile):
+        for x0 in range(0, pw, tile):
+            y1, x1 = min(y0 + tile, ph), min(x0 + tile, pw)
+            cy0, cx0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
+            cy1, cx1 = min(y1 + overlap, ph), min(x1 + overlap, pw)
+            patch = x[..., cy0:cy1, cx0:cx1]
+            # Popular loops pad each tile up to the size multiple here too.
+            pad_h, pad_w = -patch.shape[-2] % multiple, -patch.shape[-1] % multiple
+            if pad_h or pad_w:
+                patch = F.pad(patch, (0, pad_w, 0, pad_h), mode="reflect")
+            with torch.no_grad():
+                result = model(patch)
+            oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
+            out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = result[
+                ..., oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale]
+    out = out[..., :height * scale, :width * scale]
+    return (out[0].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def reference_work_pixels(model, image_shape, tile: int, overlap: int) -> int:
+    multiple = model.size_multiple
+    ph, pw = (-(-s // multiple) * multiple for s in image_shape[:2])
+    total = 0
+    for y0 in range(0, ph, tile):
+        for x0 in range(0, pw, tile):
+            h = min(min(y0 + tile, ph) + overlap, ph) - max(y0 - overlap, 0)
+            w = min(min(x0 + tile, pw) + overlap, pw) - max(x0 - overlap, 0)
+            total += (-(-h // multiple) * multiple) * (-(-w // multiple) * multiple)
+    return total
+
+
+def rss_now_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(variant: str, case: str, quick: bool, threads: int) -> dict:
+    import torch
+
+    from sr_core.upscaler import Upscaler, plan_axis
+
+    torch.set_num_threads(threads)
+    if case == "photos":
+        spec, images, tile = BENCH_MODEL, load_photos(96 if quick else 256), TILE
+    else:
+        spec, images, tile = dict(preset="tiny", scale=4), [frame_4k()], None  # automatic tile
+    model = build_model(spec)
+    flop_per_px = conv_flops_per_input_pixel(model)
+    up = Upscaler(build_model(spec), device="cpu", precision="fp32", tile=tile, overlap=OVERLAP,
+                  tiles_per_batch=4 if variant == "upscaler-b4" else None)
+    tiles_per_batch = up.tiles_per_batch
+    up.forward(torch.zeros(1, 3, 32, 32))  # warm up oneDNN's kernels
+    chosen_tile = up.tile_for(*images[0].shape[:2])
+    if variant == "floor":
+        model = up.model  # channels_last, as the Upscaler runs it
+    out_px = sum(img.shape[0] * img.shape[1] * model.scale**2 for img in images)
+    baseline = rss_now_mb()
+    work_px = 0
+    if variant == "floor":
+        batches = []
+        for img in images:
+            rows = plan_axis(img.shape[0], chosen_tile, OVERLAP, model.size_multiple)
+            cols = plan_axis(img.shape[1], chosen_tile, OVERLAP, model.size_multiple)
+            windows = [(wy, wx) for wy in rows for wx in cols]
+            for i in range(0, len(windows), tiles_per_batch):
+                group = windows[i:i + tiles_per_batch]
+                h, w = group[0][0].length, group[0][1].length
+                batches.append(torch.rand(len(group), 3, h, w).contiguous(memory_format=torch.channels_last))
+                work_px += len(group) * h * w
+        def run():
+            with torch.inference_mode():
+                for x in batches:
+                    model(x)
+    elif variant in ("upscaler", "upscaler-b4"):
+        for img in images:
+            rows = plan_axis(img.shape[0], up.tile_for(*img.shape[:2]), OVERLAP, model.size_multiple)
+            cols = plan_axis(img.shape[1], up.tile_for(*img.shape[:2]), OVERLAP, model.size_multiple)
+            work_px += len(rows) * len(cols) * rows[0].length * cols[0].length
+        def run():
+            for img in images:
+                out = up(img)
+                assert out.shape[0] == img.shape[0] * model.scale
+                del out
+    elif variant == "reference":
+        # A model of its own, untouched by the Upscaler (plain NCHW, as those tools run it).
+        ref_tile = chosen_tile or max(images[0].shape[:2])
+        work_px = sum(reference_work_pixels(model, img.shape, ref_tile, OVERLAP) for img in images)
+        def run():
+            for img in images:
+                out = reference_loop(model, img, ref_tile, OVERLAP)
+                del out
+    else:
+        raise ValueError(variant)
+    # Best of a few runs: the machine is shared, and the best run is the one least
+    # disturbed by other processes.
+    seconds = float("inf")
+    for _ in range(REPEATS[case]):
+        start = time.perf_counter()
+        run()
+        seconds = min(seconds, time.perf_counter() - start)
+    return dict(variant=variant, case=case, seconds=seconds, out_px=out_px, work_px=work_px,
+                flop_per_px=flop_per_px, peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline,
+                tile=chosen_tile, tiles_per_batch=tiles_per_batch, images=len(images),
+                in_size=f"{images[0].shape[1]}x{images[0].shape[0]}", model=spec)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_worker(variant: str, case: str, quick: bool, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--case", case, "--threads", str(threads)]
+    cmd += ["--quick"] if quick else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant}/{case} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller images (a smoke run)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--case", default="photos", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-4k", action="store_true", help="skip the 3840x2160 memory case")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (default 1: on a shared machine, OpenMP threads "
+                             "waiting for a descheduled sibling make 2 threads up to 10x slower than 1)")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.case, args.quick, args.threads)))
+        return
+
+    print(f"machine: {machine()}; workers use {args.threads} torch thread(s)")
+    from sr_core.archs import build_generator
+
+    full = build_generator("rrdbnet", "esrgan", scale=4)
+    print(f"FLOP model check: full ESRGAN x4 = {conv_flops_per_input_pixel(full) / 1e6:.2f} MFLOP/input px "
+          "(NOTES.md: 35.85)")
+    del full
+
+    variants = ("floor", "upscaler", "upscaler-b4", "reference")
+    rows = [run_worker(v, "photos", args.quick, args.threads) for v in variants]
+    first = rows[0]
+    print(f"\nThroughput: RRDBNet {first['model']} (conv {first['flop_per_px'] / 1e6:.2f} MFLOP/input px), "
+          f"{first['images']} photos cropped to {first['in_size']}, tile {first['tile']}, overlap {OVERLAP}, "
+          f"floor at {first['tiles_per_batch']} tile(s)/batch, fp32, CPU")
+    print_table(rows, floor=rows[0])
+
+    if not args.skip_4k:
+        big = [run_worker(v, "4k", args.quick, args.threads) for v in ("upscaler", "reference")]
+        out_mb = big[0]["out_px"] * 3 / 2**20
+        print(f"\nMemory: one 3840x2160 RGB frame x4 (uint8 output {out_mb:.0f} MiB), RRDBNet tiny, "
+              f"automatic tile ({big[0]['tile']}, {big[0]['tiles_per_batch']} per batch), overlap {OVERLAP}; "
+              "each variant in its own process")
+        print_table(big, floor=None, output_mb=out_mb)
+
+
+def print_table(rows: list[dict], floor: dict | None, output_mb: float | None = None) -> None:
+    header = ["variant", "seconds", "out Mpx/s", "vs floor", "GFLOP/s", "peak RSS MiB", "RSS before MiB"]
+    if output_mb:
+        header += ["(peak-before)/output"]
+    lines = [header]
+    for r in rows:
+        rate = r["out_px"] / r["seconds"] / 1e6
+        gflops = r["work_px"] * r["flop_per_px"] / r["seconds"] / 1e9
+        ratio = f"{(r['out_px'] / r['seconds']) / (floor['out_px'] / floor['seconds']):.2f}" if floor else "-"
+        line = [r["variant"], f"{r['seconds']:.2f}", f"{rate:.3f}", ratio, f"{gflops:.1f}",
+                f"{r['peak_rss_mb']:.0f}", f"{r['baseline_rss_mb']:.0f}"]
+        if output_mb:
+            line.append(f"{(r['peak_rss_mb'] - r['baseline_rss_mb']) / output_mb:.2f}x")
+        lines.append(line)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines[1:]:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""The one inference path (DESIGN.md contract 4): ``Upscaler`` owns pad -> run -> clamp
+-> crop, tiling with overlap, precision, grayscale, alpha and 16-bit.
+
+How a frame of any size is processed
+------------------------------------
+The (padded) input is covered by *windows* of one fixed size, so that several windows
+stack into one batch for the model. Each window owns a *core* (the pixels it writes)
+and sees at least ``overlap`` real pixels of context around the core wherever the
+image continues; at the image border the window is shifted inwards instead of being
+padded with made-up pixels, so border pixels see exactly what an untiled run sees
+(the model's own zero padding). Windows start on multiples of the model's size
+requirement, so pixel-unshuffle models (x1 / x2) see the same pixel grouping as an
+untiled run. Only each window's core is written, into an output preallocated on the
+host in the output's own dtype (uint8 / uint16 for arrays), so host memory stays near
+the output size and the device holds one batch of windows, never the whole frame.
+
+Precision on accelerators (written, but not testable here: the test machines have no
+GPU): fp16 autocast on compute capability 7.x (V100: fast fp16 tensor cores, no bf16;
+``torch.cuda.is_bf16_supported()`` says True there through emulation, so we decide by
+capability), bf16 autocast on 8.0+ (same speed as fp16, fp32's range: no overflow in
+un-normalized trunks), fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Context pixels (input resolution) seen beyond each tile's core. ESRGAN's effective
+# receptive field falls off within a few pixels; 16 keeps tiled output within
+# quantization noise of untiled output (tests require >= 50 dB PSNR).
+DEFAULT_OVERLAP = 16
+# Windows per forward pass. On a GPU small windows underfill the device, and a batch
+# of them fills it without one huge window's activation peak. On a CPU the convolutions
+# already keep every core busy with one window, and a batch of windows is measured
+# ~8% slower per window (it falls out of cache) at several times the activation memory
+# (bench/bench_upscaler.py), so CPUs take one window per forward pass by default.
+DEFAULT_TILES_PER_BATCH_ACCELERATOR = 4
+DEFAULT_TILES_PER_BATCH_CPU = 1
+# Activation memory a batch of windows may use when the tile size is chosen
+# automatically. On CPU it is host RAM next to the output, so it is kept modest.
+DEFAULT_CPU_BUDGET_BYTES = 256 * 2**20
+DEFAULT_MPS_BUDGET_BYTES = 1 * 2**30
+# Share of the free GPU memory (measured at call time) one call may plan for.
+GPU_BUDGET_FRACTION = 0.5
+# Live activations at the peak, as a multiple of the largest single layer output
+# (e.g. upsampled input + conv output + the previous feature map).
+ACTIVATION_LIVE_FACTOR = 3
+MIN_AUTO_TILE = 32
+
+# BT.601 luma (what OpenCV's RGB2GRAY and Real-ESRGAN use) to turn the RGB output of a
+# colour model run on a replicated gray image back into one channel.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def choose_device(requested: str | torch.device | None = "auto") -> torch.device:
+    """``auto``: CUDA if available, else MPS, else CPU."""
+    if requested is None or requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def choose_precision(device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """The automatic precision for a device (pure: testable without the device).
+
+    ``capability`` is CUDA's (major, minor) compute capability; ignored elsewhere.
+    """
+    if device_type == "cuda":
+        if capability is None:
+            raise ValueError("choose_precision: CUDA needs the device's compute capability")
+        if capability[0] >= 8:
+            return "bf16"
+        if capability[0] == 7:
+            return "fp16"
+        return "fp32"
+    # MPS: fp16 autocast exists but its numerics for this model are unverified; CPU:
+    # bf16 autocast is slower than fp32 on CPUs without AMX.
+    return "fp32"
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return choose_precision(device.type, capability)
+
+
+# ---------------------------------------------------------------- tiling plan
+
+
+@dataclass(frozen=True)
+class AxisWindow:
+    """One window along one axis, in (padded) input pixels."""
+
+    start: int
+    """First input pixel the window reads."""
+    length: int
+    """Window length (the same for every window of an axis)."""
+    core_start: int
+    """First pixel this window writes."""
+    core_end: int
+    """One past the last pixel this window writes, clipped to the real image."""
+
+
+def plan_axis(length: int, tile: int, overlap: int, multiple: int) -> list[AxisWindow]:
+    """Windows covering ``length`` pixels. ``tile <= 0`` means one window.
+
+    The image is padded (bottom/right) to a multiple of ``multiple``; ``tile`` and
+    ``overlap`` are rounded up to multiples of it, so every window starts on the model's
+    pixel grid. All windows have one length, at most ``tile + 2 * overlap``; inner
+    windows write their centre, the first and last also write out to the border (they
+    need no context there), so no work is spent on context that does not exist.
+    """
+    assert length >= 1 and multiple >= 1
+    padded = -(-length // multiple) * multiple
+    overlap = -(-max(overlap, 0) // multiple) * multiple
+    tile = -(-tile // multiple) * multiple
+    if tile <= 0 or padded <= tile + 2 * overlap:
+        return [AxisWindow(0, padded, 0, length)]
+    count = -(-(padded - 2 * overlap) // tile)
+    # Inner core size: the smallest on the pixel grid with which `count` windows cover.
+    core = -(-(padded - 2 * overlap) // (count * multiple)) * multiple
+    window = core + 2 * overlap
+    windows = []
+    for i in range(count):
+        start = min(i * core, padded - window)
+        core_start = 0 if i == 0 else i * core + overlap
+        core_end = length if i == count - 1 else (i + 1) * core + overlap
+        assert start <= core_start < core_end <= start + window and start % multiple == 0
+        windows.append(AxisWindow(start, window, core_start, min(core_end, length)))
+    return windows
+
+
+def choose_tile(bytes_per_pixel: float, budget_bytes: float, tiles_per_batch: int, overlap: int, multiple: int) -> int:
+    """The largest tile (core side, input pixels) whose batch of windows fits the budget."""
+    window_pixels = budget_bytes / (max(tiles_per_batch, 1) * bytes_per_pixel)
+    tile = int(math.isqrt(int(window_pixels))) - 2 * overlap
+    tile = tile // multiple * multiple
+    return max(tile, -(-MIN_AUTO_TILE // multiple) * multiple)
+
+
+def activation_bytes_per_pixel(model: nn.Module, num_channels: int, multiple: int, device: torch.device) -> float:
+    """Peak activation bytes (fp32) per input pixel, estimated from one small forward:
+    the largest layer output per input pixel times ``ACTIVATION_LIVE_FACTOR``."""
+    side = 4 * multiple * max(1, 8 // multiple)
+    largest = 0
+
+    def record(_module, _inputs, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel())
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, num_channels, side, side, device=device))
+        largest = max(largest, out.numel())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ACTIVATION_LIVE_FACTOR * 4 * largest / (side * side)
+
+
+# ---------------------------------------------------------------- the Upscaler
+
+
+class Upscaler:
+    """Upscale images of any size with one generator.
+
+    ``__call__`` takes a uint8/uint16 array (H, W), (H, W, 1|2|3|4) — see
+    ``sr_core.codecs`` — and returns an array of the same dtype and channels, or a float
+    tensor (B, C, H, W) / (C, H, W) in [0, 1] and returns a float tensor on the same
+    device. The last channel of 2- and 4-channel images is alpha.
+
+    The object holds only configuration and the model: every call keeps its working
+    state in local variables, so one Upscaler can serve several threads.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device | None = "auto",
+        precision: str = "auto",
+        tile: int | None = None,
+        overlap: int = DEFAULT_OVERLAP,
+        tiles_per_batch: int | None = None,
+        alpha: str = "model",
+        memory_budget: int | None = None,
+    ):
+        """
+        device: ``auto`` (CUDA, else MPS, else CPU) or a torch device string.
+        precision: ``auto`` (see the module docstring), ``fp32``, ``fp16`` or ``bf16``.
+        tile: core side of a tile in input pixels; ``0`` disables tiling; ``None``
+            picks the largest that fits ``memory_budget``.
+        overlap: context pixels (input resolution) around each tile.
+        tiles_per_batch: tiles stacked into one forward pass (default: 4 on GPUs,
+            1 on CPU; see ``DEFAULT_TILES_PER_BATCH_*``).
+        alpha: ``model`` (alpha upscaled by the network as a gray image) or
+            ``bicubic`` (MATLAB bicubic; cheaper, softer edges).
+        memory_budget: activation bytes a batch of tiles may use when ``tile`` is None
+            (default: half the free GPU memory, or 256 MiB on CPU).
+        """
+        if tile is not None and tile < 0:
+            raise ValueError(f"tile must be >= 0 (0 disables tiling) or None (automatic), got {tile}")
+        if overlap < 0:
+            raise ValueError(f"overlap must be >= 0, got {overlap}")
+        if tiles_per_batch is not None and tiles_per_batch < 1:
+            raise ValueError(f"tiles_per_batch must be >= 1 (or None: automatic), got {tiles_per_batch}")
+        if alpha not in ("model", "bicubic"):
+            raise ValueError(f"alpha must be 'model' or 'bicubic', got {alpha!r}")
+        hparams = getattr(model, "hparams", {})
+        self.num_channels = int(hparams.get("num_in_ch", 3))
+        if int(hparams.get("num_out_ch", self.num_channels)) != self.num_channels:
+            raise ValueError("the Upscaler needs a model with as many output channels as input channels")
+        self.scale = int(model.scale)
+        self.size_multiple = int(getattr(model, "size_multiple", 1))
+        self.device = choose_device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            raise ValueError("fp16 is for GPUs; use fp32 (or bf16) on CPU")
+        self.tile = tile
+        self.overlap = overlap
+        if tiles_per_batch is None:
+            tiles_per_batch = (DEFAULT_TILES_PER_BATCH_CPU if self.device.type == "cpu"
+                               else DEFAULT_TILES_PER_BATCH_ACCELERATOR)
+        self.tiles_per_batch = tiles_per_batch
+        self.alpha = alpha
+        self.memory_budget = memory_budget
+        # channels_last: cuDNN's and oneDNN's fast convolution layout (NHWC); the
+        # windows are built NHWC on the host already, so it costs no transposes.
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.bytes_per_pixel = activation_bytes_per_pixel(self.model, self.num_channels, self.size_multiple, self.device)
+
+    @classmethod
+    def from_file(
+        cls,
+        url: str,
+        device: str | torch.device | None = "auto",
+        precision: str = "auto",
+        tile: int | None = None,
+        overlap: int = DEFAULT_OVERLAP,
+        tiles_per_batch: int | None = None,
+        alpha: str = "model",
+        memory_budget: int | None = None,
+    ) -> "Upscaler":
+        """An Upscaler for a model file (ours, or a foreign ESRGAN / Real-ESRGAN .pth)."""
+        from sr_core.modelfile import load_generator
+
+        return cls(load_generator(url), device=device, precision=precision, tile=tile, overlap=overlap,
+                   tiles_per_batch=tiles_per_batch, alpha=alpha, memory_budget=memory_budget)
+
+    def __repr__(self) -> str:
+        return (f"Upscaler(x{self.scale}, device={self.device}, precision={self.precision}, tile={self.tile}, "
+                f"overlap={self.overlap}, tiles_per_batch={self.tiles_per_batch}, alpha={self.alpha!r})")
+
+    # ------------------------------------------------------------ public entry
+
+    def __call__(self, image, outscale: float | None = None):
+        """Upscale ``image`` by the network's scale, or by ``outscale`` (network scale,
+        then MATLAB bicubic to ``round(size * outscale)``)."""
+        if outscale is not None and not (math.isfinite(outscale) and outscale > 0):
+            raise ValueError(f"outscale must be a positive number, got {outscale}")
+        if isinstance(image, np.ndarray):
+            out = self._upscale_array(image)
+            in_h, in_w = image.shape[:2]
+        elif isinstance(image, torch.Tensor):
+            out = self._upscale_tensor(image)
+            in_h, in_w = image.shape[-2:]
+        else:
+            raise ValueError(f"expected a numpy array or a torch tensor, got {type(image).__name__}")
+        if outscale is None or outscale == self.scale:
+            return out
+        from sr_core.resize import imresize
+
+        size = (max(1, round(in_h * outscale)), max(1, round(in_w * outscale)))
+        resized = imresize(out, size=size)
+        return resized.clamp_(0, 1) if isinstance(resized, torch.Tensor) else resized
+
+    def tile_for(self, height: int, width: int) -> int:
+        """The tile size a call on an image of this size uses (0: untiled)."""
+        if self.tile is not None:
+            return self.tile
+        budget = self.memory_budget
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                budget = GPU_BUDGET_FRACTION * free
+            elif self.device.type == "mps":
+                budget = DEFAULT_MPS_BUDGET_BYTES
+            else:
+                budget = DEFAULT_CPU_BUDGET_BYTES
+        bytes_per_pixel = self.bytes_per_pixel / (2 if self.precision in _AUTOCAST_DTYPES else 1)
+        tile = choose_tile(bytes_per_pixel, budget, self.tiles_per_batch, self.overlap, self.size_multiple)
+        # An image that fits in one window is run whole.
+        return 0 if max(height, width) <= tile + 2 * self.overlap else tile
+
+    # ------------------------------------------------------------ arrays
+
+    def _upscale_array(self, image: np.ndarray) -> np.ndarray:
+        if image.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"expected a uint8 or uint16 image array, got {image.dtype}")
+        squeeze = image.ndim == 2
+        hwc = image[..., None] if squeeze else image
+        if hwc.ndim != 3 or hwc.shape[2] not in (1, 2, 3, 4) or 0 in hwc.shape:
+            raise ValueError(f"expected an (H, W) or (H, W, 1|2|3|4) image, got shape {image.shape}")
+        height, width, channels = hwc.shape
+        r = self.scale
+        out = np.empty((height * r, width * r, channels), dtype=image.dtype)
+        max_value = float(np.iinfo(image.dtype).max)
+        color = slice(0, 1) if channels <= 2 else slice(0, 3)
+        groups = [color] if channels in (1, 3) else [color, slice(channels - 1, channels)]
+        tile = self.tile_for(height, width)
+        for group in groups:
+            src, dst = hwc[..., group], out[..., group]
+            if group.start == channels - 1 and channels in (2, 4) and self.alpha == "bicubic":
+                from sr_core.resize import imresize
+
+                dst[..., 0] = imresize(np.ascontiguousarray(src[..., 0]), size=(height * r, width * r))
+                continue
+            self._run_array_group(src, dst, tile, max_value)
+        return out[..., 0] if squeeze else out
+
+    def _run_array_group(self, src: np.ndarray, dst: np.ndarray, tile: int, max_value: float) -> None:
+        height, width, _ = src.shape
+        r = self.scale
+
+        def read(_n: int, wy: AxisWindow, wx: AxisWindow) -> np.ndarray:
+            patch = src[wy.start:min(wy.start + wy.length, height), wx.start:min(wx.start + wx.length, width)]
+            pad_h, pad_w = wy.length - patch.shape[0], wx.length - patch.shape[1]
+            if pad_h or pad_w:
+                # Bottom/right padding to the model's size multiple only: replicate, as
+                # an untiled run pads the same pixels the same way.
+                patch = np.pad(patch, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            return patch
+
+        def to_model_input(patches: list[np.ndarray]) -> torch.Tensor:
+            batch = torch.from_numpy(np.stack(patches))  # NHWC
+            if batch.dtype == torch.uint8:
+                # Ship uint8 to the device (4x less traffic), convert there.
+                batch = batch.to(self.device, non_blocking=True).float()
+            else:
+                # uint16 kernels are sparse on accelerators: convert on the host.
+                batch = batch.float().to(self.device, non_blocking=True)
+            return batch.div_(max_value).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+
+        def write(_n: int, wy: AxisWindow, wx: AxisWindow, result: torch.Tensor) -> None:
+            # result: (C, h*r, w*r) float in [0, 1] on the device.
+            y0, y1 = (wy.core_start - wy.start) * r, (wy.core_end - wy.start) * r
+            x0, x1 = (wx.core_start - wx.start) * r, (wx.core_end - wx.start) * r
+            core = result[:, y0:y1, x0:x1].mul(max_value).round_()
+            core = core.to(torch.uint8) if max_value == 255 else core.to(torch.int32)
+            dst[wy.core_start * r:wy.core_end * r, wx.core_start * r:wx.core_end * r] = (
+                core.permute(1, 2, 0).cpu().numpy())
+
+        self._run_tiles(read, to_model_input, write, 1, height, width, src.shape[2], tile)
+
+    # ------------------------------------------------------------ tensors
+
+    def _upscale_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        if not image.is_floating_point():
+            raise ValueError(f"expected a float tensor in [0, 1], got {image.dtype}")
+        squeeze = image.ndim == 3
+        bchw = image[None] if squeeze else image
+        if bchw.ndim != 4 or bchw.shape[1] not in (1, 2, 3, 4) or 0 in bchw.shape:
+            raise ValueError(f"expected a (B, C, H, W) or (C, H, W) tensor with C in 1..4, got {tuple(image.shape)}")
+        num_images, channels, height, width = bchw.shape
+        r = self.scale
+        out = torch.empty((num_images, channels, height * r, width * r), dtype=image.dtype, device=image.device)
+        color = slice(0, 1) if channels <= 2 else slice(0, 3)
+        groups = [color] if channels in (1, 3) else [color, slice(channels - 1, channels)]
+        tile = self.tile_for(height, width)
+        for group in groups:
+            src, dst = bchw[:, group], out[:, group]
+            if group.start == channels - 1 and channels in (2, 4) and self.alpha == "bicubic":
+                from sr_core.resize import imresize
+
+                dst.copy_(imresize(src, size=(height * r, width * r)).clamp_(0, 1))
+                continue
+            self._run_tensor_group(src, dst, tile)
+        return out[0] if squeeze else out
+
+    def _run_tensor_group(self, src: torch.Tensor, dst: torch.Tensor, tile: int) -> None:
+        num_images, channels, height, width = src.shape
+        r = self.scale
+
+        def read(n: int, wy: AxisWindow, wx: AxisWindow) -> torch.Tensor:
+            patch = src[n, :, wy.start:min(wy.start + wy.length, height), wx.start:min(wx.start + wx.length, width)]
+            pad_h, pad_w = wy.length - patch.shape[1], wx.length - patch.shape[2]
+            if pad_h or pad_w:
+                patch = F.pad(patch.float(), (0, pad_w, 0, pad_h), mode="replicate")
+            return patch
+
+        def to_model_input(patches: list[torch.Tensor]) -> torch.Tensor:
+            batch = torch.stack(patches).to(self.device, torch.float32, non_blocking=True)
+            return batch.contiguous(memory_format=torch.channels_last)
+
+        def write(n: int, wy: AxisWindow, wx: AxisWindow, result: torch.Tensor) -> None:
+            y0, y1 = (wy.core_start - wy.start) * r, (wy.core_end - wy.start) * r
+            x0, x1 = (wx.core_start - wx.start) * r, (wx.core_end - wx.start) * r
+            dst[n, :, wy.core_start * r:wy.core_end * r, wx.core_start * r:wx.core_end * r] = result[:, y0:y1, x0:x1]
+
+        self._run_tiles(read, to_model_input, write, num_images, height, width, channels, tile)
+
+    # ------------------------------------------------------------ the shared loop
+
+    def _run_tiles(self, read, to_model_input, write, num_images: int, height: int, width: int,
+                   channels: int, tile: int) -> None:
+        rows = plan_axis(height, tile, self.overlap, self.size_multiple)
+        cols = plan_axis(width, tile, self.overlap, self.size_multiple)
+        windows = [(n, wy, wx) for n in range(num_images) for wy in rows for wx in cols]
+        # A colour image on a one-channel model runs as three gray images.
+        per_forward = max(1, self.tiles_per_batch // (channels if self.num_channels == 1 else 1))
+        for i in range(0, len(windows), per_forward):
+            batch = windows[i:i + per_forward]
+            x = to_model_input([read(n, wy, wx) for n, wy, wx in batch])
+            y = self.forward(x)
+            for (n, wy, wx), result in zip(batch, y):
+                write(n, wy, wx, result)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on one batch already on the device: BCHW float in [0, 1] with 1 or
+        3 channels (mapped onto the model's), returning the clamped fp32 output."""
+        batch, channels, height, width = x.shape
+        if channels == self.num_channels:
+            model_in = x
+        elif channels == 1 and self.num_channels == 3:
+            model_in = x.expand(-1, 3, -1, -1)
+        elif channels == 3 and self.num_channels == 1:
+            model_in = x.reshape(batch * 3, 1, height, width)
+        else:
+            raise ValueError(f"cannot run a {channels}-channel image through a {self.num_channels}-channel model")
+        model_in = model_in.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.precision in _AUTOCAST_DTYPES:
+                with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
+                    y = self.model(model_in)
+            else:
+                y = self.model(model_in)
+            y = y.float().clamp_(0, 1)
+            if channels == 1 and self.num_channels == 3:
+                luma = torch.tensor(_LUMA, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+                y = (y * luma).sum(dim=1, keepdim=True)
+            elif channels == 3 and self.num_channels == 1:
+                y = y.reshape(batch, 3, y.shape[-2], y.shape[-1])
+        return y

@@ -1,0 +1,290 @@
+"""Image codecs: every mode and bit depth round-trips (size, mode, depth, alpha), EXIF
+orientation is applied, the bomb guard and every kind of bad input give clear errors
+naming the input, and encoding options do what they say."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sr_core import codecs
+from sr_core.codecs import EncodeOptions, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
+
+IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"
+
+
+def photo(mode: str = "RGB", size=(37, 23)) -> Image.Image:
+    """A real photograph at an odd size, in a given Pillow mode."""
+    return Image.open(IMAGES / "coffee.png").convert("RGB").resize(size, Image.Resampling.BICUBIC).convert(mode)
+
+
+def pillow_bytes(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def with_alpha(img: Image.Image) -> np.ndarray:
+    """The photo's pixels plus an alpha gradient (so alpha is not trivially 255)."""
+    arr = np.asarray(img)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    alpha = np.linspace(0, 255, arr.shape[0] * arr.shape[1]).reshape(arr.shape[:2] + (1,)).astype(np.uint8)
+    return np.concatenate([arr, alpha], axis=2)
+
+
+# ---------------------------------------------------------------- decoding every mode
+
+LOSSLESS = ["PNG", "TIFF", "BMP"]
+
+
+MODES = [("L", ()), ("RGB", (3,)), ("LA", (2,)), ("RGBA", (4,))]
+
+
+# BMP cannot store LA (Pillow refuses to write it), so that pair is not generated.
+@pytest.mark.parametrize("fmt,mode,shape_tail", [
+    (fmt, mode, tail) for fmt in LOSSLESS + ["WEBP"] for mode, tail in MODES if (fmt, mode) != ("BMP", "LA")
+])
+def test_decode_modes_exactly(fmt, mode, shape_tail):
+    img = photo(mode)
+    if mode in ("LA", "RGBA"):
+        # A varying alpha: encoders may drop an all-opaque one.
+        img = Image.fromarray(with_alpha(photo(mode[:-1])))
+    data = pillow_bytes(img, fmt, **({"lossless": True, "exact": True} if fmt == "WEBP" else {}))
+    arr = decode_image(data, "x")
+    expected = np.asarray(img)
+    if fmt == "WEBP" and mode in ("L", "LA"):
+        # WebP has no gray: it stores gray as RGB(A) with equal channels.
+        assert arr.shape == (23, 37, len(shape_tail) and 4 or 3)
+        np.testing.assert_array_equal(arr[..., 0], expected if mode == "L" else expected[..., 0])
+        return
+    if fmt == "BMP" and mode == "RGBA":
+        # Pillow writes BMP without alpha.
+        expected = expected[..., :3]
+    assert arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, expected)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_decode_16_bit_grayscale(fmt):
+    values = ((np.asarray(photo("L")).astype(np.uint32) * 257 + np.arange(37)) % 65536).astype(np.uint16)
+    data = pillow_bytes(Image.fromarray(values.astype(np.uint16)), fmt)
+    arr = decode_image(data, "x")
+    assert arr.dtype == np.uint16 and arr.shape == (23, 37)
+    np.testing.assert_array_equal(arr, values)
+
+
+def test_decode_16_bit_big_endian_and_32_bit_int_modes():
+    values = np.arange(23 * 37, dtype=np.uint16).reshape(23, 37) * 60
+    big = Image.frombytes("I;16B", (37, 23), values.astype(">u2").tobytes())
+    arr = decode_image(pillow_bytes(big, "TIFF"), "x")
+    assert arr.dtype == np.uint16 and arr.dtype.byteorder in ("=", "|", "<")
+    np.testing.assert_array_equal(arr, values)
+    as_int = Image.fromarray(values.astype(np.int32), mode="I")
+    np.testing.assert_array_equal(decode_image(pillow_bytes(as_int, "TIFF"), "x"), values)
+
+
+def test_decode_palette_with_and_without_transparency():
+    rgb = photo("RGB")
+    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    arr = decode_image(pillow_bytes(pal, "PNG"), "x")
+    assert arr.shape == (23, 37, 3)
+    np.testing.assert_array_equal(arr, np.asarray(pal.convert("RGB")))
+    pal.info["transparency"] = 0
+    data = pillow_bytes(pal, "PNG", transparency=0)
+    arr = decode_image(data, "x")
+    assert arr.shape == (23, 37, 4)
+    index = np.asarray(pal)
+    assert (arr[..., 3][index == 0] == 0).all() and (arr[..., 3][index != 0] == 255).all()
+
+
+def test_decode_cmyk_jpeg_and_tiff_to_rgb():
+    rgb = photo("RGB")
+    cmyk = rgb.convert("CMYK")
+    for fmt in ("JPEG", "TIFF"):
+        arr = decode_image(pillow_bytes(cmyk, fmt, **({"quality": 95} if fmt == "JPEG" else {})), "x")
+        assert arr.shape == (23, 37, 3) and arr.dtype == np.uint8
+        error = np.abs(arr.astype(int) - np.asarray(rgb).astype(int)).mean()
+        assert error < 6 if fmt == "JPEG" else error == 0
+
+
+def test_decode_jpeg_gray_and_colour():
+    for mode, tail in (("L", ()), ("RGB", (3,))):
+        img = photo(mode, size=(64, 48))
+        arr = decode_image(pillow_bytes(img, "JPEG", quality=95), "x")
+        assert arr.shape == (48, 64) + tail
+        assert np.abs(arr.astype(int) - np.asarray(img).astype(int)).mean() < 6
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+
+@pytest.mark.parametrize("orientation,transform", [
+    (1, lambda a: a),
+    (3, lambda a: np.rot90(a, 2)),
+    (6, lambda a: np.rot90(a, -1)),  # stored rotated: display turns it 90° clockwise
+    (8, lambda a: np.rot90(a, 1)),
+    (2, lambda a: a[:, ::-1]),
+])
+def test_exif_orientation_is_applied(orientation, transform):
+    img = photo("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    arr = decode_image(pillow_bytes(img, "PNG", exif=exif), "x")
+    np.testing.assert_array_equal(arr, transform(np.asarray(img)))
+    jpeg = decode_image(pillow_bytes(img, "JPEG", exif=exif, quality=95), "x")
+    assert jpeg.shape == transform(np.asarray(img)).shape
+
+
+def test_exif_orientation_on_16_bit():
+    values = np.arange(6 * 10, dtype=np.uint16).reshape(6, 10) * 1000
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    arr = decode_image(pillow_bytes(Image.fromarray(values), "PNG", exif=exif), "x")
+    assert arr.dtype == np.uint16
+    np.testing.assert_array_equal(arr, np.rot90(values, -1))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small PNG whose header claims another size (a decompression bomb's header:
+    a real 20000 x 20000 black PNG is only ~400 kB)."""
+    data = bytearray(pillow_bytes(Image.new("L", (10, 10)), "PNG"))
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def test_bomb_guard_checks_the_header_before_decoding():
+    big = png_claiming_size(20000, 20000)
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png: 20000x20000 = 400,000,000 pixels exceeds the limit"):
+        decode_image(big, "bomb.png")
+    small = pillow_bytes(photo("RGB"), "PNG")
+    with pytest.raises(ImageTooLargeError, match="limit of 100"):
+        decode_image(small, "p.png", max_pixels=100)
+    assert decode_image(small, "p.png", max_pixels=37 * 23).shape == (23, 37, 3)
+    assert decode_image(small, "p.png", max_pixels=None).shape == (23, 37, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF", "BMP"])
+def test_truncated_files_are_named_and_explained(fmt):
+    data = pillow_bytes(photo("RGB", size=(200, 150)), fmt)
+    for cut in (len(data) // 2, 40):
+        with pytest.raises(ImageDecodeError, match=rf"^cut\.{fmt.lower()}: .*(truncated|corrupt)"):
+            decode_image(data[:cut], f"cut.{fmt.lower()}")
+
+
+def test_empty_and_non_image_bytes():
+    with pytest.raises(ImageDecodeError, match=r"^e\.png: empty file"):
+        decode_image(b"", "e.png")
+    with pytest.raises(ImageDecodeError, match=r"^notes\.png: not an image in a supported format"):
+        decode_image(b"these are my notes, not a picture", "notes.png")
+    # Formats outside the list are refused too (GIF here), never handed to other decoders.
+    gif = pillow_bytes(photo("P"), "GIF")
+    with pytest.raises(ImageDecodeError, match="not an image in a supported format"):
+        decode_image(gif, "anim.gif")
+
+
+def test_read_image_names_the_url(tmp_path):
+    path = tmp_path / "half.png"
+    path.write_bytes(pillow_bytes(photo("RGB", size=(200, 150)), "PNG")[:3000])
+    with pytest.raises(ImageDecodeError, match=str(path)):
+        codecs.read_image(str(path))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        codecs.read_image(str(tmp_path / "missing.png"))
+    good = tmp_path / "good.png"
+    good.write_bytes(pillow_bytes(photo("RGB"), "PNG"))
+    assert codecs.read_image(f"file://{good}").shape == (23, 37, 3)
+
+
+# ---------------------------------------------------------------- encoding round trips
+
+
+@pytest.mark.parametrize("kind", ["L", "L16", "LA", "RGB", "RGBA"])
+def test_png_round_trip_keeps_size_mode_depth_and_alpha(kind):
+    base = photo("L" if kind.startswith("L") else "RGB")
+    if kind == "L16":
+        arr = np.asarray(base).astype(np.uint16) * 257 + 3
+    elif kind in ("LA", "RGBA"):
+        arr = with_alpha(base)
+    else:
+        arr = np.asarray(base)
+    data = encode_image(arr, EncodeOptions("png"))
+    assert data.startswith(b"\x89PNG")
+    back = decode_image(data, "x")
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+
+
+@pytest.mark.parametrize("kind", ["L", "RGB", "RGBA", "LA"])
+def test_webp_lossless_round_trip(kind):
+    base = photo("L" if kind.startswith("L") else "RGB")
+    arr = with_alpha(base) if kind.endswith("A") else np.asarray(base)
+    back = decode_image(encode_image(arr, EncodeOptions("webp", webp_lossless=True)), "x")
+    if kind.startswith("L"):  # WebP stores gray as RGB(A)
+        np.testing.assert_array_equal(back[..., 0], arr if arr.ndim == 2 else arr[..., 0])
+        if kind == "LA":
+            np.testing.assert_array_equal(back[..., 3], arr[..., 1])
+    else:
+        np.testing.assert_array_equal(back, arr)
+
+
+def test_jpeg_and_lossy_webp_quality_settings_matter():
+    arr = np.asarray(photo("RGB", size=(160, 120)))
+    high = encode_image(arr, EncodeOptions("jpg", jpeg_quality=95))
+    low = encode_image(arr, EncodeOptions("jpeg", jpeg_quality=20))
+    assert len(low) < len(high)
+    assert np.abs(decode_image(high, "x").astype(int) - arr).mean() < np.abs(decode_image(low, "x").astype(int) - arr).mean()
+    webp_high = encode_image(arr, EncodeOptions("webp", webp_quality=95))
+    webp_low = encode_image(arr, EncodeOptions("webp", webp_quality=10))
+    assert len(webp_low) < len(webp_high)
+
+
+def test_jpeg_flattens_alpha_over_white_and_16_bit_to_8_bit():
+    arr = np.zeros((8, 8, 4), np.uint8)
+    arr[..., 0] = 255  # red...
+    arr[:4, :, 3] = 255  # ...opaque on top, transparent below
+    back = decode_image(encode_image(arr, EncodeOptions("jpeg", jpeg_quality=95)), "x")
+    assert back.shape == (8, 8, 3)
+    assert np.abs(back[1, :].astype(int) - [255, 0, 0]).max() < 10
+    assert np.abs(back[6, :].astype(int) - [255, 255, 255]).max() < 10
+    gray16 = np.full((8, 8), 257 * 200, np.uint16)
+    back16 = decode_image(encode_image(gray16, EncodeOptions("jpeg")), "x")
+    assert back16.dtype == np.uint8 and np.abs(back16.astype(int) - 200).max() <= 1
+
+
+def test_png_compression_level_is_configurable_and_fast_by_default():
+    arr = np.asarray(photo("RGB", size=(200, 150)))
+    fast = encode_image(arr)
+    small = encode_image(arr, EncodeOptions("png", png_compress_level=9))
+    assert EncodeOptions().png_compress_level == 1
+    assert len(small) < len(fast)
+    np.testing.assert_array_equal(decode_image(small, "x"), decode_image(fast, "x"))
+
+
+def test_encode_rejects_what_it_cannot_write():
+    with pytest.raises(ValueError, match="format"):
+        EncodeOptions("gif")
+    with pytest.raises(ValueError, match="16-bit"):
+        encode_image(np.zeros((4, 4, 3), np.uint16))
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        encode_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        EncodeOptions("jpeg", jpeg_quality=0)
+
+
+def test_write_image_picks_the_format_from_the_extension(tmp_path):
+    arr = np.asarray(photo("RGB"))
+    for name, magic in (("a.png", b"\x89PNG"), ("b.jpg", b"\xff\xd8\xff"), ("c.webp", b"RIFF")):
+        codecs.write_image(str(tmp_path / name), arr)
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    with pytest.raises(ValueError, match="extension"):
+        codecs.write_image(str(tmp_path / "d.xyz"), arr)

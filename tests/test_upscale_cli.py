@@ -1,0 +1,163 @@
+"""`sr upscale` end to end: a folder with good and bad files (the good ones are written
+with the relative structure, the bad ones reported, exit code 1), reruns skip existing
+outputs, globs and fsspec URLs, formats, suffixes and outscale."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sr_core import build_generator, codecs, save_generator
+from sr_core.main import main
+
+IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_photo(name: str, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    return Image.open(IMAGES / name).convert("RGB").resize(size, Image.Resampling.BICUBIC).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
+    return path
+
+
+@pytest.fixture()
+def photo_folder(tmp_path) -> Path:
+    """in/ with photographs of several kinds in a subfolder, plus three bad files."""
+    root = tmp_path / "in"
+    (root / "trip" / "day1").mkdir(parents=True)
+    small_photo("astronaut.png", (40, 36)).save(root / "astronaut.png")
+    small_photo("camera.png", (30, 26), "L").save(root / "trip" / "camera.jpg", quality=95)
+    rgba = np.dstack([np.asarray(small_photo("coffee.png", (33, 21))), np.full((21, 33), 128, np.uint8)])
+    Image.fromarray(rgba).save(root / "trip" / "day1" / "coffee.webp", lossless=True)
+    gray16 = (np.asarray(small_photo("chelsea.png", (25, 19), "L")).astype(np.uint16) * 257)
+    Image.fromarray(gray16).save(root / "trip" / "day1" / "chelsea16.png")
+    full = (root / "astronaut.png").read_bytes()
+    (root / "trip" / "broken.png").write_bytes(full[: len(full) // 3])
+    (root / "trip" / "empty.jpg").write_bytes(b"")
+    (root / "notes.png").write_bytes(b"shopping list: milk, eggs")
+    (root / "readme.txt").write_text("not an image extension: ignored when listing a folder")
+    return root
+
+
+GOOD = {
+    "astronaut_sr.png": ((72, 80, 3), np.uint8),
+    "trip/camera_sr.png": ((52, 60), np.uint8),
+    "trip/day1/coffee_sr.png": ((42, 66, 4), np.uint8),
+    "trip/day1/chelsea16_sr.png": ((38, 50), np.uint16),
+}
+BAD = {"trip/broken.png": "truncated", "trip/empty.jpg": "empty file", "notes.png": "not an image"}
+
+
+def test_folder_with_bad_files_in_a_real_process(photo_folder, model_file, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sr_core.main", "upscale", str(photo_folder), "-o", str(out), "--model", model_file,
+         "--tile", "16"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "written 4, skipped 0 (output exists), failed 3" in proc.stdout
+    for rel, (shape, dtype) in GOOD.items():
+        image = codecs.read_image(str(out / rel))
+        assert image.shape == shape and image.dtype == dtype, rel
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(GOOD)
+    for rel, reason in BAD.items():
+        line = next(ln for ln in proc.stderr.splitlines() if str(photo_folder / rel) in ln)
+        assert "FAILED" in line and reason in line
+    # Alpha kept (constant 128 in, near 128 out: the model upscales it as a gray image).
+    alpha = codecs.read_image(str(out / "trip/day1/coffee_sr.png"))[..., 3]
+    assert alpha.std() < 40
+
+
+def test_rerun_skips_existing_outputs_unless_overwrite(photo_folder, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["upscale", str(photo_folder / "trip"), "-o", str(out), "-m", model_file]
+    assert main(args) == 1
+    assert "written 3, skipped 0 (output exists), failed 2" in capsys.readouterr().out
+    (out / "camera_sr.png").unlink()
+    before = (out / "day1" / "coffee_sr.png").stat().st_mtime_ns
+    assert main(args) == 1
+    assert "written 1, skipped 2 (output exists), failed 2" in capsys.readouterr().out
+    assert (out / "day1" / "coffee_sr.png").stat().st_mtime_ns == before
+    assert main(args + ["--overwrite"]) == 1
+    assert "written 3, skipped 0 (output exists), failed 2" in capsys.readouterr().out
+    assert (out / "day1" / "coffee_sr.png").stat().st_mtime_ns != before
+
+
+def test_all_good_exits_zero_with_format_suffix_and_outscale(photo_folder, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["upscale", str(photo_folder / "astronaut.png"), str(photo_folder / "trip" / "day1"),
+                 "-o", str(out), "-m", model_file, "--format", "jpg", "--suffix", "", "--outscale", "3"])
+    assert code == 0
+    assert "written 3, skipped 0 (output exists), failed 0" in capsys.readouterr().out
+    assert codecs.read_image(str(out / "astronaut.jpg")).shape == (108, 120, 3)
+    assert codecs.read_image(str(out / "coffee.jpg")).shape == (63, 99, 3)  # alpha flattened for JPEG
+    assert codecs.read_image(str(out / "chelsea16.jpg")).shape == (57, 75)
+
+
+def test_globs_and_fsspec_urls(photo_folder, model_file, capsys):
+    fs = fsspec.filesystem("memory")
+    for path in (photo_folder / "trip" / "day1").iterdir():
+        fs.pipe(f"/cli-in/day1/{path.name}", path.read_bytes())
+    fs.pipe("/cli-in/other.png", (photo_folder / "astronaut.png").read_bytes())
+    code = main(["upscale", "memory://cli-in/**/*.webp", "memory://cli-in/other.png", "memory://cli-in/missing.png",
+                 "-o", "memory://cli-out", "-m", model_file, "--format", "webp", "--webp-lossless"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "written 2, skipped 0 (output exists), failed 1" in captured.out
+    assert "missing.png" in captured.err and "no such file" in captured.err
+    assert codecs.read_image("memory://cli-out/day1/coffee_sr.webp").shape == (42, 66, 4)
+    assert codecs.read_image("memory://cli-out/other_sr.webp").shape == (72, 80, 3)
+
+
+def test_outputs_that_would_collide_or_replace_inputs_are_failures(photo_folder, model_file, tmp_path, capsys):
+    small_photo("chelsea.png", (20, 20)).save(photo_folder / "astronaut.jpg")
+    code = main(["upscale", str(photo_folder / "astronaut.png"), str(photo_folder / "astronaut.jpg"),
+                 "-o", str(tmp_path / "out"), "-m", model_file])
+    captured = capsys.readouterr()
+    assert code == 1 and "written 1" in captured.out and "is also the output of" in captured.err
+    code = main(["upscale", str(photo_folder / "astronaut.png"), "-o", str(photo_folder), "-m", model_file,
+                 "--suffix", ""])
+    assert code == 1 and "would replace an input" in capsys.readouterr().err
+    assert codecs.read_image(str(photo_folder / "astronaut.png")).shape == (36, 40, 3)
+
+
+def test_a_bad_model_is_a_one_line_error(photo_folder, tmp_path, capsys):
+    bad_model = tmp_path / "m.safetensors"
+    bad_model.write_bytes(b"nope")
+    assert main(["upscale", str(photo_folder), "-o", str(tmp_path / "out"), "-m", str(bad_model)]) == 2
+    assert "not a model file" in capsys.readouterr().err
+
+
+def test_gcs_folder_to_gcs_with_a_bad_object(gcs_emulator, photo_folder, model_file, capsys):
+    """gs:// in and out through a real GCS API server on 127.0.0.1."""
+    bucket = gcs_emulator.make_bucket("upscale")
+    fs = gcs_emulator.fs()
+    fs.pipe(f"{bucket}/photos/a/astronaut.png", (photo_folder / "astronaut.png").read_bytes())
+    fs.pipe(f"{bucket}/photos/b/camera.jpg", (photo_folder / "trip" / "camera.jpg").read_bytes())
+    fs.pipe(f"{bucket}/photos/b/broken.png", (photo_folder / "trip" / "broken.png").read_bytes())
+    code = main(["upscale", f"{bucket}/photos", "-o", f"{bucket}/out", "-m", model_file])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "written 2, skipped 0 (output exists), failed 1" in captured.out
+    assert f"{bucket}/photos/b/broken.png" in captured.err
+    assert codecs.read_image(f"{bucket}/out/a/astronaut_sr.png").shape == (72, 80, 3)
+    assert codecs.read_image(f"{bucket}/out/b/camera_sr.png").shape == (52, 60)
+    # A rerun finds the outputs and skips them.
+    assert main(["upscale", f"{bucket}/photos", "-o", f"{bucket}/out", "-m", model_file]) == 1
+    assert "written 0, skipped 2 (output exists), failed 1" in capsys.readouterr().out
