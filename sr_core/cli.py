@@ -121,9 +121,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.bicubic < 1:
             raise ValueError(f"--bicubic takes a scale of 1 or more, got {args.bicubic}")
         scale, upscale, what = args.bicubic, evaluate.bicubic_upscaler(args.bicubic), f"bicubic x{args.bicubic}"
-    urls = []
+    urls, labels = [], {}
     for item in args.inputs:
-        urls += storage.list_files(item, suffixes=codecs.INPUT_EXTENSIONS)
+        for url in storage.list_files(item, suffixes=codecs.INPUT_EXTENSIONS):
+            urls.append(url)
+            labels[url] = storage.relative_key(item, url)
     if not urls:
         raise ValueError(f"no images found in {' '.join(args.inputs)}")
     scores, failures = [], []
@@ -138,7 +140,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"{url:<40} FAILED: {exc}", file=sys.stderr)
             continue
         scores.append(s)
-        print(f"{s.name[-40:]:<40} {s.width:>5}x{s.height:<5} {s.psnr:8.3f} {s.ssim:7.4f}")
+        print(f"{labels[url][-40:]:<40} {s.width:>5}x{s.height:<5} {s.psnr:8.3f} {s.ssim:7.4f}")
     if scores:
         mean_psnr = sum(s.psnr for s in scores) / len(scores)
         mean_ssim = sum(s.ssim for s in scores) / len(scores)
