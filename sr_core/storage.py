@@ -56,6 +56,17 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts)
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do it once at import, not per write,
+    # because a momentary umask of 0 would leak into files other threads create.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = get_fs(url)
     with fs.open(path, "rb") as f:
@@ -82,6 +93,9 @@ def write_bytes(url: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            # mkstemp makes owner-only files; give the published file the permissions a
+            # plain open() would (0666 less the umask).
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -262,3 +262,15 @@ def test_sr_entry_point_runs_as_a_real_command(tmp_path):
     bad = subprocess.run([sr, "convert", str(tmp_path / "nope.pth"), str(tmp_path / "x.safetensors")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope.pth" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_atomic_local_write_gets_ordinary_permissions(tmp_path):
+    from sr_core import storage
+
+    target = tmp_path / "sub" / "file.bin"
+    storage.write_bytes(str(target), b"abc")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.read_bytes() == b"abc"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]  # no temp file left

@@ -1,0 +1,328 @@
+"""``sr prepare SRC DST``: cut HR images into overlapping sub-images, stored as tar
+shards plus an index, so the training job reads small lossless crops instead of
+decoding a whole 2K image per crop (BasicSR's ``extract_subimages``: 480 px, step 240).
+
+Layout written under DST::
+
+    plan.json               the settings and the sorted source list (written first)
+    shards/UUUUU-PP.tar     sub-images of shard unit U, split into parts P of bounded size
+    units/UUUUU.json        a finished unit's shards, checksums, members and bad images
+    index.json              everything above merged; written LAST, so a DST without it
+                            is unfinished and a re-run completes only the missing units
+
+The sorted source list is split into units of ``images_per_shard`` images; a unit's
+output depends only on its images and the settings (tar headers carry no times), so a
+re-run after a crash writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+
+from sr_core import storage
+
+INDEX_FORMAT = "sr-cloud-subimages/1"
+INDEX_NAME = "index.json"
+# Member name suffix of each sub-image format; raw members are H*W*3 bytes, row-major RGB.
+SUBIMAGE_FORMATS = {"png": ".png", "raw": ".rgb"}
+PLAN_NAME = "plan.json"
+
+
+@dataclass
+class PrepareSettings:
+    """What determines the output of ``sr prepare`` (recorded in plan and index)."""
+
+    size: int = 480
+    """Side of a sub-image in pixels."""
+
+    step: int = 240
+    """Distance between neighbouring sub-images (``size - step`` pixels overlap)."""
+
+    min_size: int = 0
+    """An edge strip narrower than this gets no sub-image of its own (it is only seen
+    inside its neighbours' overlap); images smaller than this on a side are skipped."""
+
+    images_per_shard: int = 16
+    """Source images per shard unit: the granularity of resume and of rank assignment."""
+
+    max_shard_mb: float = 256.0
+    """A unit's tar is split into parts that stay below this size."""
+
+    png_level: int = 3
+    """zlib level of the lossless PNG sub-images."""
+
+    format: str = "png"
+    """``png`` (compressed, decoded whole per crop) or ``raw`` (uncompressed RGB bytes,
+    about twice the size, but a crop reads just its rows and needs no decoding)."""
+
+    include: tuple[str, ...] = ()
+    """Glob patterns on the path below SRC; when given, only matching images are used."""
+
+    exclude: tuple[str, ...] = ()
+    """Glob patterns on the path below SRC of images to leave out."""
+
+    def check(self) -> None:
+        if self.size < 1 or self.step < 1:
+            raise ValueError(f"--size ({self.size}) and --step ({self.step}) must be positive")
+        if self.step > self.size:
+            raise ValueError(f"--step ({self.step}) larger than --size ({self.size}) would skip pixels")
+        if not 0 <= self.min_size <= self.size:
+            raise ValueError(f"--min-size ({self.min_size}) must be between 0 and --size ({self.size})")
+        if self.images_per_shard < 1:
+            raise ValueError(f"--images-per-shard must be >= 1, got {self.images_per_shard}")
+        if self.max_shard_mb <= 0:
+            raise ValueError(f"--max-shard-mb must be positive, got {self.max_shard_mb}")
+        if self.format not in SUBIMAGE_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(SUBIMAGE_FORMATS)}, got {self.format!r}")
+        if not 0 <= self.png_level <= 9:
+            raise ValueError(f"--png-level must be 0..9, got {self.png_level}")
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+
+def tile_starts(length: int, size: int, step: int, min_size: int) -> list[int]:
+    """Start offsets of sub-images along one side of ``length`` pixels."""
+    if length < size:
+        return [0] if length >= max(min_size, 1) else []
+    starts = list(range(0, length - size + 1, step))
+    leftover = length - (starts[-1] + size)
+    # The edge tile is flush with the border (full size, more overlap), as BasicSR does.
+    if leftover > 0 and leftover >= min_size:
+        starts.append(length - size)
+    return starts
+
+
+def list_sources(src: str, settings: PrepareSettings) -> list[str]:
+    """Sorted paths below ``src`` of the images to prepare."""
+    from jobs.imageio import IMAGE_SUFFIXES
+
+    urls = storage.list_files(src, IMAGE_SUFFIXES)
+    keys = []
+    for url in urls:
+        rel = storage.relative_key(src, url)
+        if settings.include and not any(fnmatch.fnmatchcase(rel, g) for g in settings.include):
+            continue
+        if any(fnmatch.fnmatchcase(rel, g) for g in settings.exclude):
+            continue
+        keys.append(rel)
+    return sorted(keys)
+
+
+
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # no times in headers: a re-run writes identical bytes
+    info.mode = 0o644
+    return info, io.BytesIO(data)
+
+
+class _PartWriter:
+    """Collects sub-images into tar parts no larger than ``max_bytes`` (a single larger
+    sub-image still gets a part of its own)."""
+
+    def __init__(self, dst: str, unit: int, max_bytes: int):
+        self.dst, self.unit, self.max_bytes = dst, unit, max_bytes
+        self.shards: list[dict] = []
+        self._start()
+
+    def _start(self):
+        self.buffer = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buffer, mode="w", format=tarfile.GNU_FORMAT)
+        self.dims: dict[str, tuple[int, int]] = {}
+
+    def add(self, name: str, png: bytes, height: int, width: int) -> None:
+        # header + data padded to 512 + the two end blocks; tarfile's final record
+        # padding (up to 10 KiB) is included in the margin.
+        projected = self.tar.offset + 512 * (2 + (len(png) + 511) // 512) + 1024 + 10240
+        if self.dims and projected > self.max_bytes:
+            self.flush()
+        self.tar.addfile(*_tar_member(name, png))
+        self.dims[name] = (height, width)
+
+    def flush(self) -> None:
+        if not self.dims:
+            return
+        self.tar.close()
+        data = self.buffer.getvalue()
+        name = f"shards/{self.unit:05d}-{len(self.shards):02d}.tar"
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as reread:
+            members = [[m.name, m.offset_data, m.size, *self.dims[m.name]] for m in reread.getmembers()]
+        storage.write_bytes(storage.join(self.dst, name), data)
+        self.shards.append({
+            "name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "num_subimages": len(members), "members": members,
+        })
+        self._start()
+
+
+def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: PrepareSettings) -> dict:
+    """Cut one unit's images into sub-images, write its tar parts, then its manifest."""
+    import numpy as np
+
+    from jobs.imageio import decode_rgb, encode_png
+
+    writer = _PartWriter(dst, unit, int(settings.max_shard_mb * 1024 * 1024))
+    fs, root = storage.get_fs(src)
+    src_is_one_file = fs.isfile(root)  # then its key is its basename
+    bad, skipped = [], []
+    for rel in sources:
+        try:
+            image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)))
+        except Exception as exc:  # any unreadable image is reported, the rest goes on
+            bad.append({"source": rel, "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        h, w = image.shape[:2]
+        ys = tile_starts(h, settings.size, settings.step, settings.min_size)
+        xs = tile_starts(w, settings.size, settings.step, settings.min_size)
+        if not ys or not xs:
+            skipped.append({"source": rel, "reason": f"{w}x{h} is smaller than --min-size {settings.min_size}"})
+            continue
+        stem = os.path.splitext(rel)[0]
+        k = 0
+        for y in ys:
+            for x in xs:
+                tile = image[y:y + settings.size, x:x + settings.size]
+                k += 1
+                if settings.format == "raw":
+                    data = np.ascontiguousarray(tile).tobytes()
+                else:
+                    data = encode_png(tile, settings.png_level)
+                writer.add(f"{stem}_s{k:03d}{SUBIMAGE_FORMATS[settings.format]}", data, *tile.shape[:2])
+    writer.flush()
+    manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped}
+    storage.write_bytes(storage.join(dst, "units", f"{unit:05d}.json"), json.dumps(manifest).encode())
+    return manifest
+
+
+def _prepare_unit_star(job):
+    return prepare_unit(*job)
+
+
+def _read_json(url: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        return None
+
+
+def _remove_local_temporaries(dst: str) -> None:
+    """A killed local write leaves a ``.tmp-*`` file behind; a re-run removes them."""
+    if not storage.is_local(dst):
+        return
+    for folder in ("shards", "units", ""):
+        path = os.path.join(storage.local_path(dst), folder)
+        if os.path.isdir(path):
+            for name in os.listdir(path):
+                if name.startswith(".tmp-"):
+                    os.remove(os.path.join(path, name))
+
+
+def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
+            progress: bool = True) -> dict:
+    """Prepare (or finish preparing) sub-image shards of ``src`` in ``dst``; returns the index."""
+    settings.check()
+    if num_workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {num_workers}")
+    sources = list_sources(src, settings)
+    if not sources:
+        from jobs.imageio import IMAGE_SUFFIXES
+
+        filtered = ", after --include/--exclude" if settings.include or settings.exclude else ""
+        raise ValueError(f"{src}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}{filtered})")
+    plan = {"format": INDEX_FORMAT, "settings": settings.as_json(), "sources": sources}
+
+    index = _read_json(storage.join(dst, INDEX_NAME))
+    if index is not None:
+        if index.get("settings") != plan["settings"] or index.get("sources") != sources:
+            raise FileExistsError(f"{dst} already holds a prepared data set made from other images or "
+                                  "settings; choose another DST (or delete it)")
+        print(f"{dst}: already prepared ({index['num_subimages']} sub-images); nothing to do", file=sys.stderr)
+        return index
+    old_plan = _read_json(storage.join(dst, PLAN_NAME))
+    if old_plan is None:
+        storage.write_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode())
+    elif old_plan != plan:
+        raise ValueError(f"{dst} holds an unfinished prepare of other images or settings; re-run it with "
+                         "the same SRC and options to finish it, or choose another DST")
+    _remove_local_temporaries(dst)
+
+    per = settings.images_per_shard
+    units = [sources[i:i + per] for i in range(0, len(sources), per)]
+    manifests: dict[int, dict] = {}
+    for u in range(len(units)):
+        found = _read_json(storage.join(dst, "units", f"{u:05d}.json"))
+        if found is not None:
+            manifests[u] = found
+    pending = [(src, dst, u, units[u], settings) for u in range(len(units)) if u not in manifests]
+
+    from tqdm import tqdm
+
+    done_images = sum(len(units[u]) for u in manifests)
+    bar = tqdm(total=len(sources), initial=done_images, unit="img", desc="prepare",
+               disable=not progress, file=sys.stderr)
+    if manifests:
+        bar.write(f"resuming: {len(manifests)} of {len(units)} shard units already done")
+    start = time.monotonic()
+    try:
+        if num_workers == 1 or len(pending) <= 1:
+            for job in pending:
+                m = prepare_unit(*job)
+                manifests[m["unit"]] = m
+                bar.update(len(m["sources"]))
+        else:
+            import multiprocessing
+
+            # spawn: gcsfs holds an event-loop thread and sockets that must not be forked
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(num_workers, len(pending))) as pool:
+                for m in pool.imap_unordered(_prepare_unit_star, pending):
+                    manifests[m["unit"]] = m
+                    bar.update(len(m["sources"]))
+    finally:
+        bar.close()
+
+    ordered = [manifests[u] for u in range(len(units))]
+    shards = [s for m in ordered for s in m["shards"]]
+    index = {
+        **plan,
+        "source": src,
+        "num_sources": len(sources),
+        "num_subimages": sum(s["num_subimages"] for s in shards),
+        "num_shards": len(shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+        "bad": [b for m in ordered for b in m["bad"]],
+        "skipped": [s for m in ordered for s in m["skipped"]],
+        "seconds_last_run": round(time.monotonic() - start, 3),
+    }
+    storage.write_bytes(storage.join(dst, INDEX_NAME), json.dumps(index).encode())
+    return index
+
+
+def read_index(url: str) -> dict:
+    """The index of a prepared data set, given its DST prefix or its ``index.json``."""
+    index_url = url if url.endswith(".json") else storage.join(url, INDEX_NAME)
+    try:
+        index = json.loads(storage.read_bytes(index_url))
+    except FileNotFoundError:
+        hint = (" (it holds plan.json: the prepare did not finish; re-run `sr prepare` with the same arguments)"
+                if not url.endswith(".json") and storage.exists(storage.join(url, PLAN_NAME)) else
+                " (make it with `sr prepare SRC DST`)")
+        raise FileNotFoundError(f"{index_url}: no index of prepared sub-images{hint}") from None
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{index_url}: not an sr prepare index (format {index.get('format')!r}, "
+                         f"expected {INDEX_FORMAT!r})")
+    return index

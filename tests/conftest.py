@@ -1,0 +1,98 @@
+"""Shared fixtures: a real GCS API server (gcp-storage-emulator) on 127.0.0.1.
+
+The emulator runs as its own process, so DataLoader workers, ``sr`` subprocesses and
+Ray workers started by a test all reach it through ``STORAGE_EMULATOR_HOST``, which the
+fixture sets for the whole session (child processes inherit it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+# gcsfs 2026.x probes buckets over gRPC unless told not to (a 60 s hang per operation
+# against the emulator); this must be set before gcsfs is first imported.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class GcsEmulator:
+    """A running emulator: ``url`` is what ``STORAGE_EMULATOR_HOST`` holds."""
+
+    url: str
+    process: subprocess.Popen
+
+    def fs(self):
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(token="anon")
+
+    def make_bucket(self, prefix: str = "test") -> str:
+        """Create a fresh, empty bucket and return its ``gs://NAME`` URL."""
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.fs().mkdir(name)
+        return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+         f"--port={port}", "--in-memory", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"gcp-storage-emulator exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("gcp-storage-emulator did not start listening within 30 s")
+            time.sleep(0.1)
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        yield GcsEmulator(url=os.environ["STORAGE_EMULATOR_HOST"], process=process)
+    finally:
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gcsfs_instances():
+    """gcsfs caches filesystem instances (and their listings) across calls; start and
+    end every test with none, so no test sees another's stale listing."""
+    def clear():
+        gcsfs = sys.modules.get("gcsfs")  # only if some code already imported it
+        if gcsfs is not None:
+            gcsfs.GCSFileSystem.clear_instance_cache()
+
+    clear()
+    yield
+    clear()
