@@ -349,8 +349,8 @@ class PairedImageDataset(Dataset):
 
         index, rng = _rng_for(key)
         hr_url, lr_url = self.pairs[index]
-        hr = decode_rgb(self.reader.read(hr_url))
-        lr = decode_rgb(self.reader.read(lr_url))
+        hr = decode_rgb(self.reader.read(hr_url), hr_url)
+        lr = decode_rgb(self.reader.read(lr_url), lr_url)
         s, lq = self.scale, self.gt_size // self.scale
         if lr.shape[0] * s > hr.shape[0] or lr.shape[1] * s > hr.shape[1] or \
                 hr.shape[0] - lr.shape[0] * s >= s or hr.shape[1] - lr.shape[1] * s >= s:
@@ -390,10 +390,7 @@ class ValidationDataset(Dataset):
         from sr_core.resize import imresize
 
         url = self.files[index]
-        try:
-            hr = decode_rgb(storage.read_bytes(url))
-        except ValueError as exc:
-            raise ValueError(f"{url}: {exc}") from None
+        hr = decode_rgb(storage.read_bytes(url), url)
         h, w = hr.shape[:2]
         if self.center_crop:
             c = self.center_crop

@@ -1,7 +1,8 @@
 """Decoding training images: RGB uint8 HWC numpy arrays, nothing else.
 
-Training only needs 8-bit RGB; alpha is dropped, grayscale is repeated to three
-channels and 16-bit images are reduced to 8 bits by rounding (not clipped).
+Decoding goes through ``sr_core.codecs`` (restricted formats, EXIF orientation, the
+decompression-bomb guard). Training only needs 8-bit RGB: alpha is dropped, grayscale
+is repeated to three channels and 16-bit images are rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -11,26 +12,15 @@ import io
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"})
+from sr_core import codecs
+
+IMAGE_SUFFIXES = frozenset(codecs.INPUT_EXTENSIONS)
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode image bytes to an ``(H, W, 3)`` uint8 array. Raises on anything that is
-    not a complete, readable image (the caller names the file)."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
-        raise ValueError("not an image in a format Pillow reads (unknown type or corrupt header)") from None
-    with img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            wide = np.asarray(img, dtype=np.float64)
-            scale = 257.0 if img.mode.startswith("I;16") or wide.max() > 255 else 1.0
-            gray = np.clip(np.round(wide / scale), 0, 255).astype(np.uint8)
-            return np.repeat(gray[:, :, None], 3, axis=2)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8).copy()
+def decode_rgb(data: bytes, name: str = "<bytes>", max_pixels: int | None = codecs.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to an ``(H, W, 3)`` uint8 array. Raises ``ValueError`` naming
+    ``name`` for anything that is not a complete, readable image."""
+    return codecs.to_rgb8(codecs.decode_image(data, name, max_pixels))
 
 
 def encode_png(array: np.ndarray, compress_level: int = 3) -> bytes:

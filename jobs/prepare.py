@@ -180,9 +180,11 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
     bad, skipped = [], []
     for rel in sources:
         try:
-            image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)))
+            image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
         except Exception as exc:  # any unreadable image is reported, the rest goes on
-            bad.append({"source": rel, "reason": f"{type(exc).__name__}: {exc}"})
+            # Our decode errors already name the file and say why; others get their type.
+            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            bad.append({"source": rel, "reason": reason})
             continue
         h, w = image.shape[:2]
         ys = tile_starts(h, settings.size, settings.step, settings.min_size)

@@ -193,6 +193,20 @@ def _to_8bit(image: np.ndarray) -> np.ndarray:
     return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
+def to_rgb8(image: np.ndarray, keep_gray: bool = False) -> np.ndarray:
+    """The 8-bit colour content of a decoded image, for training and scoring: alpha is
+    dropped (not composited: the colour channels are the content), 16-bit is rounded to
+    8 bits, and grayscale becomes 3 equal channels unless ``keep_gray`` (then ``(H, W)``)."""
+    image = _to_8bit(image)
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        image = image[..., :-1]
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2 and not keep_gray:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
 def _over_white(image: np.ndarray) -> np.ndarray:
     """Composite colour+alpha (last channel) over white, dropping alpha."""
     color = image[..., :-1].astype(np.float32)

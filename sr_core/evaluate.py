@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from sr_core import metrics
+from sr_core.codecs import to_rgb8
 from sr_core.resize import imresize
 
 
@@ -24,17 +25,6 @@ class ImageScore:
     width: int
     psnr: float
     ssim: float
-
-
-def to_rgb8(image: np.ndarray) -> np.ndarray:
-    """The 8-bit RGB (or gray HW) view that scoring uses: alpha dropped, 16-bit rounded."""
-    if image.dtype == np.uint16:
-        image = np.round(image / 257.0).astype(np.uint8)
-    if image.ndim == 3 and image.shape[2] in (2, 4):
-        image = image[..., :-1]
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    return image
 
 
 def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
@@ -49,7 +39,7 @@ def bicubic_upscaler(scale: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def score_image(name: str, hr: np.ndarray, scale: int, upscale: Callable[[np.ndarray], np.ndarray],
                 crop_border: int | None = None, y_channel: bool = True) -> ImageScore:
-    hr = mod_crop(to_rgb8(hr), scale)
+    hr = mod_crop(to_rgb8(hr, keep_gray=True), scale)
     if min(hr.shape[:2]) < scale:
         raise ValueError(f"{name}: {hr.shape[1]}x{hr.shape[0]} is too small to score at x{scale}")
     lr = imresize(hr, scale=1 / scale)

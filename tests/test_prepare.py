@@ -68,7 +68,7 @@ def test_prepare_local_subimages_are_exact_and_bad_images_are_listed(tmp_path):
 
     assert index["sources"] == ["broken.png"] + sorted(images)  # .txt and the excluded glob left out
     assert [b["source"] for b in index["bad"]] == ["broken.png"]
-    assert "not an image" in index["bad"][0]["reason"]
+    assert index["bad"][0]["reason"] == "broken.png: truncated or corrupt PNG file (19 bytes)"
     # 150 px, size 64, step 32: starts 0, 32, 64 and a 22-px leftover >= min_size -> edge tile at 86
     per_image = len(tile_starts(150, 64, 32, 10)) ** 2
     assert per_image == 16
