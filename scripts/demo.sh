@@ -40,4 +40,23 @@ run sr upscale "$IMAGES" -o "$OUT/upscaled" --model "$OUT/models/interp.safetens
 step "6. Score the same model the way step 4 scored bicubic"
 run sr eval "$IMAGES" --model "$OUT/models/interp.safetensors" --json "$OUT/eval-interp-x4.json"
 
+step "7. Cut the photographs into training sub-image shards (resumable; works gs:// to gs:// too)"
+run sr prepare "$IMAGES" "$OUT/shards" --size 128 --step 64 --quiet
+
+step "8. Read random training crops from the shards, as each rank of the training job does"
+run python - "$OUT/shards" <<'PY'
+import sys, time
+from jobs.config import DataConfig
+from jobs.data import build_train_loader
+cfg = DataConfig(train_shards=sys.argv[1], gt_size=64, scale=4, batch_size=8, num_workers=2)
+with build_train_loader(cfg, rank=0, world_size=1) as loader:
+    batches = iter(loader)
+    batch = next(batches)  # workers started
+    start = time.perf_counter()
+    for _ in range(20):
+        batch = next(batches)
+    rate = 20 * cfg.batch_size / (time.perf_counter() - start)
+print(f"batch: lr {tuple(batch['lr'].shape)}, gt {tuple(batch['gt'].shape)}; {rate:.0f} crops/s with 2 workers")
+PY
+
 printf '\nDone. Outputs are in %s/\n' "$OUT"
