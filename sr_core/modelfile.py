@@ -162,18 +162,44 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
     state, meta = read_model_file(url)
     if meta.get("format") == FORMAT:
         try:
-            hparams = json.loads(meta["hparams"])
-            model = build_generator(meta["arch"], **hparams)
-        except (KeyError, json.JSONDecodeError, ValueError) as exc:
+            arch, hparams = meta["arch"], json.loads(meta["hparams"])
+            if not isinstance(hparams, dict):
+                raise ValueError("hparams is not a JSON object")
+            _check_shapes(url, arch, hparams, state)
+        except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
+            if isinstance(exc, ModelFileError):
+                raise
             raise ModelFileError(f"{url}: bad sr-cloud metadata ({exc})") from None
     else:
         arch, hparams, state = infer_architecture(url, state)
-        model = build_generator(arch, **hparams)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{url}: weights do not fit the architecture ({str(exc).splitlines()[0]})") from None
+        _check_shapes(url, arch, hparams, state)
+    model = build_generator(arch, **hparams)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:
+    """Compare the file's tensors with the architecture before allocating anything:
+    metadata claiming a huge model must not make us allocate it (the skeleton is built
+    on the meta device, which holds shapes only)."""
+    with torch.device("meta"):
+        skeleton = build_generator(arch, **hparams)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected == found:
+        return
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    details = []
+    if missing:
+        details.append(f"missing {len(missing)} (e.g. {missing[0]})")
+    if unexpected:
+        details.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+    if wrong:
+        details.append(f"{len(wrong)} of other shapes (e.g. {wrong[0]}: file {found[wrong[0]]}, "
+                       f"model {expected[wrong[0]]})")
+    raise ModelFileError(f"{url}: weights do not fit {arch} {hparams}: tensors {'; '.join(details)}")
 
 
 def read_metadata(url: str) -> dict:

@@ -274,3 +274,26 @@ def test_atomic_local_write_gets_ordinary_permissions(tmp_path):
     assert target.read_bytes() == b"abc"
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]  # no temp file left
+
+
+def test_metadata_claiming_a_huge_model_is_refused_before_allocating_it(tmp_path):
+    import resource
+
+    model = tiny()
+    path = str(tmp_path / "claims-huge.safetensors")
+    # 1M features would be terabytes of weights if built for real.
+    meta = {"format": "sr-cloud", "format_version": "1", "arch": "rrdbnet",
+            "hparams": json.dumps({**model.hparams, "num_feat": 1_000_000}), "scale": "4"}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFileError, match="do not fit rrdbnet"):
+        load_generator(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_unknown_architecture_in_metadata_is_reported(tmp_path):
+    path = str(tmp_path / "future.safetensors")
+    meta = {"format": "sr-cloud", "format_version": "1", "arch": "swinir", "hparams": "{}", "scale": "4"}
+    save_file({"w": torch.zeros(1)}, path, metadata=meta)
+    with pytest.raises(ModelFileError, match="bad sr-cloud metadata.*unknown generator 'swinir'"):
+        load_generator(path)
