@@ -261,6 +261,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
     if d.samples_per_transfer < 1:
         raise ValueError(f"data.samples_per_transfer must be >= 1, got {d.samples_per_transfer}")
+    if d.seed < 0:
+        raise ValueError(f"data.seed must be >= 0 (numpy seeds are non-negative), got {d.seed}")
     if d.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {d.num_workers}")
     for name in ("hflip_prob", "vflip_prob", "transpose_prob"):

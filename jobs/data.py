@@ -19,6 +19,7 @@ Order of an epoch (the stream is a function of seed, epoch, rank and world size)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -50,7 +51,15 @@ class ShardCache:
         self.folder = folder or DEFAULT_CACHE_DIR
         self.max_bytes = int(max_bytes)
         self.downloads = 0  # by this process: how many files it fetched
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as exc:
+            raise self._unusable(exc) from None
+
+    def _unusable(self, exc: OSError, url: str = "") -> ValueError:
+        what = f"cannot store {url}" if url else "cannot use it"
+        return ValueError(f"shard cache {self.folder}: {what} ({exc.strerror or exc}); free space there, "
+                          "lower data.cache_max_gb or set data.cache_dir to another writable local folder")
 
     def _entry(self, url: str, sha256: str | None) -> str:
         key = hashlib.sha256(f"{url}\n{sha256 or ''}".encode()).hexdigest()[:24]
@@ -59,20 +68,59 @@ class ShardCache:
     def local_path(self, url: str, size: int | None = None, sha256: str | None = None) -> str:
         """Path of a verified local copy of ``url`` (downloaded on first use)."""
         path = self._entry(url, sha256)
-        if os.path.exists(path):
-            os.utime(path)  # recency for LRU eviction
+        if self._usable(path, size):
             return path
-        with open(path + ".lock", "a") as lock:
+        try:
+            lock = open(path + ".lock", "a")
+        except OSError as exc:
+            raise self._unusable(exc, url) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if os.path.exists(path):  # another process fetched it while we waited
-                    os.utime(path)
+                if self._usable(path, size):  # another process fetched it while we waited
                     return path
+                # What a killed download or a crash left (we hold the entry's lock, so
+                # no other process is writing these).
+                for name in os.listdir(self.folder):
+                    if name == os.path.basename(path) or name.startswith(os.path.basename(path) + ".part-"):
+                        os.remove(os.path.join(self.folder, name))
                 self._download(url, path, size, sha256)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self._evict(keep=path)
         return path
+
+    @staticmethod
+    def _usable(path: str, size: int | None) -> bool:
+        """The entry exists with the expected size (a copy cut short by a crash before
+        its data reached the disk is not); its recency is refreshed for LRU eviction."""
+        try:
+            if size is not None and os.path.getsize(path) != size:
+                return False
+            os.utime(path)
+            return True
+        except FileNotFoundError:  # never fetched, or just evicted by another process
+            return False
+
+    def discard_if_corrupt(self, url: str, sha256: str) -> bool:
+        """After a member failed to decode: delete the cached copy of ``url`` if its
+        checksum is wrong (the next read fetches it again). True if it was deleted."""
+        path = self._entry(url, sha256)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(8 * 1024 * 1024):
+                        digest.update(chunk)
+                if digest.hexdigest() == sha256:
+                    return False
+                os.remove(path)
+                return True
+            except FileNotFoundError:
+                return False
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _download(self, url: str, path: str, size: int | None, sha256: str | None) -> None:
         tmp = f"{path}.part-{os.getpid()}"
@@ -80,11 +128,22 @@ class ShardCache:
         got = 0
         try:
             fs, remote = storage.get_fs(url)
-            with fs.open(remote, "rb", block_size=8 * 1024 * 1024) as src, open(tmp, "wb") as out:
-                while chunk := src.read(8 * 1024 * 1024):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    got += len(chunk)
+            try:
+                out = open(tmp, "wb")
+            except OSError as exc:
+                raise self._unusable(exc, url) from None
+            with fs.open(remote, "rb", block_size=8 * 1024 * 1024) as src, out:
+                try:
+                    while chunk := src.read(8 * 1024 * 1024):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        got += len(chunk)
+                    out.flush()
+                except OSError as exc:
+                    # a full (or quota-limited, or read-only) cache disk, not the remote
+                    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+                        raise self._unusable(exc, url) from None
+                    raise
             if size is not None and got != size:
                 raise ValueError(f"{url}: read {got} bytes, the index says {size}; the data set changed "
                                  "after `sr prepare` (re-run it)")
@@ -139,6 +198,23 @@ class _FileReader:
 
     def __getstate__(self):
         return {"cache": self.cache, "_fds": {}}
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self):
+        self.close()
+
+    def discard_if_corrupt(self, url: str, sha256: str | None) -> bool:
+        """Close ``url`` and delete its cached copy if that is damaged; True when a
+        fresh copy will be fetched on the next read."""
+        fd = self._fds.pop(url, None)
+        if fd is not None:
+            os.close(fd)
+        if storage.is_local(url) or self.cache is None or sha256 is None:
+            return False
+        return self.cache.discard_if_corrupt(url, sha256)
 
     def _fd(self, url: str, size: int | None, sha256: str | None) -> int:
         fd = self._fds.get(url)
@@ -272,6 +348,15 @@ class SubImageDataset(Dataset):
 
     def read_subimage(self, index: int, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The sub-image (or, for raw shards, just ``rows`` of it) as RGB uint8."""
+        try:
+            return self._read_subimage(index, rows)
+        except ValueError:
+            url, _, sha = self.shards[self.samples[index][0]]
+            if not self.reader.discard_if_corrupt(url, sha):
+                raise
+        return self._read_subimage(index, rows)  # from a fresh copy of a damaged cached one
+
+    def _read_subimage(self, index: int, rows: tuple[int, int] | None) -> np.ndarray:
         from jobs.imageio import decode_rgb
 
         shard_id, offset, size, height, width = self.samples[index]
@@ -399,6 +484,9 @@ class ValidationDataset(Dataset):
             y, x = (h - c) // 2, (w - c) // 2
             hr = hr[y:y + c, x:x + c]
         else:
+            if min(h, w) < self.scale:
+                raise ValueError(f"{url}: {w}x{h} is smaller than the scale {self.scale}; remove it from "
+                                 "the validation folder")
             hr = hr[: h - h % self.scale, : w - w % self.scale]
         lr = imresize(hr, scale=1 / self.scale)
         return {"name": storage.relative_key(self.folder, url), "lr": _to_float(lr), "gt": _to_float(hr)}
@@ -409,8 +497,10 @@ class ValidationDataset(Dataset):
 def assign_groups(group_sizes: list[int], world_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Deal groups (shards) to ranks: permuted by (seed, epoch), each to the rank that
     has the fewest samples so far. Returns each rank's groups in reading order."""
-    if len(group_sizes) < world_size:
-        raise ValueError(f"{len(group_sizes)} shards cannot be split over {world_size} ranks; "
+    # a shard whose sub-images are all smaller than gt_size gives a rank nothing to read
+    nonempty = sum(1 for n in group_sizes if n > 0)
+    if nonempty < world_size:
+        raise ValueError(f"{nonempty} shards with samples cannot be split over {world_size} ranks; "
                          "re-run `sr prepare` with a smaller --images-per-shard")
     order = np.random.default_rng([seed, epoch]).permutation(len(group_sizes))
     ranks: list[list[int]] = [[] for _ in range(world_size)]
@@ -559,6 +649,9 @@ class TrainLoader:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self.loader._iterator = None
+        reader = getattr(self.dataset, "reader", None)
+        if reader is not None:
+            reader.close()
 
     def __enter__(self):
         return self

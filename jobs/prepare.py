@@ -17,6 +17,7 @@ re-run after a crash writes byte-identical shards.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import io
@@ -103,14 +104,23 @@ def tile_starts(length: int, size: int, step: int, min_size: int) -> list[int]:
     return starts
 
 
-def list_sources(src: str, settings: PrepareSettings) -> list[str]:
-    """Sorted paths below ``src`` of the images to prepare."""
+def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None = None) -> list[str]:
+    """Sorted paths below ``src`` of the images to prepare. Object names that would
+    escape DST as member names (``..`` segments) are left out and, when ``unsafe`` is
+    given, appended to it as bad-image entries."""
     from jobs.imageio import IMAGE_SUFFIXES
 
     urls = storage.list_files(src, IMAGE_SUFFIXES)
     keys = []
+    root = storage.get_fs(src)[1].rstrip("/")
     for url in urls:
-        rel = storage.relative_key(src, url)
+        try:
+            rel = storage.relative_key(src, url)
+        except ValueError as exc:
+            name = storage.get_fs(url)[1][len(root) + 1:]
+            if unsafe is not None and not any(fnmatch.fnmatchcase(name, g) for g in settings.exclude):
+                unsafe.append({"source": name, "reason": f"{exc}; rename the object or --exclude it"})
+            continue
         if settings.include and not any(fnmatch.fnmatchcase(rel, g) for g in settings.include):
             continue
         if any(fnmatch.fnmatchcase(rel, g) for g in settings.exclude):
@@ -192,7 +202,7 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
         if not ys or not xs:
             skipped.append({"source": rel, "reason": f"{w}x{h} is smaller than --min-size {settings.min_size}"})
             continue
-        stem = os.path.splitext(rel)[0]
+        # The member keeps the whole source name: a.png and a.jpg must not share members.
         k = 0
         for y in ys:
             for x in xs:
@@ -202,7 +212,7 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
                     data = np.ascontiguousarray(tile).tobytes()
                 else:
                     data = encode_png(tile, settings.png_level)
-                writer.add(f"{stem}_s{k:03d}{SUBIMAGE_FORMATS[settings.format]}", data, *tile.shape[:2])
+                writer.add(f"{rel}_s{k:03d}{SUBIMAGE_FORMATS[settings.format]}", data, *tile.shape[:2])
     writer.flush()
     manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped}
     storage.write_bytes(storage.join(dst, "units", f"{unit:05d}.json"), json.dumps(manifest).encode())
@@ -213,11 +223,20 @@ def _prepare_unit_star(job):
     return prepare_unit(*job)
 
 
-def _read_json(url: str) -> dict | None:
+def _read_json(url: str, what: str, fix: str = "choose another DST for `sr prepare`") -> dict | None:
+    """The JSON object at ``url``; None when there is none. A DST may hold files of
+    another tool: anything that is not a JSON object is a ``ValueError`` naming it."""
     try:
-        return json.loads(storage.read_bytes(url))
+        data = storage.read_bytes(url)
     except FileNotFoundError:
         return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{url}: not {what} (not a JSON object); {fix}")
+    return value
 
 
 def _remove_local_temporaries(dst: str) -> None:
@@ -238,22 +257,29 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     settings.check()
     if num_workers < 1:
         raise ValueError(f"--workers must be >= 1, got {num_workers}")
-    sources = list_sources(src, settings)
+    unsafe: list[dict] = []
+    sources = list_sources(src, settings, unsafe)
     if not sources:
         from jobs.imageio import IMAGE_SUFFIXES
 
         filtered = ", after --include/--exclude" if settings.include or settings.exclude else ""
         raise ValueError(f"{src}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}{filtered})")
     plan = {"format": INDEX_FORMAT, "settings": settings.as_json(), "sources": sources}
+    dst_fs, dst_path = storage.get_fs(dst)
+    if dst_fs.isfile(dst_path):
+        raise ValueError(f"{dst}: DST is a file; choose a folder (or prefix) for the shards and index")
 
-    index = _read_json(storage.join(dst, INDEX_NAME))
+    index = _read_json(storage.join(dst, INDEX_NAME), "an sr prepare index")
     if index is not None:
+        if index.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{storage.join(dst, INDEX_NAME)}: not an sr prepare index (format "
+                             f"{index.get('format')!r}); choose another DST")
         if index.get("settings") != plan["settings"] or index.get("sources") != sources:
             raise FileExistsError(f"{dst} already holds a prepared data set made from other images or "
                                   "settings; choose another DST (or delete it)")
         print(f"{dst}: already prepared ({index['num_subimages']} sub-images); nothing to do", file=sys.stderr)
         return index
-    old_plan = _read_json(storage.join(dst, PLAN_NAME))
+    old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
     if old_plan is None:
         storage.write_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode())
     elif old_plan != plan:
@@ -265,7 +291,7 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     units = [sources[i:i + per] for i in range(0, len(sources), per)]
     manifests: dict[int, dict] = {}
     for u in range(len(units)):
-        found = _read_json(storage.join(dst, "units", f"{u:05d}.json"))
+        found = _read_json(storage.join(dst, "units", f"{u:05d}.json"), "an sr prepare unit manifest")
         if found is not None:
             manifests[u] = found
     pending = [(src, dst, u, units[u], settings) for u in range(len(units)) if u not in manifests]
@@ -293,6 +319,12 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
                 for m in pool.imap_unordered(_prepare_unit_star, pending):
                     manifests[m["unit"]] = m
                     bar.update(len(m["sources"]))
+    except OSError as exc:
+        # a full (or quota-limited, or read-only) DST: the finished units are kept
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise ValueError(f"{dst}: cannot write ({exc.strerror}); free space there and re-run the same "
+                             "command to finish the missing shards") from None
+        raise
     finally:
         bar.close()
 
@@ -306,7 +338,7 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
         "num_shards": len(shards),
         "total_bytes": sum(s["bytes"] for s in shards),
         "shards": shards,
-        "bad": [b for m in ordered for b in m["bad"]],
+        "bad": unsafe + [b for m in ordered for b in m["bad"]],
         "skipped": [s for m in ordered for s in m["skipped"]],
         "seconds_last_run": round(time.monotonic() - start, 3),
     }
@@ -317,9 +349,8 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
 def read_index(url: str) -> dict:
     """The index of a prepared data set, given its DST prefix or its ``index.json``."""
     index_url = url if url.endswith(".json") else storage.join(url, INDEX_NAME)
-    try:
-        index = json.loads(storage.read_bytes(index_url))
-    except FileNotFoundError:
+    index = _read_json(index_url, "an sr prepare index", "give the DST of `sr prepare` or its index.json")
+    if index is None:
         hint = (" (it holds plan.json: the prepare did not finish; re-run `sr prepare` with the same arguments)"
                 if not url.endswith(".json") and storage.exists(storage.join(url, PLAN_NAME)) else
                 " (make it with `sr prepare SRC DST`)")

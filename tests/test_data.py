@@ -4,6 +4,7 @@ local cache, paired folders, validation sets, typed config and the data-wait met
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_crop_is_from_the_subimage_and_lr_is_matlab_bicubic(local_shards, photos
         windows = np.lib.stride_tricks.sliding_window_view(sub, (32, 32, 3))[:, :, 0]
         assert (windows == gt).all(axis=(2, 3, 4)).any(), "crop not found in its sub-image"
         # and the sub-image is the source image's pixels
-        source = photos[1][ds.names[key[0]].rsplit("_s", 1)[0] + ".png"]
+        source = photos[1][ds.names[key[0]].rsplit("_s", 1)[0]]
         tiles = np.lib.stride_tricks.sliding_window_view(source, (64, 64, 3))[:, :, 0]
         assert (tiles == sub).all(axis=(2, 3, 4)).any()
 
@@ -304,3 +305,85 @@ def test_data_wait_meter_measures_the_waiting_share():
     for _ in fed.wrap(slow_source(5, 0.0)):
         time.sleep(0.04)
     assert fed.fraction() < 0.05
+
+
+def test_cache_folder_unusable_or_full_is_a_clear_error_and_leaves_nothing(gcs_emulator, tmp_path):
+    import resource
+    import signal
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match=r"a-file/cache.*data.cache_dir"):
+        ShardCache(str(tmp_path / "a-file" / "cache"))
+
+    bucket = gcs_emulator.make_bucket("full")
+    data = bytes(range(256)) * 4000
+    gcs_emulator.fs().pipe_file(f"{bucket[5:]}/big.tar", data)
+    cache = ShardCache(str(tmp_path / "cache"))
+    # a disk that fills up during the download: writes beyond 100 kB fail (EFBIG, like ENOSPC)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(ValueError, match=r"cache.*big.tar.*data.cache_dir"):
+            cache.local_path(f"{bucket}/big.tar", len(data))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert open(cache.local_path(f"{bucket}/big.tar", len(data)), "rb").read() == data
+
+
+def test_cache_heals_truncated_corrupt_and_half_downloaded_entries(gcs_emulator, photos, tmp_path):
+    import hashlib
+
+    bucket = gcs_emulator.make_bucket("heal")
+    index = prepare(str(photos[0]), f"{bucket}/sub", PrepareSettings(size=64, step=32, images_per_shard=7),
+                    progress=False)
+    (shard,) = index["shards"]
+    url = f"{bucket}/sub/{shard['name']}"
+    cache = ShardCache(str(tmp_path / "cache"))
+    # a download killed half-way left its part file behind: the next download removes it
+    path = cache.local_path(url, shard["bytes"], shard["sha256"])
+    os_remove_and_leave_part = path + ".part-999999"
+    (tmp_path / "cache" / os.path.basename(path)).rename(os_remove_and_leave_part)
+    cache.local_path(url, shard["bytes"], shard["sha256"])
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".part-" in p.name]
+
+    # a copy cut short (a crash before the data reached the disk) is fetched again
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    assert cache.local_path(url, shard["bytes"], shard["sha256"]) == path
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
+
+    # bytes damaged in the cached copy: detected by the checksum, fetched again, same crop
+    expected = SubImageDataset(f"{bucket}/sub", 32, 2, NO_AUGMENT, cache)[(5, (1,))]
+    name, offset, size = shard["members"][5][:3]
+    with open(path, "r+b") as f:
+        f.seek(offset + size // 2)
+        f.write(b"\0" * 64)
+    again = SubImageDataset(f"{bucket}/sub", 32, 2, NO_AUGMENT, ShardCache(str(tmp_path / "cache")))
+    assert torch.equal(again[(5, (1,))]["gt"], expected["gt"])
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
+
+
+def test_odd_sizes_seeds_and_rank_counts_are_clear_errors(tmp_path, local_shards):
+    Image.fromarray(np.zeros((3, 5, 3), dtype=np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.raises(ValueError, match=r"tiny.png: 5x3 is smaller than the scale 4"):
+        ValidationDataset(str(tmp_path), scale=4)[0]
+    with pytest.raises(ValueError, match="data.seed"):
+        load_config(None, ["data.seed=-1"])
+    # three shards, one of them without a crop of gt_size: two ranks at most
+    with pytest.raises(ValueError, match=r"2 shards with samples cannot be split over 3 ranks.*--images-per-shard"):
+        len(ShardSampler([[0, 1], [2], []], 0, 3))
+
+
+def test_close_releases_the_open_shards(local_shards):
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    ds = SubImageDataset(local_shards, gt_size=32, scale=2)
+    before = open_fds()
+    with TrainLoader(ds, 4, num_workers=0) as loader:
+        epoch_batches(loader)
+        assert open_fds() >= before + 7  # one descriptor per shard read
+    assert open_fds() == before

@@ -85,7 +85,7 @@ def test_prepare_local_subimages_are_exact_and_bad_images_are_listed(tmp_path):
             k = int(k[:-4]) - 1
             starts = tile_starts(150, 64, 32, 10)
             y, x = starts[k // len(starts)], starts[k % len(starts)]
-            np.testing.assert_array_equal(tile, images[source + ".png"][y:y + 64, x:x + 64])
+            np.testing.assert_array_equal(tile, images[source][y:y + 64, x:x + 64])
             assert (h, w) == tile.shape[:2]
             seen.add(name)
     assert len(seen) == index["num_subimages"]
@@ -170,3 +170,82 @@ def test_prepare_gs_to_gs_matches_local(gcs_emulator, tmp_path):
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             assert [m.name for m in tar.getmembers()] == [m[0] for m in shard["members"]]
+
+
+def test_same_stem_images_and_odd_names_get_their_own_members(tmp_path):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "src"
+    (src / "sub dir é").mkdir(parents=True)
+    shapes = {"a.png": (80, 80), "a.bmp": (70, 96), "sub dir é/ph oto ü.png": (64, 64)}
+    for rel, (h, w) in shapes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(src / rel)
+    index = prepare(str(src), str(tmp_path / "dst"), PrepareSettings(size=64, step=32, format="raw"),
+                    progress=False)
+    members = [m for s in index["shards"] for m in s["members"]]
+    names = [m[0] for m in members]
+    assert len(names) == len(set(names)) == index["num_subimages"] == 2 * 2 + 2 * 2 + 1
+    for name, _, size, h, w in members:
+        assert size == h * w * 3  # each member's recorded shape is its own
+    assert {n.rsplit("_s", 1)[0] for n in names} == set(shapes)
+
+
+def test_dst_that_is_a_file_or_holds_foreign_json_is_refused_clearly(tmp_path):
+    cut_photos(tmp_path / "src", 1, 70)
+    settings = PrepareSettings(size=64, step=32)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file.*is a file.*choose a folder"):
+        prepare(str(tmp_path / "src"), str(tmp_path / "file"), settings, progress=False)
+    for i, text in enumerate(["[1, 2]", "not json", '{"images": 3}']):
+        dst = tmp_path / f"foreign{i}"
+        dst.mkdir()
+        (dst / "index.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"foreign{i}/index.json: not an sr prepare index.*another DST"):
+            prepare(str(tmp_path / "src"), str(dst), settings, progress=False)
+        with pytest.raises(ValueError, match=rf"foreign{i}/index.json: not an sr prepare index"):
+            read_index(str(dst))
+        assert (dst / "index.json").read_text() == text  # nothing of theirs overwritten
+    (tmp_path / "foreign3").mkdir()
+    (tmp_path / "foreign3" / "plan.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"foreign3/plan.json: not an sr prepare plan.*another DST"):
+        prepare(str(tmp_path / "src"), str(tmp_path / "foreign3"), settings, progress=False)
+
+
+def test_object_names_that_would_escape_dst_are_listed_as_bad_and_the_rest_prepared():
+    import uuid
+
+    import fsspec
+
+    # object stores allow any name, '..' segments included (a local folder cannot hold them)
+    fs, root = fsspec.filesystem("memory"), f"/prep-{uuid.uuid4().hex[:8]}"
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((70, 70, 3), np.uint8)).save(png, format="PNG")
+    fs.pipe_file(f"{root}/src/ok.png", png.getvalue())
+    fs.pipe_file(f"{root}/src/x/../evil.png", png.getvalue())
+    try:
+        index = prepare(f"memory://{root}/src", f"memory://{root}/dst", PrepareSettings(size=64, step=32),
+                        progress=False)
+        assert index["sources"] == ["ok.png"] and index["num_subimages"] == 4
+        assert [b["source"] for b in index["bad"]] == ["x/../evil.png"]
+        assert "--exclude" in index["bad"][0]["reason"]
+        assert not any(".." in m[0] for s in index["shards"] for m in s["members"])
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def test_a_full_dst_disk_is_a_clear_error_and_a_rerun_finishes(tmp_path):
+    import resource
+
+    cut_photos(tmp_path / "src", 2, 150)
+    settings = PrepareSettings(size=64, step=32, images_per_shard=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # writes beyond 20 kB fail, like ENOSPC
+    try:
+        with pytest.raises(ValueError, match=r"dst: cannot write .*free space.*re-run"):
+            prepare(str(tmp_path / "src"), str(tmp_path / "dst"), settings, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    index = prepare(str(tmp_path / "src"), str(tmp_path / "dst"), settings, progress=False)
+    assert index["num_subimages"] == 2 * 16
+    assert not [p for p in (tmp_path / "dst").rglob("*") if p.name.startswith(".tmp-")]
