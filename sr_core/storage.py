@@ -150,9 +150,10 @@ def relative_key(root: str, url: str) -> str:
 
 def safe_key(rel: str) -> str:
     """Reject relative keys that would escape the output prefix they are joined to."""
-    rel = rel.replace("\\", "/")
-    parts = rel.split("/")
-    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    # Backslashes are ordinary name characters on POSIX and in object stores, but count
+    # them as separators here too, so "..\\x" is refused wherever the key ends up.
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"unsafe relative path {rel!r}: it must stay below its prefix")
     return rel
 

@@ -264,18 +264,6 @@ def test_sr_entry_point_runs_as_a_real_command(tmp_path):
     assert bad.returncode == 2 and "nope.pth" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_atomic_local_write_gets_ordinary_permissions(tmp_path):
-    from sr_core import storage
-
-    target = tmp_path / "sub" / "file.bin"
-    storage.write_bytes(str(target), b"abc")
-    mask = os.umask(0)
-    os.umask(mask)
-    assert target.read_bytes() == b"abc"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
-    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]  # no temp file left
-
-
 def test_metadata_claiming_a_huge_model_is_refused_before_allocating_it(tmp_path):
     import resource
 
@@ -297,3 +285,4 @@ def test_unknown_architecture_in_metadata_is_reported(tmp_path):
     save_file({"w": torch.zeros(1)}, path, metadata=meta)
     with pytest.raises(ModelFileError, match="bad sr-cloud metadata.*unknown generator 'swinir'"):
         load_generator(path)
+
