@@ -10,7 +10,9 @@ Array convention, used by the Upscaler and everything that calls it:
 Decoding reads PNG, JPEG (and camera MPO JPEGs), WebP, TIFF and BMP in modes 1, L, LA,
 RGB, RGBA, P (palette, with or without transparency), CMYK, YCbCr, I;16 (any byte
 order) and I, and applies the EXIF orientation. Pillow decodes 16-bit *colour* PNG/TIFF
-to 8 bits per channel (it has no 16-bit RGB mode); 16-bit grayscale stays 16-bit.
+to 8 bits per channel (it has no 16-bit RGB mode); 16-bit grayscale stays 16-bit. A PNG
+colour marked transparent (tRNS) becomes an alpha channel (16-bit gray with it: 8-bit LA,
+like 16-bit LA/RGBA PNGs). Animated PNG/WebP are refused rather than cut to one frame.
 
 Encoding writes PNG (8-bit, or 16-bit grayscale), JPEG and WebP. JPEG has no alpha, so
 transparent images are composited over white; JPEG and WebP have no 16-bit, so 16-bit
@@ -101,6 +103,19 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
         )
     if width == 0 or height == 0:
         raise ImageDecodeError(f"{name}: image has zero size ({width}x{height})")
+    # Camera MPO JPEGs hold extra frames (previews, depth) behind the main image; an
+    # animation's first frame alone would silently lose the rest, so those are refused.
+    frames = getattr(img, "n_frames", 1) if img.format in ("PNG", "WEBP") else 1
+    if frames > 1:
+        raise ImageDecodeError(
+            f"{name}: animated {img.format} with {frames} frames; only still images are supported "
+            "(extract the frames, e.g. with ffmpeg, and upscale those)"
+        )
+    if img.format == "PNG" and img.mode == "RGB" and "transparency" in img.info and data[24:25] == b"\x10":
+        # Pillow reads 16-bit RGB as 8 bits, so the 16-bit transparent colour (tRNS) can
+        # no longer be matched exactly: refuse rather than make it opaque or fuzzy.
+        raise ImageDecodeError(f"{name}: 16-bit RGB PNG with a transparent colour (tRNS), which cannot be "
+                               "decoded exactly; convert it to RGBA (or 8 bits) first")
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -111,6 +126,17 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
 
 def _to_array(img: Image.Image, name: str) -> np.ndarray:
     mode = img.mode
+    if "transparency" in img.info and (mode.startswith("I;16") or mode == "I"):
+        # One 16-bit gray level marked transparent (PNG tRNS). 16-bit with alpha comes
+        # out as 8 bits with alpha, as Pillow decodes 16-bit LA/RGBA PNGs.
+        values = np.asarray(img)
+        alpha = np.where(values == img.info["transparency"], 0, 255).astype(np.uint8)
+        gray = _to_8bit(np.clip(values, 0, 65535).astype(np.uint16))
+        return np.dstack([gray, alpha])
+    if "transparency" in img.info and mode in ("1", "L", "RGB"):
+        # One colour marked transparent (PNG tRNS): make it a real alpha channel.
+        img = img.convert("RGBA" if mode == "RGB" else "LA")
+        mode = img.mode
     if mode == "1":
         img = img.convert("L")
     elif mode == "P":

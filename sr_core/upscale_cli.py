@@ -4,11 +4,17 @@ Each output goes to OUT/<path of the input below the folder (or glob prefix) it 
 found under>, with the new extension and a suffix. Existing outputs are skipped unless
 --overwrite, so a rerun finishes only what is missing. A bad input is reported with its
 reason and the run goes on; the exit code is 1 when anything failed.
+
+Folder and glob listings never pick up this run's outputs (OUT may lie inside or be an
+input folder) and do not follow symbolic links out of the folder; a file named on the
+command line is always taken as it is, glob characters and links included.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import posixpath
 import sys
 import time
@@ -89,8 +95,9 @@ def _glob_root(url: str) -> str:
     return f"{scheme}://{root}" if scheme else root
 
 
-def _find_inputs(url: str) -> list[tuple[str, str]]:
-    """(root, file URL) pairs for one INPUT argument; raises FileNotFoundError."""
+def _find_inputs(url: str) -> list[tuple[str, str, bool]]:
+    """(root, file URL, found by listing a folder or glob) for one INPUT argument;
+    raises FileNotFoundError."""
     from sr_core import codecs, storage
 
     fs, path = storage.get_fs(url)
@@ -99,17 +106,34 @@ def _find_inputs(url: str) -> list[tuple[str, str]]:
     def full(p: str) -> str:
         return p if not prefix or p.startswith(prefix) else prefix + p
 
-    if _has_glob(url):
+    # A name that exists is taken literally, so files and folders whose names hold
+    # glob characters ("x[1].png") can be named.
+    if _has_glob(url) and not fs.exists(path):
         matches = [p for p in fs.glob(path) if fs.isfile(p) and not posixpath.basename(p).startswith(".")]
         if not matches:
             raise FileNotFoundError(f"{url}: the pattern matches no files")
-        return [(_glob_root(url), full(p)) for p in sorted(matches)]
+        return [(_glob_root(url), full(p), True) for p in sorted(matches)]
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or folder")
     if fs.isdir(path):
         files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS)
-        return [(url, f) for f in files]
-    return [(full(posixpath.dirname(path)) if prefix else posixpath.dirname(path), url)]
+        return [(url, f, True) for f in files]
+    return [(full(posixpath.dirname(path)) if prefix else posixpath.dirname(path), url, False)]
+
+
+def _is_below(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
+
+
+def _link_out_of(root: str, url: str) -> str | None:
+    """Where a local file found below ``root`` really is, if that is outside ``root``."""
+    from sr_core import storage
+
+    if not storage.is_local(url):
+        return None
+    target = os.path.realpath(storage.local_path(url))
+    real_root = os.path.realpath(storage.local_path(root))
+    return None if _is_below(target, real_root) else target
 
 
 def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Plan:
@@ -119,17 +143,25 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
 
     plan = Plan()
     taken: dict[str, str] = {}
-    input_paths = set()
-    pairs = []
+    out_prefix, out_path = storage.protocol_prefix(out), storage.get_fs(out)[1].rstrip("/")
+    found = []
     for url in inputs:
         try:
-            found = _find_inputs(url)
+            found.extend(_find_inputs(url))
         except (FileNotFoundError, ValueError, OSError) as exc:
             plan.failures.append((url, _reason(exc, url)))
+    candidates = []  # (input URL, its path, output URL, found by listing)
+    for root, url, listed in found:
+        path = storage.get_fs(url)[1]
+        if listed and storage.protocol_prefix(root) == out_prefix:
+            # OUT inside a listed folder: what is below it is output, not input (a rerun
+            # must not upscale its own outputs).
+            if _is_below(out_path, storage.get_fs(root)[1]) and _is_below(path, out_path):
+                continue
+        if listed and (target := _link_out_of(root, url)):
+            plan.failures.append((url, f"a symbolic link to {target}, outside the folder {root}; not followed "
+                                       "(name the file as an INPUT, or copy it into the folder)"))
             continue
-        pairs.extend(found)
-        input_paths.update(storage.get_fs(f)[1] for _, f in found)
-    for root, url in pairs:
         try:
             rel = storage.relative_key(root, url)
             stem = posixpath.splitext(rel)[0]
@@ -137,6 +169,17 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
         except ValueError as exc:
             plan.failures.append((url, str(exc)))
             continue
+        candidates.append((url, path, output, listed))
+    output_of = {storage.get_fs(output)[1]: url for url, _, output, _ in candidates}
+    if suffix:
+        # OUT = a listed folder: a file there that is the output of another input is
+        # that input's output from an earlier run, not a new input. (With no suffix an
+        # output is named like an input, so it stays an input and the check below
+        # refuses to replace it.)
+        candidates = [(url, path, output, listed) for url, path, output, listed in candidates
+                      if not (listed and output_of.get(path, url) != url)]
+    input_paths = {path for _, path, _, _ in candidates}
+    for url, _path, output, _listed in candidates:
         output_path = storage.get_fs(output)[1]
         if output_path in input_paths:
             plan.failures.append((url, f"the output {output} would replace an input; choose another OUT or --suffix"))
@@ -159,8 +202,11 @@ def run_upscale(args: argparse.Namespace) -> int:
     options = codecs.EncodeOptions(format=args.format, png_compress_level=args.png_compress_level,
                                    jpeg_quality=args.jpeg_quality, webp_quality=args.webp_quality,
                                    webp_lossless=args.webp_lossless)
-    if args.outscale is not None and args.outscale <= 0:
-        raise ValueError(f"--outscale must be positive, got {args.outscale}")
+    if args.outscale is not None and not (math.isfinite(args.outscale) and args.outscale > 0):
+        raise ValueError(f"--outscale must be a positive number, got {args.outscale}")
+    out_fs, out_path = storage.get_fs(args.output)
+    if out_fs.isfile(out_path):
+        raise ValueError(f"{args.output} is a file; OUT must be a folder (new or existing) to hold the outputs")
     max_pixels = args.max_pixels if args.max_pixels is not None else codecs.DEFAULT_MAX_PIXELS
     plan = plan_outputs(args.inputs, args.output, args.suffix, options.extension)
     failures = list(plan.failures)

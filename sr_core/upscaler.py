@@ -225,8 +225,15 @@ class Upscaler:
             raise ValueError(f"tiles_per_batch must be >= 1 (or None: automatic), got {tiles_per_batch}")
         if alpha not in ("model", "bicubic"):
             raise ValueError(f"alpha must be 'model' or 'bicubic', got {alpha!r}")
+        if not isinstance(getattr(model, "scale", None), int):
+            raise ValueError(f"{type(model).__name__} is not a generator (it has no integer `scale`); "
+                             "load one with sr_core.modelfile.load_generator or build_generator")
         hparams = getattr(model, "hparams", {})
         self.num_channels = int(hparams.get("num_in_ch", 3))
+        if self.num_channels not in (1, 3):
+            # Images are gray or colour (+ alpha, run separately): nothing feeds 2 or 4.
+            raise ValueError(f"the model has {self.num_channels} input channels; the Upscaler runs "
+                             "1- (gray) or 3-channel (RGB) models")
         if int(hparams.get("num_out_ch", self.num_channels)) != self.num_channels:
             raise ValueError("the Upscaler needs a model with as many output channels as input channels")
         self.scale = int(model.scale)
@@ -265,8 +272,12 @@ class Upscaler:
         """An Upscaler for a model file (ours, or a foreign ESRGAN / Real-ESRGAN .pth)."""
         from sr_core.modelfile import load_generator
 
-        return cls(load_generator(url), device=device, precision=precision, tile=tile, overlap=overlap,
-                   tiles_per_batch=tiles_per_batch, alpha=alpha, memory_budget=memory_budget)
+        model = load_generator(url)
+        try:
+            return cls(model, device=device, precision=precision, tile=tile, overlap=overlap,
+                       tiles_per_batch=tiles_per_batch, alpha=alpha, memory_budget=memory_budget)
+        except ValueError as exc:
+            raise ValueError(f"{url}: {exc}") from None
 
     def __repr__(self) -> str:
         return (f"Upscaler(x{self.scale}, device={self.device}, precision={self.precision}, tile={self.tile}, "

@@ -288,3 +288,68 @@ def test_write_image_picks_the_format_from_the_extension(tmp_path):
         assert (tmp_path / name).read_bytes().startswith(magic)
     with pytest.raises(ValueError, match="extension"):
         codecs.write_image(str(tmp_path / "d.xyz"), arr)
+
+
+# ---------------------------------------------------------------- transparency and animation
+
+
+def test_single_colour_transparency_becomes_an_alpha_channel():
+    """PNG's tRNS chunk on gray, RGB and 16-bit gray images marks one colour as
+    transparent; dropping it would turn transparent pixels opaque in the output."""
+    gray = np.asarray(photo("L"))
+    key = int(gray[5, 7])
+    arr = decode_image(pillow_bytes(Image.fromarray(gray), "PNG", transparency=key), "x")
+    assert arr.shape == (23, 37, 2) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr[..., 0], gray)
+    np.testing.assert_array_equal(arr[..., 1], np.where(gray == key, 0, 255))
+    rgb = np.asarray(photo("RGB"))
+    key_rgb = tuple(int(v) for v in rgb[5, 7])
+    arr = decode_image(pillow_bytes(Image.fromarray(rgb), "PNG", transparency=key_rgb), "x")
+    assert arr.shape == (23, 37, 4)
+    np.testing.assert_array_equal(arr[..., :3], rgb)
+    np.testing.assert_array_equal(arr[..., 3], np.where((rgb == key_rgb).all(axis=2), 0, 255))
+    # 16-bit with alpha: like 16-bit RGBA/LA PNGs, it comes out as 8 bits with alpha.
+    gray16 = np.asarray(photo("L")).astype(np.uint16) * 257 + 1
+    key16 = int(gray16[5, 7])
+    arr = decode_image(pillow_bytes(Image.fromarray(gray16), "PNG", transparency=key16), "x")
+    assert arr.shape == (23, 37, 2) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr[..., 0], ((gray16.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    np.testing.assert_array_equal(arr[..., 1], np.where(gray16 == key16, 0, 255))
+
+
+def test_transparency_survives_exif_rotation():
+    gray = np.asarray(photo("L"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    arr = decode_image(pillow_bytes(Image.fromarray(gray), "PNG", transparency=int(gray[0, 0]), exif=exif), "x")
+    assert arr.shape == (37, 23, 2)
+    np.testing.assert_array_equal(arr[..., 0], np.rot90(gray, -1))
+    assert arr[0, -1, 1] == 0  # the top-left pixel, now top-right, stays transparent
+
+
+@pytest.mark.parametrize("fmt,params", [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_animations_are_refused_not_cut_to_one_frame(fmt, params):
+    frames = [photo("RGB"), photo("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    data = pillow_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
+    with pytest.raises(ImageDecodeError, match=rf"^anim\.x: animated {fmt} with 2 frames.*still images"):
+        decode_image(data, "anim.x")
+    # A still image saved the same way still decodes.
+    still = pillow_bytes(frames[0], fmt, save_all=True, **params)
+    assert decode_image(still, "still.x").shape == (23, 37, 3)
+
+
+def test_16_bit_rgb_with_a_transparent_colour_is_refused_not_made_opaque():
+    """Pillow reads 16-bit RGB as 8 bits, so a 16-bit colour key can no longer be
+    matched exactly: rather than silently dropping the transparency, say so."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    pixels = np.zeros((3, 4, 3), ">u2")
+    pixels[0, 0] = (1000, 2000, 3000)
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(3))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 16, 2, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">HHH", 1000, 2000, 3000)) + chunk(b"IDAT", zlib.compress(rows))
+           + chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match=r"^key\.png: 16-bit RGB PNG with a transparent colour.*RGBA"):
+        decode_image(png, "key.png")

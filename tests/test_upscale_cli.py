@@ -161,3 +161,77 @@ def test_gcs_folder_to_gcs_with_a_bad_object(gcs_emulator, photo_folder, model_f
     # A rerun finds the outputs and skips them.
     assert main(["upscale", f"{bucket}/photos", "-o", f"{bucket}/out", "-m", model_file]) == 1
     assert "written 0, skipped 2 (output exists), failed 1" in capsys.readouterr().out
+
+
+def outputs_below(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(photo_folder, model_file, capsys):
+    """A rerun must find its outputs as outputs (skipped), not upscale them again."""
+    day1 = photo_folder / "trip" / "day1"
+    args = ["upscale", str(photo_folder / "trip"), "-o", str(photo_folder / "trip" / "out"), "-m", model_file]
+    assert main(args) == 1
+    assert "written 3, skipped 0 (output exists), failed 2" in capsys.readouterr().out
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "written 0, skipped 3 (output exists), failed 2" in captured.out, captured.err
+    assert outputs_below(photo_folder / "trip" / "out") == ["camera_sr.png", "day1/chelsea16_sr.png",
+                                                             "day1/coffee_sr.png"]
+    # OUT = the input folder itself: outputs sit beside their inputs, and a rerun
+    # treats them as outputs, not as new inputs.
+    args = ["upscale", str(day1), "-o", str(day1), "-m", model_file]
+    assert main(args) == 0
+    assert "written 2, skipped 0 (output exists), failed 0" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "written 0, skipped 2 (output exists), failed 0" in capsys.readouterr().out
+    assert outputs_below(day1) == ["chelsea16.png", "chelsea16_sr.png", "coffee.webp", "coffee_sr.png"]
+
+
+def test_file_names_with_spaces_unicode_dashes_and_glob_characters(model_file, tmp_path, capsys):
+    folder = tmp_path / "my [photos]"
+    folder.mkdir()
+    names = ["a b.png", "ünïcødé 写真.png", "-dash.png", "x[1].png", "star*.png", "c..d.png"]
+    for n in names:
+        small_photo("coffee.png", (10, 8)).save(folder / n)
+    # The folder (its name has glob characters) and files named literally.
+    assert main(["upscale", str(folder), "-o", str(tmp_path / "o1"), "-m", model_file]) == 0
+    assert "written 6" in capsys.readouterr().out
+    assert outputs_below(tmp_path / "o1") == sorted(n[:-4] + "_sr.png" for n in names)
+    assert main(["upscale", "-o", str(tmp_path / "o2"), "-m", model_file, "--",
+                 str(folder / "x[1].png"), str(folder / "-dash.png"), str(folder / "star*.png")]) == 0
+    assert "written 3" in capsys.readouterr().out
+    assert outputs_below(tmp_path / "o2") == ["-dash_sr.png", "star*_sr.png", "x[1]_sr.png"]
+    assert codecs.read_image(str(tmp_path / "o2" / "x[1]_sr.png")).shape == (16, 20, 3)
+
+
+def test_symlinks_out_of_the_input_folder_are_not_followed(photo_folder, model_file, tmp_path, capsys):
+    outside = tmp_path / "private"
+    outside.mkdir()
+    small_photo("chelsea.png", (12, 10)).save(outside / "secret.png")
+    folder = photo_folder / "trip" / "day1"
+    os.symlink(outside / "secret.png", folder / "link.png")
+    os.symlink(folder / "coffee.webp", folder / "inside.webp")  # within the folder: fine
+    out = tmp_path / "out"
+    assert main(["upscale", str(folder), "-o", str(out), "-m", model_file]) == 1
+    captured = capsys.readouterr()
+    assert "written 3, skipped 0 (output exists), failed 1" in captured.out
+    line = next(ln for ln in captured.err.splitlines() if "link.png" in ln)
+    assert "outside" in line and str(outside / "secret.png") in line
+    assert outputs_below(out) == ["chelsea16_sr.png", "coffee_sr.png", "inside_sr.png"]
+    # Named on the command line, a link is the user's choice and is followed.
+    assert main(["upscale", str(folder / "link.png"), "-o", str(out), "-m", model_file]) == 0
+    assert (out / "link_sr.png").is_file()
+
+
+def test_out_that_is_a_file_is_a_one_line_error_before_any_work(photo_folder, model_file, tmp_path, capsys):
+    not_a_folder = tmp_path / "out.png"
+    not_a_folder.write_bytes(b"an existing file")
+    assert main(["upscale", str(photo_folder), "-o", str(not_a_folder), "-m", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert f"{not_a_folder} is a file" in err and "folder" in err
+    assert not_a_folder.read_bytes() == b"an existing file"
+    with pytest.raises(SystemExit):
+        main(["upscale", str(photo_folder), "-o", str(tmp_path / "o"), "-m", model_file, "--outscale", "x"])
+    assert main(["upscale", str(photo_folder), "-o", str(tmp_path / "o"), "-m", model_file, "--outscale", "nan"]) == 2
+    assert "--outscale" in capsys.readouterr().err and not (tmp_path / "o").exists()
