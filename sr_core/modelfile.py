@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from sr_core import storage
-from sr_core.archs import build_generator
+from sr_core.archs import GENERATORS, build_generator
 
 FORMAT = "sr-cloud"
 FORMAT_VERSION = "1"
@@ -50,8 +50,9 @@ class ModelFileError(ValueError):
 
 
 def generator_metadata(model: nn.Module, **provenance) -> dict[str, str]:
-    if not hasattr(model, "arch_name") or not hasattr(model, "hparams"):
-        raise ValueError(f"{type(model).__name__} is not a registered generator (no arch_name/hparams)")
+    if getattr(model, "arch_name", None) not in GENERATORS or not hasattr(model, "hparams"):
+        raise ValueError(f"{type(model).__name__} is not a registered generator; "
+                         f"model files hold one of: {', '.join(sorted(GENERATORS))}")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

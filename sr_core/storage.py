@@ -103,9 +103,10 @@ def write_bytes(url: str, data: bytes) -> None:
             raise
         return
     fs, path = get_fs(url)
-    # Object stores publish on upload completion: the object appears whole or not at all.
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    # Object stores publish an object when its upload completes: one pipe_file call
+    # uploads it whole or not at all. (Writing through fs.open would commit whatever
+    # was uploaded if an exception interrupted the write: close() still runs.)
+    fs.pipe_file(path, data)
 
 
 def list_files(url: str, suffixes: Iterable[str] | None = None) -> list[str]:

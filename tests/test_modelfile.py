@@ -286,3 +286,11 @@ def test_unknown_architecture_in_metadata_is_reported(tmp_path):
     with pytest.raises(ModelFileError, match="bad sr-cloud metadata.*unknown generator 'swinir'"):
         load_generator(path)
 
+
+
+def test_saving_a_discriminator_is_refused(tmp_path):
+    from sr_core import build_discriminator
+
+    with pytest.raises(ValueError, match="not a registered generator"):
+        save_generator(build_discriminator("vgg_style", "tiny"), str(tmp_path / "d.safetensors"))
+    assert not (tmp_path / "d.safetensors").exists()
