@@ -220,15 +220,27 @@ class _FileReader:
         fd = self._fds.get(url)
         if fd is None:
             if storage.is_local(url):
-                path = storage.local_path(url)
+                fd = os.open(storage.local_path(url), os.O_RDONLY)
             else:
                 assert self.cache is not None, "remote data needs a cache"
-                path = self.cache.local_path(url, size, sha256)
-            fd = os.open(path, os.O_RDONLY)
+                fd = self._open_cached(url, size, sha256)
             if len(self._fds) >= 32:  # keep a bounded number of files open per process
                 os.close(self._fds.pop(next(iter(self._fds))))
             self._fds[url] = fd
         return fd
+
+    def _open_cached(self, url: str, size: int | None, sha256: str | None, attempts: int = 3) -> int:
+        # Another process may evict the entry between local_path() and open() when the
+        # cache limit is below the working set; fetching it again is the cure.
+        for attempt in range(attempts):
+            path = self.cache.local_path(url, size, sha256)
+            try:
+                return os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise ValueError(f"{url}: its cached copy in {self.cache.folder} keeps being evicted before it "
+                                     "can be opened; raise data.cache_max_gb above the shards one rank reads "
+                                     "at a time") from None
 
     def read(self, url: str, offset: int = 0, length: int | None = None,
              size: int | None = None, sha256: str | None = None) -> bytes:

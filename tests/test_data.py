@@ -208,6 +208,41 @@ def test_cache_checks_checksums_and_evicts_least_recently_used(gcs_emulator, tmp
     assert not [p for p in (tmp_path / "c").iterdir() if ".part-" in p.name]
 
 
+class _EvictedBetweenLookupAndOpen(ShardCache):
+    """What another process's eviction does to this one: the entry disappears right
+    after local_path() returned it, before the reader opens it."""
+
+    evictions_left = 1
+
+    def local_path(self, url, size=None, sha256=None):
+        path = super().local_path(url, size, sha256)
+        if self.evictions_left:
+            self.evictions_left -= 1
+            os.remove(path)
+        return path
+
+
+def test_reader_fetches_again_when_its_entry_is_evicted_before_open(gcs_emulator, tmp_path):
+    import hashlib
+
+    from jobs.data import _FileReader
+
+    bucket = gcs_emulator.make_bucket("evict")
+    data = bytes(range(256)) * 8
+    gcs_emulator.fs().pipe_file(f"{bucket[5:]}/shard.tar", data)
+    cache = _EvictedBetweenLookupAndOpen(str(tmp_path / "c"))
+    reader = _FileReader(cache)
+    sha = hashlib.sha256(data).hexdigest()
+    assert reader.read(f"{bucket}/shard.tar", 10, 20, size=len(data), sha256=sha) == data[10:30]
+    assert cache.downloads == 2
+    reader.close()
+
+    always = _EvictedBetweenLookupAndOpen(str(tmp_path / "d"))
+    always.evictions_left = 10
+    with pytest.raises(ValueError, match="raise data.cache_max_gb"):
+        _FileReader(always).read(f"{bucket}/shard.tar", size=len(data), sha256=sha)
+
+
 def _fetch_all(folder: str, urls: list[str], start_at: float) -> int:
     time.sleep(max(0.0, start_at - time.time()))  # both processes start together
     cache = ShardCache(folder)
