@@ -38,6 +38,8 @@ import torch
 CUBIC_A = -0.5
 # Support of the cubic kernel (it is zero for |x| >= 2): 4 input pixels at scale 1.
 KERNEL_WIDTH = 4.0
+# Values (pixels x channels) per band of the numpy path: 1M float64 = 8 MB at a time.
+NUMPY_BAND_VALUES = 2**20
 
 
 def cubic(x: np.ndarray) -> np.ndarray:
@@ -138,18 +140,33 @@ def _imresize_numpy(x: np.ndarray, scale, size, antialiasing: bool) -> np.ndarra
         raise ValueError(f"imresize: unsupported dtype {x.dtype}; use uint8, uint16 or float")
     in_h, in_w = x.shape[:2]
     out_h, out_w, scale_h, scale_w = _plan(in_h, in_w, scale, size)
-    out = x.astype(np.float64)
-    for axis in _axis_order(scale_h, scale_w):
-        if axis == "h":
-            out = _resize_axis0_numpy(out, *trimmed_contributions(in_h, out_h, scale_h, antialiasing))
+    rows_w, rows_i = trimmed_contributions(in_h, out_h, scale_h, antialiasing)
+    cols_w, cols_i = trimmed_contributions(in_w, out_w, scale_w, antialiasing)
+    order = _axis_order(scale_h, scale_w)
+    channels = x.shape[2] if x.ndim == 3 else 1
+    out = np.empty((out_h, out_w) + x.shape[2:], dtype=np.float32 if max_value is None else x.dtype)
+    # Bands of output rows, each computed from just the input rows it needs: the float64
+    # intermediates stay at a few MB however large the image (a 4K frame x4
+    # would otherwise need several GB). Every output value is computed by the same
+    # operations in the same order as without bands.
+    band = max(1, NUMPY_BAND_VALUES // (max(out_w, in_w) * channels))
+    for r0 in range(0, out_h, band):
+        r1 = min(out_h, r0 + band)
+        band_rows = rows_i[r0:r1]
+        first, last = int(band_rows.min()), int(band_rows.max()) + 1
+        part = x[first:last].astype(np.float64)
+        for axis in order:
+            if axis == "h":
+                part = _resize_axis0_numpy(part, rows_w[r0:r1], band_rows - first)
+            else:
+                part = _resize_axis0_numpy(part.swapaxes(0, 1), cols_w, cols_i).swapaxes(0, 1)
+        if max_value is None:
+            out[r0:r1] = part
         else:
-            out = _resize_axis0_numpy(out.swapaxes(0, 1), *trimmed_contributions(in_w, out_w, scale_w, antialiasing))
-            out = out.swapaxes(0, 1)
-    if max_value is None:
-        return np.ascontiguousarray(out, dtype=np.float32)
-    # MATLAB rounds half away from zero; values are clipped non-negative first, so
-    # floor(v + 0.5) is the same thing (numpy's round is half-to-even).
-    return np.floor(np.clip(out, 0, max_value) + 0.5).astype(x.dtype)
+            # MATLAB rounds half away from zero; values are clipped non-negative first,
+            # so floor(v + 0.5) is the same thing (numpy's round is half-to-even).
+            out[r0:r1] = np.floor(np.clip(part, 0, max_value) + 0.5)
+    return out
 
 
 def _resize_axis0_numpy(x: np.ndarray, weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
