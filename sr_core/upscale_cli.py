@@ -217,7 +217,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         else:
             todo.append(job)
 
-    written = 0
+    written, interrupted = 0, False
     if todo:
         settings = {k: v for k, v in (("overlap", args.overlap), ("tiles_per_batch", args.tiles_per_batch))
                     if v is not None}
@@ -250,19 +250,24 @@ def run_upscale(args: argparse.Namespace) -> int:
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{out_pixels / elapsed / 1e6:.2f} Mpx/s out")
 
-            for job in todo:
-                try:
-                    image = codecs.read_image(job.input, max_pixels=max_pixels)
-                    result = up(image, outscale=args.outscale)
-                except Exception as exc:  # a bad input is reported, the run goes on
-                    failures.append((job.input, _reason(exc, job.input)))
-                    bar.update(1)
-                    continue
-                while len(pending) >= 2:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    collect(done)
-                pending[pool.submit(save, job, result)] = job
-                del image, result
+            try:
+                for job in todo:
+                    try:
+                        image = codecs.read_image(job.input, max_pixels=max_pixels)
+                        result = up(image, outscale=args.outscale)
+                    except Exception as exc:  # a bad input is reported, the run goes on
+                        failures.append((job.input, _reason(exc, job.input)))
+                        bar.update(1)
+                        continue
+                    while len(pending) >= 2:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        collect(done)
+                    pending[pool.submit(save, job, result)] = job
+                    del image, result
+            except KeyboardInterrupt:
+                # Ctrl-C: the outputs already handed to the writers are finished (each
+                # is written atomically), then the summary says what is left.
+                interrupted = True
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 collect(done)
@@ -271,6 +276,11 @@ def run_upscale(args: argparse.Namespace) -> int:
     print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}")
     for url, reason in failures:
         print(f"  FAILED {url}: {reason}", file=sys.stderr)
+    if interrupted:
+        left = len(todo) - bar.n
+        print(f"sr upscale: interrupted with {left} image(s) not done; run the same command again to finish "
+              "them (outputs that exist are skipped)", file=sys.stderr)
+        return 130
     return 1 if failures else 0
 
 

@@ -235,3 +235,33 @@ def test_out_that_is_a_file_is_a_one_line_error_before_any_work(photo_folder, mo
         main(["upscale", str(photo_folder), "-o", str(tmp_path / "o"), "-m", model_file, "--outscale", "x"])
     assert main(["upscale", str(photo_folder), "-o", str(tmp_path / "o"), "-m", model_file, "--outscale", "nan"]) == 2
     assert "--outscale" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_finishes_what_was_written_and_a_rerun_does_the_rest(tmp_path):
+    import signal
+    import time
+
+    torch.manual_seed(0)
+    model = str(tmp_path / "small_x4.safetensors")
+    save_generator(build_generator("rrdbnet", "small", scale=4), model)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(24):
+        small_photo("coffee.png", (96, 64)).save(src / f"img{i:02d}.png")
+    sr = [sys.executable, "-m", "sr_core.main", "upscale", str(src), "-o", str(out), "--model", model]
+    proc = subprocess.Popen(sr, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out.exists() and any(out.iterdir())) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    done = sorted(p.name for p in out.iterdir())
+    assert 0 < len(done) < 24 and all(name.endswith("_sr.png") for name in done)  # no temp files
+    for name in done:  # every output left behind is whole
+        assert codecs.read_image(str(out / name)).shape == (256, 384, 3)
+    assert f"{24 - len(done)} image(s) not done" in stderr and "run the same command again" in stderr
+
+    rerun = subprocess.run(sr, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"written {24 - len(done)}, skipped {len(done)}" in rerun.stdout
