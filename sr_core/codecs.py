@@ -4,25 +4,31 @@ Array convention, used by the Upscaler and everything that calls it:
 
 - ``(H, W)``      grayscale, uint8 (mode L) or uint16 (mode I;16)
 - ``(H, W, 2)``   grayscale + alpha, uint8 (LA)
-- ``(H, W, 3)``   RGB, uint8
-- ``(H, W, 4)``   RGBA, uint8
+- ``(H, W, 3)``   RGB, uint8 or uint16
+- ``(H, W, 4)``   RGBA, uint8 or uint16
 
 Decoding reads PNG, JPEG (and camera MPO JPEGs), WebP, TIFF and BMP in modes 1, L, LA,
 RGB, RGBA, P (palette, with or without transparency), CMYK, YCbCr, I;16 (any byte
-order) and I, and applies the EXIF orientation. Pillow decodes 16-bit *colour* PNG/TIFF
-to 8 bits per channel (it has no 16-bit RGB mode); 16-bit grayscale stays 16-bit. A PNG
-colour marked transparent (tRNS) becomes an alpha channel (16-bit gray with it: 8-bit LA,
-like 16-bit LA/RGBA PNGs). Animated PNG/WebP are refused rather than cut to one frame.
+order) and I, and applies the EXIF orientation. Pillow parses every header (format
+check, size for the bomb guard, EXIF) and decodes the pixels, except for 16-bit
+*colour*, which Pillow would cut to 8 bits (it has no 16-bit RGB mode): 16-bit RGB/RGBA
+PNG and 16-bit RGB/RGBA TIFF are decoded by OpenCV into uint16 arrays (a 16-bit TIFF
+with separate colour planes is refused: Pillow and OpenCV both scramble it).
+A PNG colour marked transparent (tRNS) becomes an alpha channel: exactly, in 16 bits,
+for 16-bit RGB; 16-bit gray with one comes out as 8-bit LA, like 16-bit LA PNGs (there
+is no 16-bit gray + alpha in the convention). Animated PNG/WebP are refused rather than
+cut to one frame.
 
-Encoding writes PNG (8-bit, or 16-bit grayscale), JPEG and WebP. JPEG has no alpha, so
-transparent images are composited over white; JPEG and WebP have no 16-bit, so 16-bit
-images are rounded to 8 bits for them.
+Encoding writes PNG (8-bit, 16-bit grayscale, 16-bit RGB/RGBA), JPEG and WebP. JPEG has
+no alpha, so transparent images are composited over white; JPEG and WebP have no 16-bit,
+so 16-bit images are rounded to 8 bits for them.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,11 +117,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
             f"{name}: animated {img.format} with {frames} frames; only still images are supported "
             "(extract the frames, e.g. with ffmpeg, and upscale those)"
         )
-    if img.format == "PNG" and img.mode == "RGB" and "transparency" in img.info and data[24:25] == b"\x10":
-        # Pillow reads 16-bit RGB as 8 bits, so the 16-bit transparent colour (tRNS) can
-        # no longer be matched exactly: refuse rather than make it opaque or fuzzy.
-        raise ImageDecodeError(f"{name}: 16-bit RGB PNG with a transparent colour (tRNS), which cannot be "
-                               "decoded exactly; convert it to RGBA (or 8 bits) first")
+    alpha_kind = _sixteen_bit_colour_alpha(img, data, name)
+    if alpha_kind is not None:
+        return _decode_16_bit_colour(data, img, alpha_kind, name)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -127,8 +131,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
 def _to_array(img: Image.Image, name: str) -> np.ndarray:
     mode = img.mode
     if "transparency" in img.info and (mode.startswith("I;16") or mode == "I"):
-        # One 16-bit gray level marked transparent (PNG tRNS). 16-bit with alpha comes
-        # out as 8 bits with alpha, as Pillow decodes 16-bit LA/RGBA PNGs.
+        # One 16-bit gray level marked transparent (PNG tRNS). The convention has no
+        # 16-bit gray + alpha: it comes out as 8-bit LA, as Pillow decodes 16-bit LA PNGs.
         values = np.asarray(img)
         alpha = np.where(values == img.info["transparency"], 0, 255).astype(np.uint8)
         gray = _to_8bit(np.clip(values, 0, 65535).astype(np.uint16))
@@ -158,6 +162,189 @@ def _to_array(img: Image.Image, name: str) -> np.ndarray:
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         raise ImageDecodeError(f"{name}: unsupported image mode {mode!r}")
     return np.asarray(img)
+
+
+# ---------------------------------------------------------------- 16-bit colour (OpenCV)
+
+# What the fourth channel of a 16-bit colour image is (see _sixteen_bit_colour_alpha).
+_NO_ALPHA, _ALPHA, _PREMULTIPLIED_ALPHA, _UNUSED_EXTRA, _COLOUR_KEY = (
+    "none", "alpha", "premultiplied", "unused", "colour key")
+# OpenCV refuses to decode more pixels than this (its CV_IO_MAX_IMAGE_PIXELS default).
+_OPENCV_MAX_PIXELS = 1 << 30
+
+_ORIENTATION_TAG = 0x0112
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _sixteen_bit_colour_alpha(img: Image.Image, data: bytes, name: str) -> str | None:
+    """For a 16-bit RGB(A) image that OpenCV should decode, what its 4th channel is;
+    None for everything Pillow decodes (without decoding a pixel: headers only)."""
+    if img.format == "PNG":
+        # IHDR is the first chunk (Pillow checked): bit depth at byte 24, colour type at 25.
+        if data[24] != 16 or data[25] not in (2, 6):
+            return None
+        if data[25] == 6:
+            return _ALPHA
+        return _COLOUR_KEY if "transparency" in img.info else _NO_ALPHA
+    if img.format != "TIFF":
+        return None
+    tags = img.tag_v2
+    samples = tags.get(277, 1)
+    bits = _as_tuple(tags.get(258, (1,)))
+    if (samples not in (3, 4) or any(b != 16 for b in bits) or tags.get(262) != 2  # RGB photometric
+            or any(f != 1 for f in _as_tuple(tags.get(339, (1,))))):  # unsigned integers
+        return None
+    if tags.get(284, 1) != 1:
+        # Both Pillow and OpenCV scramble 16-bit colour stored as separate planes.
+        raise ImageDecodeError(f"{name}: 16-bit colour TIFF with separate colour planes (PlanarConfiguration 2) "
+                               "is not supported; save it with interleaved (contiguous) samples")
+    if samples == 3:
+        return _NO_ALPHA
+    extra = _as_tuple(tags.get(338, (0,)))[0]
+    return {1: _PREMULTIPLIED_ALPHA, 2: _ALPHA}.get(extra, _UNUSED_EXTRA)
+
+
+def _decode_16_bit_colour(data: bytes, img: Image.Image, alpha_kind: str, name: str) -> np.ndarray:
+    import cv2  # only 16-bit colour needs OpenCV: other images never pay for the import
+
+    # The stored size: Pillow reports a TIFF's size already turned by its orientation.
+    width, height = (img.tag_v2[256], img.tag_v2[257]) if img.format == "TIFF" else img.size
+    if width * height > _OPENCV_MAX_PIXELS:
+        raise ImageDecodeError(f"{name}: {width}x{height} 16-bit colour image is above OpenCV's decoding limit "
+                               f"of {_OPENCV_MAX_PIXELS:,} pixels; split it into parts first")
+    if img.format == "PNG":
+        orientation = _png_orientation(img, data)
+    else:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)  # TIFF: reads the IFD, no pixels
+        # OpenCV 5 applies a TIFF's orientation itself even with IMREAD_UNCHANGED (older
+        # versions do not): neutralize the tag so that the orientation is applied once,
+        # here, the same way for every format and OpenCV version.
+        data = _tiff_with_orientation_1(data)
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        pixels = None
+    if (pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[:2] != (height, width)
+            or pixels.shape[2] < (4 if alpha_kind in (_ALPHA, _PREMULTIPLIED_ALPHA) else 3)):
+        raise ImageDecodeError(f"{name}: truncated or corrupt 16-bit colour {img.format} data "
+                               "(the image data could not be decoded)")
+    if alpha_kind in (_ALPHA, _PREMULTIPLIED_ALPHA):
+        image = cv2.cvtColor(pixels[..., :4], cv2.COLOR_BGRA2RGBA)
+        if alpha_kind == _PREMULTIPLIED_ALPHA:
+            image = _unpremultiply(image)
+    else:
+        # A PNG colour key may come back from OpenCV as a 4th channel or not, by version:
+        # the alpha is computed below from the key itself either way.
+        image = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_BGR2RGB)
+        if alpha_kind == _COLOUR_KEY:
+            key = np.array(img.info["transparency"], dtype=np.uint16)
+            alpha = np.where((image == key).all(axis=2), 0, 65535).astype(np.uint16)
+            image = np.dstack([image, alpha])
+    return np.ascontiguousarray(_apply_orientation(image, orientation))
+
+
+def _unpremultiply(rgba: np.ndarray) -> np.ndarray:
+    """Straight alpha from premultiplied (TIFF "associated alpha"), rounded; fully
+    transparent pixels get colour 0, as their colour is lost."""
+    alpha = rgba[..., 3:].astype(np.float64)
+    colour = rgba[..., :3] * 65535.0 / np.maximum(alpha, 1.0)
+    colour = np.where(alpha > 0, np.clip(np.rint(colour), 0, 65535), 0)
+    return np.dstack([colour.astype(np.uint16), rgba[..., 3]])
+
+
+def _png_orientation(img: Image.Image, data: bytes) -> int:
+    """The EXIF orientation of a PNG, without decoding its pixels. Pillow's PNG
+    ``getexif`` decodes the whole image to reach an eXIf chunk after the image data, so
+    that chunk is found by walking the chunk list instead."""
+    if "exif" not in img.info:
+        exif = _png_chunk(data, b"eXIf")
+        if exif is not None:
+            img.info["exif"] = b"Exif\x00\x00" + exif  # as Pillow stores it
+    # The base class reads EXIF (and XMP orientation) from what Pillow has parsed.
+    return Image.Image.getexif(img).get(_ORIENTATION_TAG, 1)
+
+
+def _png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    """The body of the first PNG chunk of a kind, or None (a damaged chunk list ends
+    the search; the decoder reports the damage)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, chunk_kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if chunk_kind == kind:
+            return data[pos + 8:pos + 8 + length]
+        if chunk_kind == b"IEND":
+            return None
+        pos += 12 + length
+    return None
+
+
+def _tiff_with_orientation_1(data: bytes) -> bytes:
+    """The TIFF bytes with the first image's Orientation tag set to 1 (top-left); the
+    bytes themselves if it has none or the directory cannot be read (then the decoder
+    reports the damage)."""
+    endian = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if endian is None or len(data) < 16:
+        return data
+    version = struct.unpack(endian + "H", data[2:4])[0]
+    if version == 42:  # classic TIFF: 2-byte entry count, 12-byte entries, 4-byte values
+        ifd = struct.unpack(endian + "I", data[4:8])[0]
+        count_format, entry_size, value_offset = "H", 12, 8
+    elif version == 43:  # BigTIFF: 8-byte entry count, 20-byte entries, 8-byte values
+        ifd = struct.unpack(endian + "Q", data[8:16])[0]
+        count_format, entry_size, value_offset = "Q", 20, 12
+    else:
+        return data
+    count_size = struct.calcsize(count_format)
+    if ifd + count_size > len(data):
+        return data
+    entries = struct.unpack(endian + count_format, data[ifd:ifd + count_size])[0]
+    for index in range(entries):
+        entry = ifd + count_size + index * entry_size
+        if entry + entry_size > len(data):
+            return data
+        tag, kind = struct.unpack(endian + "HH", data[entry:entry + 4])
+        if tag == _ORIENTATION_TAG:
+            value_format = {3: "H", 4: "I"}.get(kind)  # SHORT as the spec says; LONG seen too
+            if value_format is None:
+                return data
+            patched = bytearray(data)
+            struct.pack_into(endian + value_format, patched, entry + value_offset, 1)
+            return bytes(patched)
+    return data
+
+
+def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an (H, W, C) array stored with an EXIF orientation upright (the transforms
+    of Pillow's ``exif_transpose``; other values are left alone like Pillow does)."""
+    if orientation == 2:
+        return image[:, ::-1]
+    if orientation == 3:
+        return image[::-1, ::-1]
+    if orientation == 4:
+        return image[::-1]
+    if orientation == 5:
+        return image.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(image, -1)
+    if orientation == 7:
+        return image[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(image, 1)
+    return image
+
+
+def _encode_png_16_bit_colour(image: np.ndarray, compress_level: int) -> bytes:
+    import cv2
+
+    conversion = cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+    bgr = cv2.cvtColor(np.ascontiguousarray(image), conversion)
+    ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {image.shape} uint16 image as PNG")
+    return encoded.tobytes()
 
 
 def read_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -246,7 +433,8 @@ def to_pil(image: np.ndarray) -> Image.Image:
     """An array in our convention as a Pillow image (uint16 (H, W) becomes I;16)."""
     image = _normalize_shape(image)
     if image.dtype == np.uint16 and image.ndim != 2:
-        raise ValueError("16-bit images must be grayscale (H, W): Pillow has no 16-bit colour modes")
+        raise ValueError("16-bit images must be grayscale (H, W) for Pillow (it has no 16-bit colour modes); "
+                         "encode_image writes 16-bit colour PNG")
     return Image.fromarray(np.ascontiguousarray(image))
 
 
@@ -263,12 +451,17 @@ def _normalize_shape(image: np.ndarray) -> np.ndarray:
 
 
 def encode_image(image: np.ndarray, options: EncodeOptions = EncodeOptions()) -> bytes:
-    """Encode an array (module-docstring convention) to PNG, JPEG or WebP bytes."""
+    """Encode an array (module-docstring convention) to PNG, JPEG or WebP bytes.
+
+    uint16 colour is written as 16-bit PNG; JPEG and WebP round it to 8 bits."""
     image = _normalize_shape(image)
     buf = io.BytesIO()
     if options.format == "png":
-        if image.dtype == np.uint16 and image.ndim != 2:
-            raise ValueError("16-bit PNG output is supported for grayscale (H, W) images only")
+        if image.dtype == np.uint16 and image.ndim == 3:
+            if image.shape[2] == 2:
+                raise ValueError("16-bit gray + alpha (H, W, 2) cannot be written as PNG; write it as 16-bit "
+                                 "RGBA (repeat the gray channel) or round it to 8 bits")
+            return _encode_png_16_bit_colour(image, options.png_compress_level)
         to_pil(image).save(buf, "PNG", compress_level=options.png_compress_level)
     elif options.format == "jpeg":
         image = _to_8bit(image)

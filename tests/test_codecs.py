@@ -1,5 +1,5 @@
-"""Image codecs: every mode and bit depth round-trips (size, mode, depth, alpha), EXIF
-orientation is applied, the bomb guard and every kind of bad input give clear errors
+"""Image codecs: every mode and bit depth round-trips (size, mode, depth, alpha; 16-bit
+colour stays 16-bit), EXIF orientation is applied, the bomb guard and every kind of bad input give clear errors
 naming the input, and encoding options do what they say."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from sr_core import codecs
@@ -273,8 +274,8 @@ def test_png_compression_level_is_configurable_and_fast_by_default():
 def test_encode_rejects_what_it_cannot_write():
     with pytest.raises(ValueError, match="format"):
         EncodeOptions("gif")
-    with pytest.raises(ValueError, match="16-bit"):
-        encode_image(np.zeros((4, 4, 3), np.uint16))
+    with pytest.raises(ValueError, match="16-bit gray \\+ alpha"):
+        encode_image(np.zeros((4, 4, 2), np.uint16))
     with pytest.raises(ValueError, match="uint8 or uint16"):
         encode_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="jpeg_quality"):
@@ -338,18 +339,197 @@ def test_animations_are_refused_not_cut_to_one_frame(fmt, params):
     assert decode_image(still, "still.x").shape == (23, 37, 3)
 
 
-def test_16_bit_rgb_with_a_transparent_colour_is_refused_not_made_opaque():
-    """Pillow reads 16-bit RGB as 8 bits, so a 16-bit colour key can no longer be
-    matched exactly: rather than silently dropping the transparency, say so."""
+# ---------------------------------------------------------------- 16-bit colour
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    pixels = np.zeros((3, 4, 3), ">u2")
-    pixels[0, 0] = (1000, 2000, 3000)
-    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(3))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 16, 2, 0, 0, 0))
-           + chunk(b"tRNS", struct.pack(">HHH", 1000, 2000, 3000)) + chunk(b"IDAT", zlib.compress(rows))
-           + chunk(b"IEND", b""))
-    with pytest.raises(ImageDecodeError, match=r"^key\.png: 16-bit RGB PNG with a transparent colour.*RGBA"):
-        decode_image(png, "key.png")
+def colour16(channels: int, size=(37, 23)) -> np.ndarray:
+    """A 16-bit photo using the full 0..65535 range with low bits that 8-bit data
+    cannot have (not multiples of 257), plus a varying alpha for 4 channels."""
+    rgb = np.asarray(photo("RGB", size)).astype(np.uint32) * 257
+    rgb = ((rgb + np.arange(size[0])[None, :, None] * 97 + np.arange(3) * 31) % 65536).astype(np.uint16)
+    rgb[0, 0], rgb[0, 1] = 0, 65535  # both ends of the range
+    if channels == 3:
+        return rgb
+    alpha = np.linspace(0, 65535, size[0] * size[1]).reshape(size[1], size[0]).astype(np.uint16)
+    return np.dstack([rgb, alpha])
+
+
+def round_to_8(values: np.ndarray) -> np.ndarray:
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png16(pixels: np.ndarray, extra_chunks: bytes = b"", trailing_chunks: bytes = b"") -> bytes:
+    """A 16-bit RGB(A) PNG built by hand (independent of the encoder under test);
+    ``extra_chunks`` go before the image data, ``trailing_chunks`` after it."""
+    height, width, channels = pixels.shape
+    colour_type = {3: 2, 4: 6}[channels]
+    big_endian = pixels.astype(">u2")
+    rows = b"".join(b"\x00" + big_endian[y].tobytes() for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+            + extra_chunks + png_chunk(b"IDAT", zlib.compress(rows)) + trailing_chunks + png_chunk(b"IEND", b""))
+
+
+def tiff_bytes(pixels: np.ndarray, **params) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pixels, photometric="rgb", **params)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16_bit_colour_png_decodes_and_round_trips_exactly(channels):
+    values = colour16(channels)
+    assert (values % 257 != 0).mean() > 0.9
+    decoded = decode_image(png16(values), "x.png")
+    assert decoded.dtype == np.uint16 and decoded.shape == values.shape
+    np.testing.assert_array_equal(decoded, values)
+    encoded = encode_image(values, EncodeOptions("png"))
+    # A real 16-bit PNG: IHDR bit depth 16, colour type RGB (2) or RGBA (6).
+    assert encoded[24] == 16 and encoded[25] == {3: 2, 4: 6}[channels]
+    back = decode_image(encoded, "y.png")
+    assert back.dtype == np.uint16
+    np.testing.assert_array_equal(back, values)
+    # Pillow, an independent decoder, sees the same picture in 8 bits (its high bytes).
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded))), (values >> 8).astype(np.uint8))
+
+
+def test_16_bit_colour_png_compression_level_is_used():
+    values = colour16(3, size=(120, 90))
+    fast = encode_image(values, EncodeOptions("png", png_compress_level=0))
+    small = encode_image(values, EncodeOptions("png", png_compress_level=9))
+    assert len(small) < len(fast)
+    np.testing.assert_array_equal(decode_image(small, "x"), decode_image(fast, "x"))
+
+
+@pytest.mark.parametrize("params", [{}, {"compression": "zlib", "predictor": True}, {"tile": (16, 16)},
+                                    {"byteorder": ">"}])
+def test_16_bit_rgb_tiff_decodes_exactly(params):
+    values = colour16(3, size=(40, 32))
+    decoded = decode_image(tiff_bytes(values, **params), "x.tif")
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, values)
+
+
+def test_16_bit_rgba_tiff_straight_premultiplied_and_unused_extra_sample():
+    values = colour16(4, size=(40, 32))
+    straight = decode_image(tiff_bytes(values, extrasamples=[2]), "x.tif")  # unassociated alpha
+    np.testing.assert_array_equal(straight, values)
+    # Associated (premultiplied) alpha comes out straight, to within rounding.
+    alpha = values[..., 3:].astype(np.float64)
+    premultiplied = np.dstack([np.rint(values[..., :3] * alpha / 65535).astype(np.uint16), values[..., 3]])
+    unpremultiplied = decode_image(tiff_bytes(premultiplied, extrasamples=[1]), "x.tif")
+    assert unpremultiplied.dtype == np.uint16 and unpremultiplied.shape == values.shape
+    np.testing.assert_array_equal(unpremultiplied[..., 3], values[..., 3])
+    visible = values[..., 3] >= 4096  # fainter pixels keep too few colour bits to compare
+    error = np.abs(unpremultiplied[..., :3].astype(int) - values[..., :3])[visible]
+    assert error.max() <= 65535 / 4096
+    assert (unpremultiplied[..., :3][values[..., 3] == 0] == 0).all()
+    # An extra sample that is not alpha is dropped, as Pillow does (mode RGB).
+    unused = decode_image(tiff_bytes(values, extrasamples=[0]), "x.tif")
+    np.testing.assert_array_equal(unused, values[..., :3])
+
+
+def test_16_bit_tiffs_opencv_cannot_read():
+    """Separate colour planes (which Pillow and OpenCV both scramble) are refused with
+    the fix; 16-bit CMYK stays on Pillow (converted to 8-bit RGB as before)."""
+    values = colour16(3, size=(40, 32))
+    planar = tiff_bytes(np.moveaxis(values, -1, 0).copy(), planarconfig="separate")
+    with pytest.raises(ImageDecodeError, match=r"^p\.tif: 16-bit colour TIFF with separate colour planes.*interleaved"):
+        decode_image(planar, "p.tif")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, colour16(4, size=(40, 32)), photometric="separated")
+    cmyk = decode_image(buf.getvalue(), "cmyk.tif")
+    assert cmyk.shape == (32, 40, 3) and cmyk.dtype == np.uint8
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_on_16_bit_colour_matches_the_8_bit_path(orientation):
+    """All 8 orientations, PNG (eXIf before and after the image data) and TIFF: the
+    16-bit result rounded to 8 bits equals Pillow's own decoding of the 8-bit image."""
+    values = colour16(3)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    expected = decode_image(pillow_bytes(Image.fromarray(round_to_8(values)), "PNG", exif=exif), "x8.png")
+    if orientation in (5, 6, 7, 8):
+        assert expected.shape == (37, 23, 3)  # the reference did turn
+    exif_chunk = png_chunk(b"eXIf", exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif") else exif.tobytes())
+    candidates = {
+        "eXIf first": png16(values, extra_chunks=exif_chunk),
+        "eXIf last": png16(values, trailing_chunks=exif_chunk),
+        "tiff": tiff_bytes(values, extratags=[(0x0112, "H", 1, orientation, True)]),
+    }
+    for where, data in candidates.items():
+        decoded = decode_image(data, "x16")
+        assert decoded.dtype == np.uint16, where
+        np.testing.assert_array_equal(round_to_8(decoded), expected, err_msg=where)
+
+
+def test_16_bit_colour_bomb_guard_runs_before_decoding():
+    data = bytearray(png16(colour16(3)))
+    data[16:24] = struct.pack(">II", 30000, 30000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with pytest.raises(ImageTooLargeError, match=r"^bomb16\.png: 30000x30000 = 900,000,000 pixels exceeds the limit"):
+        decode_image(bytes(data), "bomb16.png")
+    big_tiff = tiff_bytes(colour16(3, size=(40, 32)))
+    with pytest.raises(ImageTooLargeError, match="limit of 1,000"):
+        decode_image(big_tiff, "big.tif", max_pixels=1000)
+
+
+@pytest.mark.parametrize("fmt", ["png", "tif"])
+def test_truncated_or_corrupt_16_bit_colour_is_named_and_explained(fmt):
+    values = colour16(3, size=(120, 90))
+    data = png16(values) if fmt == "png" else tiff_bytes(values, compression="zlib")
+    for cut in (len(data) // 2, len(data) - 20):
+        with pytest.raises(ImageDecodeError, match=rf"^cut\.{fmt}: truncated or corrupt 16-bit colour"):
+            decode_image(data[:cut], f"cut.{fmt}")
+    if fmt == "png":
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF  # inside the image data: its CRC no longer matches
+        with pytest.raises(ImageDecodeError, match=r"^bad\.png: truncated or corrupt 16-bit colour PNG"):
+            decode_image(bytes(flipped), "bad.png")
+
+
+def test_16_bit_rgb_png_with_a_transparent_colour_gets_an_exact_alpha():
+    """tRNS on 16-bit RGB marks one exact 16-bit colour transparent: a colour that
+    differs from it in the low byte only stays opaque."""
+    values = colour16(3)
+    key = values[5, 7].copy()
+    values[6, 8] = key
+    values[7, 9] = key ^ np.array([1, 0, 0], np.uint16)  # same 8-bit colour, other 16-bit one
+    trns = png_chunk(b"tRNS", struct.pack(">HHH", *(int(v) for v in key)))
+    decoded = decode_image(png16(values, extra_chunks=trns), "key.png")
+    assert decoded.dtype == np.uint16 and decoded.shape == (23, 37, 4)
+    np.testing.assert_array_equal(decoded[..., :3], values)
+    np.testing.assert_array_equal(decoded[..., 3], np.where((values == key).all(axis=2), 0, 65535))
+    assert decoded[5, 7, 3] == 0 and decoded[6, 8, 3] == 0 and decoded[7, 9, 3] == 65535
+
+
+def test_16_bit_colour_to_jpeg_and_webp_rounds_to_8_bits():
+    values = colour16(3, size=(48, 32))
+    webp = decode_image(encode_image(values, EncodeOptions("webp", webp_lossless=True)), "x.webp")
+    assert webp.dtype == np.uint8
+    np.testing.assert_array_equal(webp, round_to_8(values))
+    jpeg = decode_image(encode_image(colour16(4, size=(48, 32)), EncodeOptions("jpeg")), "x.jpg")
+    assert jpeg.dtype == np.uint8 and jpeg.shape == (32, 48, 3)
+
+
+def test_upscaler_keeps_16_bit_colour():
+    """The Upscaler takes uint16 (H, W, 3|4) and gives uint16 back, with alpha kept."""
+    import torch
+
+    from sr_core import build_generator
+    from sr_core.upscaler import Upscaler
+
+    torch.manual_seed(0)
+    # Bicubic alpha, so that the alpha check does not depend on an untrained network.
+    upscaler = Upscaler(build_generator("rrdbnet", "tiny", scale=2), device="cpu", alpha="bicubic")
+    for channels in (3, 4):
+        values = colour16(channels, size=(20, 14))
+        out = upscaler(values)
+        assert out.dtype == np.uint16 and out.shape == (28, 40, channels)
+        assert (out % 257 != 0).mean() > 0.5  # real 16-bit output, not 8-bit scaled up
+        if channels == 4:
+            assert np.abs(out[::2, ::2, 3].astype(int) - values[..., 3]).max() < 2048

@@ -265,3 +265,31 @@ def test_ctrl_c_finishes_what_was_written_and_a_rerun_does_the_rest(tmp_path):
     rerun = subprocess.run(sr, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"written {24 - len(done)}, skipped {len(done)}" in rerun.stdout
+
+
+def test_16_bit_colour_in_gives_16_bit_colour_out(model_file, tmp_path, capsys):
+    """A 16-bit RGB PNG and a 16-bit RGBA TIFF come out as 16-bit RGB(A) PNGs with real
+    16-bit values (not 8-bit values scaled by 257)."""
+    import cv2
+    import tifffile
+
+    root = tmp_path / "in16"
+    root.mkdir()
+    rgb = np.asarray(small_photo("astronaut.png", (30, 22))).astype(np.uint16) * 257
+    rgb = rgb + (np.arange(30, dtype=np.uint16)[None, :, None] * 7)  # low bits 8-bit data cannot have
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    assert ok
+    (root / "astronaut16.png").write_bytes(png.tobytes())
+    alpha = np.linspace(0, 65535, 22 * 30).reshape(22, 30).astype(np.uint16)
+    tifffile.imwrite(root / "astronaut16a.tif", np.dstack([rgb, alpha]), photometric="rgb", extrasamples=[2])
+    out = tmp_path / "out16"
+    code = main(["upscale", str(root), "-o", str(out), "-m", model_file])
+    assert code == 0
+    assert "written 2, skipped 0 (output exists), failed 0" in capsys.readouterr().out
+    for name, channels, colour_type in (("astronaut16_sr.png", 3, 2), ("astronaut16a_sr.png", 4, 6)):
+        data = (out / name).read_bytes()
+        assert data[24] == 16 and data[25] == colour_type, name  # PNG IHDR: 16-bit RGB / RGBA
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert image.dtype == np.uint16 and image.shape == (44, 60, channels), name
+        assert (image % 257 != 0).mean() > 0.5, name
+        assert np.array_equal(codecs.read_image(str(out / name))[..., :3], image[..., 2::-1]), name
