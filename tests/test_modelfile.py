@@ -185,12 +185,16 @@ def test_state_dict_of_something_else_is_named_unrecognized(tmp_path):
         load_generator(str(path))
 
 
-def test_tampered_metadata_is_reported(tmp_path):
-    model = tiny()
-    path = str(tmp_path / "bad-meta.safetensors")
-    meta = {"format": "sr-cloud", "format_version": "1", "arch": "rrdbnet",
-            "hparams": json.dumps({**model.hparams, "num_feat": 9}), "scale": "4"}
+def save_with_claimed_hparams(path, model, **claimed):
+    """Our file format, but with metadata claiming other hyperparameters than the tensors have."""
+    meta = {"format": "sr-cloud", "format_version": "1", "arch": model.arch_name,
+            "hparams": json.dumps({**model.hparams, **claimed}), "scale": str(model.scale)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)
+
+
+def test_tampered_metadata_is_reported(tmp_path):
+    path = str(tmp_path / "bad-meta.safetensors")
+    save_with_claimed_hparams(path, tiny(), num_feat=9)
     with pytest.raises(ModelFileError, match="do not fit"):
         load_generator(path)
 
@@ -267,12 +271,9 @@ def test_sr_entry_point_runs_as_a_real_command(tmp_path):
 def test_metadata_claiming_a_huge_model_is_refused_before_allocating_it(tmp_path):
     import resource
 
-    model = tiny()
     path = str(tmp_path / "claims-huge.safetensors")
     # 1M features would be terabytes of weights if built for real.
-    meta = {"format": "sr-cloud", "format_version": "1", "arch": "rrdbnet",
-            "hparams": json.dumps({**model.hparams, "num_feat": 1_000_000}), "scale": "4"}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata=meta)
+    save_with_claimed_hparams(path, tiny(), num_feat=1_000_000)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ModelFileError, match="do not fit rrdbnet"):
         load_generator(path)
