@@ -484,6 +484,7 @@ class ValidationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         from jobs.imageio import decode_rgb
+        from sr_core.evaluate import mod_crop
         from sr_core.resize import imresize
 
         url = self.files[index]
@@ -499,7 +500,7 @@ class ValidationDataset(Dataset):
             if min(h, w) < self.scale:
                 raise ValueError(f"{url}: {w}x{h} is smaller than the scale {self.scale}; remove it from "
                                  "the validation folder")
-            hr = hr[: h - h % self.scale, : w - w % self.scale]
+            hr = mod_crop(hr, self.scale)
         lr = imresize(hr, scale=1 / self.scale)
         return {"name": storage.relative_key(self.folder, url), "lr": _to_float(lr), "gt": _to_float(hr)}
 

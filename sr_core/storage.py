@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
-import uuid
 from typing import Iterable
 
-import fsspec
 from fsspec.core import url_to_fs
 
 # gcsfs 2026.x probes each bucket over gRPC for hierarchical-namespace support unless
@@ -159,16 +157,7 @@ def safe_key(rel: str) -> str:
     return rel
 
 
-def open_file(url: str, mode: str = "rb"):
-    fs, path = get_fs(url)
-    return fs.open(path, mode)
-
-
-def unique_suffix() -> str:
-    return uuid.uuid4().hex[:8]
-
-
 __all__ = [
-    "fsspec", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
-    "write_bytes", "list_files", "relative_key", "safe_key", "open_file",
+    "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
+    "write_bytes", "list_files", "relative_key", "safe_key",
 ]
