@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import posixpath
 import sys
 import time
@@ -125,17 +124,6 @@ def _is_below(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip("/") + "/")
 
 
-def _link_out_of(root: str, url: str) -> str | None:
-    """Where a local file found below ``root`` really is, if that is outside ``root``."""
-    from sr_core import storage
-
-    if not storage.is_local(url):
-        return None
-    target = os.path.realpath(storage.local_path(url))
-    real_root = os.path.realpath(storage.local_path(root))
-    return None if _is_below(target, real_root) else target
-
-
 def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Plan:
     """Map every input file to its output URL; inputs that cannot be found, and outputs
     that would collide or replace an input, become failures."""
@@ -158,7 +146,7 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
             # must not upscale its own outputs).
             if _is_below(out_path, storage.get_fs(root)[1]) and _is_below(path, out_path):
                 continue
-        if listed and (target := _link_out_of(root, url)):
+        if listed and (target := storage.link_out_of(root, url)):
             plan.failures.append((url, f"a symbolic link to {target}, outside the folder {root}; not followed "
                                        "(name the file as an INPUT, or copy it into the folder)"))
             continue
