@@ -223,8 +223,10 @@ def _write_figures(report, out: str, count: int) -> None:
         for method in report.methods:
             summary = evaluate.summarize(result, method.name)
             rows.append((method.name, method.kind, summary.psnr, summary.ssim))
-        chart = eval_figures.bar_chart(f"{name}: means over {len(result.images)} image(s)",
-                                       eval_report.protocol(report), rows)
+        n = len(result.images)
+        chart = eval_figures.bar_chart(f"{name}: means over {n} image{'s' if n != 1 else ''}",
+                                       f"x{report.scale}, {report.channel} channel, {report.crop_border} border "
+                                       "pixels cropped", rows)
         file = f"figures/{slug}-bars.png"
         storage.write_bytes(storage.join(out, file), eval_figures.png_bytes(chart))
         figures.append((file, f"{name}: mean PSNR and SSIM per method"))

@@ -27,7 +27,7 @@ from torch import nn
 from sr_core import build_generator, metrics, save_generator
 from sr_core.codecs import read_image, write_image
 from sr_core.eval_figures import PANEL, bar_chart_size, grid_size, panel_origin
-from sr_core.evaluate import baseline, evaluate_set, list_set, mod_crop, model_methods, summarize
+from sr_core.evaluate import baseline, evaluate_set, list_set, mod_crop, model_methods, run_methods, summarize
 from sr_core.main import main as sr_main
 from sr_core.resize import imresize
 
@@ -176,6 +176,11 @@ def test_a_model_that_is_bicubic_scores_exactly_the_bicubic_row(photos):
         for image in result.images:
             assert image.scores["bicubic model"] == image.scores["bicubic"]
         assert summarize(result, "bicubic model") == summarize(result, "bicubic")
+    # Figures of images not kept in memory upscale them again, to the same pixels.
+    assert evaluate_set(image_set, methods[:1], 4, keep_bytes=0).kept == {}
+    hr, outputs = run_methods(image_set.items[0], methods, 4)
+    kept_hr, kept = result.kept[image_set.items[0].name]
+    assert np.array_equal(hr, kept_hr) and all(np.array_equal(outputs[k], kept[k]) for k in kept)
 
 
 @pytest.mark.parametrize("name", ["chelsea.png", "camera.png"])
@@ -291,6 +296,17 @@ def test_missing_empty_and_unreadable_inputs_are_reported_and_the_rest_scored(ph
     assert "no such folder" in errors["missing"] and "no images" in errors["empty"]
     err = capsys.readouterr().err
     assert "FAILED photos/broken.png" in err and "Traceback" not in err
+
+
+def test_a_text_file_listing_images_is_a_set(photos, tmp_path):
+    listing = tmp_path / "Mine.txt"
+    listing.write_text(f"# two photographs\nphotos/chelsea.png\n\n{photos / 'camera.png'}\nphotos/nothing.png\n")
+    out = tmp_path / "r.json"
+    assert sr_main(["eval", str(listing), "--bicubic", "4", "--json", str(out)]) == 1
+    got = strict_json(out)["sets"][0]
+    assert got["name"] == "Mine"
+    assert [i["name"] for i in got["images"]] == ["photos/chelsea.png", str(photos / "camera.png")]
+    assert got["failures"][0]["name"] == "photos/nothing.png" and "no such" in got["failures"][0]["reason"]
 
 
 def test_models_of_different_scales_need_a_common_scale(photos, tmp_path, capsys):
