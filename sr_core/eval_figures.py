@@ -82,18 +82,22 @@ def choose_crop(outputs: list[np.ndarray], side: int) -> tuple[int, int]:
     return int(ys[iy]), int(xs[ix])
 
 
+def grid_shape(num_panels: int) -> tuple[int, int]:
+    """(rows, columns) of a crop grid: at most MAX_COLUMNS wide, rows filled evenly."""
+    rows = math.ceil(num_panels / MAX_COLUMNS)
+    return rows, math.ceil(num_panels / rows)
+
+
 def grid_size(num_panels: int) -> tuple[int, int]:
     """(width, height) in pixels of a crop grid with ``num_panels`` panels."""
-    columns = min(num_panels, MAX_COLUMNS)
-    rows = math.ceil(num_panels / columns)
+    rows, columns = grid_shape(num_panels)
     return (columns * PANEL + (columns + 1) * MARGIN,
             TITLE_HEIGHT + rows * (PANEL + LABEL_HEIGHT + MARGIN) + MARGIN)
 
 
 def panel_origin(index: int, num_panels: int) -> tuple[int, int]:
     """(x, y) of the top-left corner of panel ``index``'s picture area."""
-    columns = min(num_panels, MAX_COLUMNS)
-    row, column = divmod(index, columns)
+    row, column = divmod(index, grid_shape(num_panels)[1])
     return MARGIN + column * (PANEL + MARGIN), TITLE_HEIGHT + row * (PANEL + LABEL_HEIGHT + MARGIN)
 
 
