@@ -23,21 +23,27 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="compare models and interpolation baselines on HR image sets: PSNR/SSIM/MSE tables and figures",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "For each HR image: crop to a multiple of the scale, make the LR input with MATLAB-bicubic "
-            "downscaling (or take the set's own LR image, --paired), upscale it with every model and "
-            "baseline, and report PSNR/SSIM/MSE on the Y channel (BT.601) with the border of `scale` "
-            "pixels cropped — the conventions of published tables (bicubic x4 on Set5: 28.42 dB). "
-            "Prints one table per set; with --out also writes results.md, results.csv, results.json, "
-            "per_image.csv and figures (a bar chart per set and crop grids of the images where the "
-            "first model gains most and least over bicubic). Sets and outputs may be fsspec URLs (gs://)."
+            "For each HR image: crop to a multiple of the scale, make the LR input with MATLAB-bicubic\n"
+            "downscaling (or take the set's own LR image, --paired), upscale it with every model and\n"
+            "baseline, and report PSNR/SSIM/MSE on the Y channel (BT.601) with the border of `scale`\n"
+            "pixels cropped: the conventions of published tables (bicubic x4 on Set5: 28.42 dB).\n\n"
+            "Prints one table per set. With --out it also writes results.md (best in bold), results.csv,\n"
+            "results.json, per_image.csv and figures/: a bar chart per set and crop grids of the images\n"
+            "where the first model gains most and least over bicubic. Sets and OUT may be fsspec URLs\n"
+            "(gs://). Bad images and sets are reported and the rest is scored (exit code 1)."
         ),
         epilog=(
-            "baselines: bicubic = MATLAB imresize (the papers' LR/upscaling convention); nearest, bilinear, "
-            "lanczos = Pillow's Image.resize filters on the 8-bit image. "
-            "examples: sr eval Set5/ Set14/ --model x4.safetensors --out eval/ ; "
-            "sr eval Set5/ --bicubic 4 ; "
-            "sr eval --paired DIV2K_valid_HR DIV2K_valid_LR_bicubic/X4 --model x4.safetensors"
+            "baselines:\n"
+            "  bicubic                    MATLAB imresize bicubic (sr_core.resize), the papers' convention\n"
+            "  nearest, bilinear, lanczos Pillow's Image.resize filters on the 8-bit image\n\n"
+            "examples:\n"
+            "  sr eval Set5/ Set14/ --model x4.safetensors --out eval/\n"
+            "  sr eval Set5/ --model psnr.safetensors --model gan.safetensors --baseline all --out eval/\n"
+            "  sr eval Set5/ --bicubic 4\n"
+            "  sr eval --paired DIV2K_valid_HR DIV2K_valid_LR_bicubic/X4 --model x4.safetensors\n"
+            "  sr eval gs://bucket/Set14 --model gs://bucket/x4.safetensors --out gs://bucket/eval/"
         ),
     )
     p.add_argument("inputs", nargs="*", metavar="HR",
