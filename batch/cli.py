@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+DESCRIPTION = """\
+Upscale every image below INPUT (a folder or prefix, searched recursively) or named
+by INPUT (a manifest: .txt with one URL per line, or .csv/.parquet with a 'path'
+column) into OUTPUT, keeping relative paths, with the naming and encoding of
+`sr upscale` (one image gives the same file through either command).
+
+Runs on Ray Data: read+decode tasks, a pool of actors holding the model (one GPU
+each on a cluster with GPUs, CPU locally) that encode and write their outputs.
+Per-image metrics (sizes, timings, LR-consistency PSNR/SSIM on Y, and PSNR/SSIM/MSE
+against --reference) and failures go to OUTPUT/_sr_batch/<run-id>/.
+"""
+
 EPILOG = """\
 exit codes:
   0  every image was upscaled (or its output existed already)
@@ -36,15 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch",
         help="upscale a folder, bucket prefix or manifest on Ray Data (local Ray or a cluster), with metrics",
-        description=(
-            "Upscale every image below INPUT (a folder or prefix, searched recursively) or named by "
-            "INPUT (a manifest: .txt with one URL per line, or .csv/.parquet with a 'path' column) "
-            "into OUTPUT, keeping relative paths, with the naming and encoding of `sr upscale`. "
-            "Runs on Ray Data: read+decode tasks, a pool of actors holding the model (one GPU each "
-            "on clusters), outputs encoded and written by the actors. Per-image metrics (sizes, "
-            "timings, LR-consistency PSNR/SSIM, and PSNR/SSIM/MSE against --reference) and failures "
-            "go to OUTPUT/_sr_batch/<run-id>/."
-        ),
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

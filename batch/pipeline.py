@@ -59,7 +59,7 @@ def _empty_row(task: dict) -> dict:
     for name in ("in_width", "in_height", "channels", "bits", "out_width", "out_height", "in_bytes", "out_bytes"):
         row[name] = 0
     for name in ("read_s", "decode_s", "model_s", "encode_s", "write_s", "metrics_s", "lr_psnr", "lr_ssim",
-                 "ref_psnr", "ref_ssim", "ref_mse"):
+                 "ref_psnr", "ref_ssim", "ref_mse", "finished_at"):
         row[name] = float("nan")
     return row
 
@@ -188,7 +188,8 @@ def finish_image(row: dict, image: np.ndarray, result: np.ndarray, settings: Sta
         storage.write_bytes(row["output"], data)
     except Exception as exc:
         return _fail(row, "write", exc, row["output"])
-    row.update(encode_s=write_start - encode_start, write_s=time.perf_counter() - write_start, out_bytes=len(data))
+    row.update(encode_s=write_start - encode_start, write_s=time.perf_counter() - write_start, out_bytes=len(data),
+               finished_at=time.time())
     return row
 
 

@@ -56,6 +56,7 @@ METRIC_COLUMNS = [
     ("ref_mse", "float64", "MSE (Y, 0..255 or 0..65535) of the same pair"),
     ("reference_error", "string", "why the reference metrics are missing, or ''"),
     ("worker", "string", "host:pid of the actor that upscaled the image"),
+    ("finished_at", "float64", "UNIX time the output was written"),
 ]
 FAILURE_COLUMNS = [
     ("input", "string", "input URL"),
@@ -108,6 +109,9 @@ class RunResults:
         self.checkpoint_seconds = checkpoint_seconds
         self.start = time.perf_counter()
         self.out_pixels = 0
+        self.first_result_seconds: float | None = None
+        """Seconds from the start to the first result: actor start-up (model load) + one batch."""
+        self.first_result_rows = 0
         self._last_checkpoint = time.perf_counter()
         self._last_scalars = 0.0
         self._tb_dir = tempfile.mkdtemp(prefix="sr-batch-tb-")
@@ -132,6 +136,9 @@ class RunResults:
 
     def add_batch(self, batch: dict) -> None:
         """One batch of result rows from the pipeline (``status`` 'ok' or a failure)."""
+        if self.first_result_seconds is None:
+            self.first_result_seconds = self.elapsed()
+            self.first_result_rows = len(batch["status"])
         for i, status in enumerate(batch["status"]):
             if status != "ok":
                 self.add_failure(str(batch["input"][i]), str(batch["output"][i]), str(batch["stage"][i]),
@@ -186,6 +193,11 @@ class RunResults:
             "images_per_second": images_per_s,
             "output_mpx_per_second": mpx_per_s,
             "output_pixels": self.out_pixels,
+            "first_result_seconds": self.first_result_seconds,
+            "first_result_images": self.first_result_rows,
+            # The rate once the actors are up (start-up excluded), from when the outputs
+            # were written: what a long run approaches.
+            "steady_images_per_second": _steady_rate(self.rows["finished_at"]),
             "failures_by_stage": _count(self.failures["stage"]),
             "metrics": {name: describe(self.rows[name]) for name in SUMMARY_COLUMNS},
             "files": {"metrics": storage.join(self.url, "metrics.parquet"),
@@ -205,6 +217,13 @@ class RunResults:
         storage.write_bytes(summary["files"]["summary"], (json.dumps(_finite(summary), indent=2) + "\n").encode())
         shutil.rmtree(self._tb_dir, ignore_errors=True)
         return summary
+
+
+def _steady_rate(finished_at: list[float]) -> float | None:
+    """Images per second between the first and the last output written."""
+    if len(finished_at) < 2 or max(finished_at) <= min(finished_at):
+        return None
+    return (len(finished_at) - 1) / (max(finished_at) - min(finished_at))
 
 
 def _count(values: list[str]) -> dict[str, int]:
