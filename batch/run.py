@@ -79,10 +79,13 @@ def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]
     if ray.is_initialized():
         return False, 0.0
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # Workers on other hosts do not inherit this process's environment; only what points
+    # them at an emulator is sent (a job submitted with its own runtime_env keeps it).
     env = {k: os.environ[k] for k in pipeline.FORWARDED_ENV if k in os.environ}
+    if "STORAGE_EMULATOR_HOST" not in env:
+        env = {}
     options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if env:
-        # Workers on other hosts do not inherit this process's environment.
         options["runtime_env"] = {"env_vars": env}
     started = time.perf_counter()
     try:
@@ -183,7 +186,7 @@ def run_batch(config: BatchConfig) -> dict:
         results.add_failure(url, "", "plan", reason)
 
     ray_info: dict = {"started_here": False, "startup_seconds": 0.0}
-    interrupted = False
+    interrupted, pipeline_error = False, ""
     if listing.todo:
         import ray
 
@@ -210,6 +213,8 @@ def run_batch(config: BatchConfig) -> dict:
                                         f"{results.num_failed} failed")
             except KeyboardInterrupt:
                 interrupted = True
+            except Exception as exc:  # Ray gave up (e.g. actors that keep dying): keep what is done
+                pipeline_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             bar.close()
         finally:
             if started_here:
@@ -224,6 +229,7 @@ def run_batch(config: BatchConfig) -> dict:
         "left_for_later": listing.num_left + len(listing.todo) - results.num_done
                           - (results.num_failed - len(listing.failures)),
         "interrupted": interrupted,
+        "pipeline_error": pipeline_error,
         "total_seconds": time.perf_counter() - wall_start,
         "model": model_info,
         "settings": {k: v for k, v in config.command.items() if isinstance(v, (str, int, float, bool, list, tuple,
@@ -231,6 +237,9 @@ def run_batch(config: BatchConfig) -> dict:
         "ray": ray_info,
     })
     _report(summary, results)
+    if pipeline_error:
+        raise ValueError(f"the pipeline stopped after {results.num_done} image(s) ({pipeline_error}); what was "
+                         f"written is kept (results in {results.url}): run the same command again to finish")
     return summary
 
 
