@@ -327,3 +327,40 @@ def test_what_cannot_run_exits_2_with_one_line_before_ray(tmp_path, capsys):
     for token in ("exit codes:", "0  every image", "1  some inputs failed", "2  the job could not run",
                   "--address", "--actors MIN,MAX", "--reference"):
         assert token in help_text
+
+
+def test_listing_filters_manifests_resume_and_limit(tmp_path):
+    from batch.inputs import list_work
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    for rel in ("a.png", "b.jpg", "drafts/c.png", "keep/d.webp", "keep/e.tif", "notes.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"x")
+    (out / "keep").mkdir(parents=True)
+    (out / "keep" / "d_sr.png").write_bytes(b"done earlier")
+
+    listing = list_work(str(src), str(out), "_sr", ".png", exclude=("drafts/*",))
+    assert sorted(t.output for t in listing.todo) == sorted(str(out / r) for r in ("a_sr.png", "b_sr.png",
+                                                                                 "keep/e_sr.png"))
+    assert (listing.num_found, listing.num_skipped, listing.num_left) == (4, 1, 0)
+    listing = list_work(str(src), str(out), "_sr", ".png", include=("keep/*",), overwrite=True)
+    assert [os.path.basename(t.input) for t in listing.todo] == ["d.webp", "e.tif"]
+    listing = list_work(str(src), str(out), "_sr", ".jpg", limit=2)
+    assert len(listing.todo) == 2 and listing.num_left == 3 and listing.num_skipped == 0
+
+    # Manifests: entries relative to the manifest's folder; outputs keep the path below
+    # the entries' common folder; two inputs with one output name are a failure.
+    (tmp_path / "list.txt").write_text("# a comment\nin/keep/e.tif\n\nin/drafts/c.png\n" + f"{src / 'a.png'}\n")
+    listing = list_work(str(tmp_path / "list.txt"), str(out), "_sr", ".png")
+    assert sorted(t.output for t in listing.todo) == sorted(str(out / r) for r in ("keep/e_sr.png",
+                                                                                 "drafts/c_sr.png", "a_sr.png"))
+    pd.DataFrame({"path": [str(src / "a.png"), str(src / "keep" / "a.png")]}).to_parquet(tmp_path / "m.parquet")
+    (src / "keep" / "a.png").write_bytes(b"x")
+    listing = list_work(str(tmp_path / "m.parquet"), str(out), "", ".png")
+    assert [t.output for t in listing.todo] == [str(out / "a.png"), str(out / "keep" / "a.png")]
+    (tmp_path / "mixed.txt").write_text(f"{src / 'a.png'}\ngs://bucket/x.png\n")
+    with pytest.raises(ValueError, match="mix storage schemes"):
+        list_work(str(tmp_path / "mixed.txt"), str(out), "_sr", ".png")
+    (tmp_path / "bad.csv").write_text("file\nx.png\n")
+    with pytest.raises(ValueError, match="'path' column"):
+        list_work(str(tmp_path / "bad.csv"), str(out), "_sr", ".png")
