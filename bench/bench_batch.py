@@ -2,7 +2,7 @@
 inputs and model in one run, and the per-image CPU cost of decoding, encoding and
 metrics that sizes the CPUs of a GPU cluster.
 
-    .venv/bin/python bench/bench_batch.py [--images 16] [--side 128] [--rounds 3] [--quick]
+    .venv/bin/python bench/bench_batch.py [--images 48] [--side 128] [--rounds 3] [--quick]
 
 Variants (each on the same PNG inputs, x4 model, tile, 1 torch thread for the model):
 - ``upscaler loop``: ``Upscaler`` over the decoded images in memory (the model alone);
@@ -142,7 +142,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--side", type=int, default=128, help="input side in pixels (output is 4x)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each variant keeps its best")
     parser.add_argument("--quick", action="store_true", help="8 images of 64 px, 1 round: a smoke run")
@@ -173,8 +173,13 @@ def main() -> None:
         best: dict[str, dict] = {}
 
         def keep(name: str, seconds: float, steady: float, model_per_image: float, first=None) -> None:
-            if name not in best or steady < best[name]["steady"]:
-                best[name] = {"seconds": seconds, "steady": steady, "model": model_per_image, "first": first}
+            """The best round of each measure (they may come from different rounds)."""
+            b = best.setdefault(name, {"seconds": seconds, "steady": steady, "model": model_per_image, "first": first})
+            b["seconds"] = min(b["seconds"], seconds)
+            if steady <= b["steady"]:
+                b.update(steady=steady, model=model_per_image)
+            if first is not None:
+                b["first"] = min(b["first"], first)
 
         for round_index in range(args.rounds):
             seconds, pixels = bare_loop(model_path, files)
