@@ -364,3 +364,30 @@ def test_listing_filters_manifests_resume_and_limit(tmp_path):
     (tmp_path / "bad.csv").write_text("file\nx.png\n")
     with pytest.raises(ValueError, match="'path' column"):
         list_work(str(tmp_path / "bad.csv"), str(out), "_sr", ".png")
+
+
+def test_results_are_checkpointed_while_running_and_summary_comes_last(tmp_path):
+    from batch.pipeline import _empty_row, _rows_to_batch
+    from batch.results import RunResults
+
+    results = RunResults(str(tmp_path / "out"), "r1", checkpoint_seconds=0)  # a checkpoint per batch
+    rows = []
+    for i in range(3):
+        row = _empty_row({"input": f"in/{i}.png", "output": f"out/{i}_sr.png"})
+        row.update(in_width=10, in_height=8, out_width=20, out_height=16, lr_psnr=30.0 + i, finished_at=100.0 + i)
+        rows.append(row)
+    rows[2].update(status="failed", stage="decode", error="truncated or corrupt PNG file")
+    results.add_batch(_rows_to_batch(rows))
+    run = tmp_path / "out" / "_sr_batch" / "r1"
+    # What a run killed now leaves: the rows so far, and no summary (the run did not finish).
+    assert len(pd.read_parquet(run / "metrics.parquet")) == 2
+    assert pd.read_parquet(run / "failures.parquet").to_dict("records") == [
+        {"input": "in/2.png", "output": "out/2_sr.png", "stage": "decode", "error": "truncated or corrupt PNG file"}]
+    assert not (run / "summary.json").exists()
+    summary = results.finish({"run_id": "r1"})
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["done"] == summary["done"] == 2 and saved["failed"] == 1
+    assert saved["metrics"]["lr_psnr"] == {"count": 2, "mean": 30.5, "min": 30.0, "max": 31.0, "p50": 30.5,
+                                           "p90": pytest.approx(30.9), "p99": pytest.approx(30.99)}
+    assert saved["metrics"]["ref_psnr"] == {"count": 0}
+    assert saved["steady_images_per_second"] == 1.0 and saved["output_pixels"] == 2 * 20 * 16
