@@ -11,13 +11,14 @@ output); outputs never do: the actor that made an output encodes and writes it a
 returns a row of numbers. Why the encoding lives in the actor and not in a CPU stage
 of its own is measured in bench/bench_batch.py (docs/PERFORMANCE.md): a separate
 stage moves every output (~106 MB for a 2K frame at x4, 16x its input) through the
-object store, where at GPU rates it spills to disk, and locally it was no faster
-(the actor already overlaps encoding with the next image in background threads). So
-the actor holds threads for encoding (zlib and libjpeg release the GIL), and the
-CPUs it needs are reserved with it (``cpus_per_actor``).
+object store, where at GPU rates it spills to disk or crosses the network, and
+locally it was no faster (48 images: 39.3 s vs 39.7 s; the actor already overlaps
+encoding with the next image in background threads). So the actor holds threads for
+encoding (Pillow's zlib and libjpeg encoders release the GIL), and the CPUs they need
+are reserved with it (``cpus_per_actor``; docs/BATCH.md sizes them per GPU).
 
-The stage functions are plain functions and classes of numpy batches, so they run
-(and are tested) without Ray too.
+The stage functions are plain functions and classes of numpy batches, so they also
+run without Ray.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ class UpscaleActor:
         self.upscaler = load_upscaler(model_bytes, model_name, device, settings)
         self.settings = settings
         self.encode_here = encode_here
-        self.pool = ThreadPoolExecutor(max_workers=max(1, encode_threads))
+        self.encode_threads = max(1, encode_threads)
+        self.pool = ThreadPoolExecutor(max_workers=self.encode_threads)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -249,6 +251,11 @@ class UpscaleActor:
                 continue
             row["model_s"] = time.perf_counter() - started
             if self.encode_here:
+                # Outputs waiting for an encoder are bounded (one per thread, plus one), so
+                # an actor holds a few outputs in memory whatever the batch size.
+                while len(pending) > self.encode_threads:
+                    j, future = pending.pop(0)
+                    results[j] = future.result()
                 pending.append((i, self.pool.submit(finish_image, row, image, result, self.settings)))
             else:
                 results[i] = (row, image, result)
