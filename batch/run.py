@@ -82,7 +82,9 @@ def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]
     # Workers on other hosts do not inherit this process's environment; only what points
     # them at an emulator is sent (a job submitted with its own runtime_env keeps it).
     env = {k: os.environ[k] for k in pipeline.FORWARDED_ENV if k in os.environ}
-    if "STORAGE_EMULATOR_HOST" not in env:
+    if "STORAGE_EMULATOR_HOST" not in env or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Nothing to point at, or a job submitted with `ray job submit`: its runtime_env
+        # already reaches every worker (Ray refuses the same variable set twice).
         env = {}
     options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if env:
