@@ -112,7 +112,12 @@ def _batch_rows(batch: dict[str, np.ndarray], skip: tuple[str, ...] = ()) -> lis
 
 def decode_batch(batch: dict[str, np.ndarray], settings: StageSettings) -> dict[str, np.ndarray]:
     """Read and decode each task; failures become rows with status 'failed'. Images of
-    different sizes and dtypes go in an object column (Ray pickles it)."""
+    different sizes and dtypes go in an object column (Ray pickles it).
+
+    Reads go through ``sr_core.storage`` (fsspec, gcsfs for gs://) rather than Ray Data's
+    ``read_binary_files``: each task needs its (input, output, reference) row anyway,
+    and Ray's readers given a bare gs:// path use pyarrow's own GCS client, which hangs
+    against an emulator and ignores gcsfs's settings."""
     rows, images = [], []
     for task in _batch_rows(batch):
         row = _empty_row(task)
