@@ -30,12 +30,17 @@ IMAGES = REPO / "assets" / "images"
 TILE = 16  # several tiles per image: the tiled path is what runs on real images
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address(gcs_emulator):
     """One local Ray for every batch test (its start costs seconds). Started after the
-    emulator, and told where it is, so its workers reach the same storage."""
+    emulator, and told where it is, so its workers reach the same storage. Shut down
+    after this module, so other modules can start a Ray of their own; a Ray that is
+    already up in this process is used as it is."""
     import ray
 
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
     env = {k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
     context = ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
                        log_to_driver=False)
