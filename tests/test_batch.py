@@ -396,3 +396,21 @@ def test_results_are_checkpointed_while_running_and_summary_comes_last(tmp_path)
                                            "p90": pytest.approx(30.9), "p99": pytest.approx(30.99)}
     assert saved["metrics"]["ref_psnr"] == {"count": 0}
     assert saved["steady_images_per_second"] == 1.0 and saved["output_pixels"] == 2 * 20 * 16
+
+
+def test_one_image_gives_the_same_file_through_sr_upscale_and_sr_batch(ray_address, model_file, tmp_path, capsys):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    photo("astronaut.png", (30, 22)).save(src / "a.png")
+    Image.fromarray(np.dstack([np.asarray(photo("coffee.png", (21, 17))), np.full((17, 21), 99, np.uint8)])).save(
+        src / "sub" / "b.png")
+    photo("camera.png", (19, 25), "L").save(src / "sub" / "c.jpg", quality=90)
+    options = ["--format", "jpg", "--jpeg-quality", "90", "--outscale", "1.5", "--suffix", "_x", "--alpha",
+               "bicubic", "--tile", "12"]
+    assert main(["upscale", str(src), "-o", str(tmp_path / "up"), "--model", model_file, *options]) == 0
+    assert main(["batch", str(src), str(tmp_path / "batch"), "--model", model_file, *options, "-q"]) == 0
+    capsys.readouterr()
+    names = sorted(p.relative_to(tmp_path / "up").as_posix() for p in (tmp_path / "up").rglob("*.jpg"))
+    assert names == ["a_x.jpg", "sub/b_x.jpg", "sub/c_x.jpg"]
+    for name in names:
+        assert (tmp_path / "up" / name).read_bytes() == (tmp_path / "batch" / name).read_bytes(), name
