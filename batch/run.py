@@ -110,9 +110,11 @@ def pool_settings(config: BatchConfig, local: bool) -> pipeline.PoolSettings:
     num_gpus = config.num_gpus_per_actor
     if num_gpus is None:
         num_gpus = 1.0 if gpus >= 1 else 0.0
-    if num_gpus > gpus:
-        raise ValueError(f"--num-gpus-per-actor {num_gpus:g} but the Ray cluster has {gpus:g} GPUs; "
+    if local and num_gpus > gpus:
+        raise ValueError(f"--num-gpus-per-actor {num_gpus:g} but this machine's Ray has {gpus:g} GPUs; "
                          "use 0 for CPU actors")
+    # On a cluster, GPUs that are not there yet may come: an autoscaling cluster adds
+    # GPU nodes while actors wait for them.
     if config.actors is not None:
         min_actors, max_actors = config.actors
     elif num_gpus > 0:
