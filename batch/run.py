@@ -243,7 +243,8 @@ def run_batch(config: BatchConfig) -> dict:
     _report(summary, results)
     if pipeline_error:
         raise ValueError(f"the pipeline stopped after {results.num_done} image(s) ({pipeline_error}); what was "
-                         f"written is kept (results in {results.url}): run the same command again to finish")
+                         f"written is kept (results in {results.url}; the workers' logs are in Ray's session "
+                         "folder, /tmp/ray/session_latest/logs on each node): run the same command again to finish")
     return summary
 
 
