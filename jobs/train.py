@@ -332,6 +332,20 @@ def _state_dict_fp32(module) -> dict:
             for k, v in module.state_dict().items()}
 
 
+def weights_digest(job: Job) -> str:
+    """SHA-256 of this rank's networks (G, D, EMA: parameters and buffers), saved per rank:
+    every rank of a correct data-parallel run holds the same weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in (job.g.module, job.d.module if job.d else None, job.ema):
+        if module is not None:
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(job: Job, step: int) -> str:
     """Every rank writes its part; rank 0 marks the folder complete after all have."""
     from jobs import checkpoint as ckpt
@@ -345,7 +359,8 @@ def save_checkpoint(job: Job, step: int) -> str:
                 if net is not None:
                     net.engine.save_checkpoint(os.path.join(local, name), tag="ckpt")
             ckpt.upload_folder(local, f"{folder}/ds/rank_{job.rank}")
-    ckpt.save_torch(f"{folder}/rank_{job.rank}.pt", {"rng": ckpt.rng_state(), "loader": job.loader.state_dict()})
+    ckpt.save_torch(f"{folder}/rank_{job.rank}.pt", {"rng": ckpt.rng_state(), "loader": job.loader.state_dict(),
+                                                      "digest": weights_digest(job)})
     if job.is_main:
         state = {"step": step, "best_psnr": job.best_psnr, "g": _state_dict_fp32(job.g.module),
                  "ema": _state_dict_fp32(job.ema) if job.ema is not None else None,
