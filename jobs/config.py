@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -450,6 +451,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(value: Any, hint: Any, name: str) -> Any:
     """Return ``value`` converted to ``hint`` when that is lossless (int -> float),
     else raise ``ValueError`` naming the field."""
@@ -491,6 +495,9 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
             raise ValueError(f"{name}: expected a list, got {value!r}")
         return [_check_value(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float:
+        # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string.
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}: expected a number, got {value!r}")
         return float(value)
