@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from jobs.train import add_arguments
 
     add_arguments(p)
+    # Overrides and options may be intermixed (`sr train a=1 --resume auto b=2`):
+    # the handler parses what follows the first override itself.
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="start N local processes through Accelerate's launcher (one per GPU; gloo on CPU) "
                         "(default: 1, in this process)")
@@ -82,8 +85,24 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _intermixed(args: argparse.Namespace) -> argparse.Namespace:
+    """Parse the arguments that followed the first override (options included)."""
+    if not args.rest:
+        return args
+    parser = argparse.ArgumentParser(prog="sr train")
+    parser.add_argument("args", nargs="*")
+    for option, default in (("--preset", args.preset), ("--resume", args.resume), ("--processes", args.processes),
+                            ("--step", args.step)):
+        parser.add_argument(option, default=default, type=type(default) if default is not None else int)
+    rest = parser.parse_intermixed_args(args.rest)
+    rest.args = args.args + rest.args
+    return rest
+
+
 def run_train(args: argparse.Namespace) -> int:
     from jobs import train
+
+    args = _intermixed(args)
 
     if args.args[:1] == ["export"]:
         if len(args.args) != 2:

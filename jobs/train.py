@@ -297,8 +297,10 @@ def log_header(job: Job, resumed_from: str | None) -> None:
     ds = job.loader.dataset
     data = c.data.train_shards or f"{c.data.train_hr} + {c.data.train_lr}"
     effective = c.data.batch_size * job.world_size * c.train.grad_accum_steps
-    backend = c.train.backend if c.train.backend == "ddp" else f"deepspeed ZeRO-{c.train.zero_stage}" + (
-        f" ({c.train.deepspeed_config})" if c.train.deepspeed_config else "")
+    backend = c.train.backend
+    if backend == "deepspeed":
+        stage = deepspeed_config(c, job.precision).get("zero_optimization", {}).get("stage", 0)
+        backend = f"deepspeed ZeRO-{stage}" + (f" ({c.train.deepspeed_config})" if c.train.deepspeed_config else "")
     log(job, f"world size {job.world_size}, backend {backend}, precision {job.precision}, "
              f"distributed {job.accelerator.distributed_type}")
     log(job, f"devices: {', '.join(devices)}")
@@ -766,8 +768,22 @@ def train_loop(job: Job) -> str:
 # ---------------------------------------------------------------- main
 
 
+def adopt_deepspeed_launch(config: Config) -> None:
+    """Launched by ``accelerate launch`` with a DeepSpeed config (jobs/launch/deepspeed_*):
+    train with DeepSpeed and that JSON. The job builds its two engines itself, so
+    Accelerate must not install its own DeepSpeed plugin (one Accelerator takes one model
+    under DeepSpeed, and its plugin imports the transformers package)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED")
+    config.train.backend = "deepspeed"
+    if not config.train.deepspeed_config:
+        config.train.deepspeed_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+
+
 def run(config: Config, resume: str = "") -> int:
     """Train with a validated config; returns the exit code (0 also after a preemption)."""
+    adopt_deepspeed_launch(config)
     job = build_job(config, resume)
     try:
         outcome = train_loop(job)
@@ -797,14 +813,20 @@ def _hparams(config: Config) -> dict:
     return flat
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # Intermixed: options may come between the overrides, as in a VM's command line
+    # `... -m jobs.train CONFIG --resume auto train.run_dir=gs://...`.
+    return build_parser().parse_intermixed_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run(load_job_config(args), args.resume)
 
 
