@@ -340,6 +340,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.lr_g": 1e-3,
         "optim.lr_d": 1e-3,
         "loss.random_vgg": True,
+        # The GAN stage's perceptual term on an early VGG layer: the published code path
+        # at a fraction of conv5_4's cost.
+        "loss.perceptual_weight": 1.0,
+        "loss.perceptual_layers": {"conv2_2": 1.0},
         "train.max_steps": 200,
         "train.checkpoint_every": 100,
         "train.val_every": 100,
