@@ -808,3 +808,29 @@ def check_inputs(config) -> None:
                        and not lo.random_vgg else "")):
         if url and not storage.exists(url):
             raise ValueError(f"{name}: {url} does not exist")
+
+
+def reference_markdown() -> str:
+    """The config reference (every section's fields, types, defaults and docstrings) as
+    Markdown, for docs/TRAINING.md: ``python -m jobs.config``."""
+    lines = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines += [f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}", "",
+                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, section.name), f.name)
+            default = repr(list(value) if isinstance(value, tuple) else value).replace("|", "\\|")
+            hint = (getattr(hints[f.name], "__name__", None) if not typing.get_args(hints[f.name])
+                    else str(hints[f.name]).replace("typing.", ""))
+            lines.append(f"| `{section.name}.{f.name}` | {str(hint).replace('|', 'or')} | `{default}` | "
+                         f"{docs.get(f.name, '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

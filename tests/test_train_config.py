@@ -127,3 +127,12 @@ def test_schedules_are_functions_of_the_step_only():
 def test_data_config_alone_still_loads():
     cfg = load_config(None, ["data.gt_size=96"], cls=Config)
     assert isinstance(cfg.data, DataConfig) and cfg.data.gt_size == 96
+
+
+def test_training_docs_hold_the_generated_config_reference():
+    from pathlib import Path
+
+    from jobs.config import reference_markdown
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "TRAINING.md").read_text()
+    assert reference_markdown() in text, "regenerate the reference: python -m jobs.config"
