@@ -125,15 +125,14 @@ def launch_local(args: argparse.Namespace) -> int:
     launcher. SIGTERM is passed on to them (each checkpoints and exits)."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
     import torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from jobs.train import free_port
+
+    port = free_port()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(args.processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),

@@ -9,7 +9,6 @@ upload the event files whole every ``sync_seconds`` and at checkpoints and the e
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -59,14 +58,10 @@ class TensorBoardLog:
         replaces the object)."""
         self.writer.flush()
         self._last_sync = time.monotonic()
-        if not self.remote:
-            return
-        for folder, _dirs, files in os.walk(self.local):
-            for name in files:
-                path = os.path.join(folder, name)
-                rel = os.path.relpath(path, self.local).replace(os.sep, "/")
-                with open(path, "rb") as f:
-                    storage.write_bytes(storage.join(self.remote, storage.safe_key(rel)), f.read())
+        if self.remote:
+            from jobs.checkpoint import upload_folder
+
+            upload_folder(self.local, self.remote)
 
     def close(self) -> None:
         self.sync()

@@ -147,7 +147,8 @@ def log(job_or_rank, message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for a launcher's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -164,7 +165,7 @@ def make_accelerator(config: Config, cuda: bool, precision: str):
     if config.train.backend == "deepspeed":
         # DeepSpeed wants a process group even for one process (else it asks for mpi4py).
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
             os.environ.setdefault(key, value)
         # The engines do mixed precision themselves; Accelerate only sets up processes.
         return Accelerator(cpu=not cuda, kwargs_handlers=handlers)

@@ -208,8 +208,8 @@ def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path):
     stopped by SIGTERM (checkpoint + exit 0), resumed again. Every part runs with the same
     number of threads (a different reduction order would round differently)."""
     torch.set_num_threads(2)
-    args = [*COMMON, f"data.train_shards={data['shards']}", "data.num_workers=1", "data.batch_size=2", "train.stage=gan",
-            f"train.pretrained={data['start']}", *CHEAP_VGG, "train.max_steps=8",
+    args = [*COMMON, f"data.train_shards={data['shards']}", "data.num_workers=1", "data.batch_size=2",
+            "train.stage=gan", f"train.pretrained={data['start']}", *CHEAP_VGG, "train.max_steps=8",
             "train.checkpoint_every=3", "optim.grad_clip=0.5", "train.grad_accum_steps=2"]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     assert train_main([*args, f"train.run_dir={straight}"]) == 0
