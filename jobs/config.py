@@ -686,8 +686,8 @@ def validate_model(config) -> None:
         if kind == "discriminator" and config.train.stage != "gan":
             continue
         if not name:
-            raise ValueError(f"model.{kind} is empty; the {'GAN stage needs a' if kind == 'discriminator' else 'run needs a'} "
-                             f"{kind}: one of {', '.join(sorted(registry))}")
+            who = "the GAN stage needs a" if kind == "discriminator" else "the run needs a"
+            raise ValueError(f"model.{kind} is empty; {who} {kind}: one of {', '.join(sorted(registry))}")
         if name not in registry:
             raise ValueError(f"model.{kind}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
         field_name = "preset" if kind == "generator" else "discriminator_preset"

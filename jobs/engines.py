@@ -96,7 +96,8 @@ class Trained:
 
     def loss_scale(self) -> float:
         if self.engine is not None:
-            scale = getattr(self.engine.optimizer, "cur_scale", None) or getattr(self.engine.optimizer, "loss_scale", None)
+            optimizer = self.engine.optimizer
+            scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
             return float(scale) if scale is not None else 1.0
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else 1.0

@@ -793,7 +793,8 @@ def run(config: Config, resume: str = "") -> int:
             written = export_models(config.train.run_dir, _state_dict_fp32(job.g.module), ema, config, job.step)
             log(job, "exported " + ", ".join(written))
         if job.tb:
-            job.tb.hparams(_hparams(config), {"hparam/best_val_psnr": job.best_psnr if job.best_psnr > -math.inf else 0.0})
+            best = job.best_psnr if job.best_psnr > -math.inf else 0.0
+            job.tb.hparams(_hparams(config), {"hparam/best_val_psnr": best})
         job.accelerator.wait_for_everyone()
     finally:
         if job.tb:

@@ -106,7 +106,8 @@ def assert_same_state(a: dict, b: dict) -> None:
         if key in a:
             for index, state in a[key]["state"].items():
                 for name, value in state.items():
-                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[key]["state"][index][name])), (key, name)
+                    other = b[key]["state"][index][name]
+                    assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), (key, name)
 
 
 # ---------------------------------------------------------------- DDP on 2 processes

@@ -59,10 +59,13 @@ def test_every_preset_is_valid(preset):
 
 def test_published_values():
     gan = load_config(None, ["train.pretrained=g.safetensors", "loss.vgg_weights=v.pth"], preset="esrgan_gan_x4")
-    assert (gan.optim.lr_g, gan.optim.milestones, gan.train.max_steps) == (1e-4, [50_000, 100_000, 200_000, 300_000], 400_000)
-    assert (gan.loss.pixel_weight, gan.loss.perceptual_weight, gan.loss.gan_weight, gan.loss.gan) == (1e-2, 1.0, 5e-3, "ragan")
+    assert (gan.optim.lr_g, gan.optim.milestones, gan.train.max_steps) == \
+        (1e-4, [50_000, 100_000, 200_000, 300_000], 400_000)
+    assert (gan.loss.pixel_weight, gan.loss.perceptual_weight, gan.loss.gan_weight, gan.loss.gan) == \
+        (1e-2, 1.0, 5e-3, "ragan")
     psnr = load_config(None, [], preset="esrgan_psnr_x4")
-    assert (psnr.optim.lr_g, psnr.optim.betas_g, psnr.data.batch_size, psnr.train.max_steps) == (2e-4, (0.9, 0.99), 16, 1_000_000)
+    assert (psnr.optim.lr_g, psnr.optim.betas_g, psnr.data.batch_size, psnr.train.max_steps) == \
+        (2e-4, (0.9, 0.99), 16, 1_000_000)
 
 
 @pytest.mark.parametrize("overrides, field", [
