@@ -87,13 +87,6 @@ class Trained:
     def freeze(self, frozen: bool) -> None:
         self.module.requires_grad_(not frozen)
 
-    @property
-    def step_was_skipped(self) -> bool:
-        """fp16: the loss scaler found inf/NaN gradients and skipped the step."""
-        if self.engine is not None:
-            return bool(getattr(self.engine, "skipped_steps", 0) and self.engine.optimizer.overflow)
-        return bool(getattr(self.optimizer, "step_was_skipped", False))
-
     def loss_scale(self) -> float:
         if self.engine is not None:
             optimizer = self.engine.optimizer
