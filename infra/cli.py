@@ -104,14 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run `sr batch` on a Ray cluster (ray up when needed, then ray job submit)",
         description="Start the cluster described by CLUSTER (Ray's cluster launcher) unless it is up, "
                     "forward its job server to 127.0.0.1, and submit `sr batch INPUT OUTPUT --model M "
-                    "--address auto [SR_BATCH_OPTIONS]` with this checkout as the job's working dir. "
-                    "Options after `--` go to `sr batch`.",
+                    "--address auto [--batch-args]` with this checkout as the job's working dir.",
     )
     p.add_argument("input", metavar="INPUT", help="bucket prefix of the images, e.g. gs://in/photos")
     p.add_argument("output", metavar="OUTPUT", help="bucket prefix for the results, e.g. gs://out/photos")
-    p.add_argument("batch_args", nargs="*", metavar="SR_BATCH_OPTIONS", help="after `--`: options of `sr batch`")
     p.add_argument("--model", required=True, help="model file the cluster can read, e.g. gs://models/x4.safetensors")
     p.add_argument("--cluster", required=True, metavar="CLUSTER.yaml", help="from `sr cloud ray-config`")
+    p.add_argument("--batch-args", default="", metavar="'OPTIONS'",
+                   help="more options of `sr batch`, as one quoted string, e.g. '--tile 256 --format jpg' (default: none)")
     p.add_argument("--submission-id", default="", help="Ray job submission id (default: sr-batch-<UTC time>)")
     _add_out_options(p)
     p.set_defaults(func=run_batch)
@@ -363,7 +363,7 @@ def run_batch(args: argparse.Namespace) -> int:
     submission_id = args.submission_id or time.strftime("sr-batch-%Y%m%d-%H%M%S", time.gmtime())
     job = raycluster.BatchJob(
         input=args.input, output=args.output, model=args.model, cluster_yaml=args.cluster,
-        submission_id=submission_id, batch_args=tuple(args.batch_args), project_dir=project_dir(),
+        submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
     )
     commands = raycluster.submit_commands(job)
     out = _out_dir(args, submission_id)

@@ -167,7 +167,7 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
         "setup_commands": [
             f"cd {PROJECT_ON_NODES} && bash -c {shlex.quote(install)}",
             # Later commands (ray start, the job's `sr batch`) find the environment first.
-            f"grep -q sr-venv ~/.bashrc || echo 'export PATH=\"{image.VENV}/bin:$PATH\"' >> ~/.bashrc",
+            'grep -qs sr-venv/bin ~/.bashrc || echo "export PATH=\\"\\$HOME/sr-venv/bin:\\$PATH\\"" >> ~/.bashrc',
         ],
         # The head's autoscaler creates GCP VMs through Google's API client.
         "head_setup_commands": [f"{image.VENV}/bin/python -m pip install --quiet google-api-python-client"],

@@ -116,22 +116,18 @@ def _sets(job: TrainJob, key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in job.overrides)
 
 
-def remote_config(job: TrainJob) -> str:
-    """The config path as the nodes see it: URLs unchanged, local files file-mounted."""
-    if not job.config or "://" in job.config:
-        return job.config
-    return REMOTE_CONFIG
-
-
-def train_arguments(job: TrainJob) -> list[str]:
-    """What follows ``-m jobs.train``, except the shard cache (it depends on the node)."""
-    args = []
+def train_words(job: TrainJob) -> list[str]:
+    """What follows ``-m jobs.train`` as shell words, except the shard cache (it depends
+    on the node) and the resume/run-dir tail. A local config file is read from its file
+    mount (``$HOME`` as the shell expands it: jobs.train does not expand ``~``)."""
+    words = []
     if job.config:
-        args.append(remote_config(job))
+        remote = "://" in job.config
+        words.append(shlex.quote(job.config) if remote else '"$HOME/' + REMOTE_CONFIG.removeprefix("~/") + '"')
     if job.preset:
-        args += ["--preset", job.preset]
-    args += list(job.overrides)
-    return args
+        words += ["--preset", shlex.quote(job.preset)]
+    words += [shlex.quote(o) for o in job.overrides]
+    return words
 
 
 def cache_override(job: TrainJob) -> str | None:
@@ -151,7 +147,7 @@ def run_script(job: TrainJob) -> str:
     lines += [
         '--num_machines "$num_nodes" --machine_rank "$node_rank" --num_processes "$num_processes"',
         '--main_process_ip "$main_ip" --main_process_port "$SR_MAIN_PROCESS_PORT" --dynamo_backend no',
-        " ".join(["-m jobs.train"] + [shlex.quote(a) for a in train_arguments(job)]),
+        " ".join(["-m jobs.train", *train_words(job)]),
     ]
     cache = cache_override(job)
     if cache:

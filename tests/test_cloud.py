@@ -1,0 +1,385 @@
+"""`sr cloud` and `sr tensorboard`, offline: what would be submitted is generated and
+checked with the engines' own validators (SkyPilot's task schema, Ray's cluster-config
+schema), the generated scripts with bash -n and shellcheck, the commands of
+docs/CLOUD.md run as dry runs, and without credentials every command fails at once.
+Every `sr` subprocess gets an environment whose proxies point at a closed loopback port
+and whose HOME and gcloud folder are empty, so nothing can reach a cloud."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def offline_env(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "CLOUDSDK_CORE_PROJECT",
+                        "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST")}
+    (tmp_path / "home").mkdir()
+    env.update(HOME=str(tmp_path / "home"), CLOUDSDK_CONFIG=str(tmp_path / "home" / "gcloud"),
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    # Port 9 on loopback is closed: a request that slipped past the checks fails there.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        env[name] = "http://127.0.0.1:9"
+    env["NO_PROXY"] = env["no_proxy"] = ""
+    return env
+
+
+def sr(args, env, cwd=None, timeout=60):
+    return subprocess.run([str(BIN / "sr"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_shell(paths):
+    for path in paths:
+        done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, (path, done.stderr)
+    done = subprocess.run([str(BIN / "shellcheck"), *map(str, paths)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+_VALIDATE_TASKS = """
+import json, sys, yaml, sky
+out = []
+for path in sys.argv[1:]:
+    task = sky.Task.from_yaml_config(yaml.safe_load(open(path)))
+    (r,) = task.resources
+    out.append({"num_nodes": task.num_nodes, "accelerators": r.accelerators, "spot": r.use_spot,
+                "cloud": str(r.cloud), "region": r.region, "zone": r.zone, "image_id": r.image_id})
+try:
+    sky.Task.from_yaml_config({"name": "x", "resources": {"acelerators": "V100:4"}})
+except Exception as exc:
+    out.append(str(exc))
+print(json.dumps(out))
+"""
+
+
+def validate_with_skypilot(paths, env):
+    """SkyPilot's own task validation, in a child process (importing sky writes ~/.sky)."""
+    done = subprocess.run([sys.executable, "-c", _VALIDATE_TASKS, *map(str, paths)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *tasks, typo = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "did you mean 'accelerators'" in typo  # the validator is strict, not a pass-through
+    return tasks
+
+
+# --- training on SkyPilot -----------------------------------------------------------------
+
+
+def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env):
+    config = tmp_path / "psnr.yaml"
+    config.write_text("data:\n  gt_size: 64\n")
+    runs = {}
+    for name, extra in {
+        "multi": ["--nodes", "2", "--gpus", "V100:4", "--spot", "--zone", "us-central1-a"],
+        "single": ["--gpus", "V100", "--no-local-ssd", "--image", "docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"],
+    }.items():
+        out = tmp_path / name
+        started = time.monotonic()
+        done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8",
+                   "--preset", "tiny", "--name", f"esrgan-{name}", "--bucket", "gs://b", *extra,
+                   "--dry-run", "--out", str(out)], offline_env)
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - started < 20
+        assert f"sky jobs launch {out}/task.yaml --name esrgan-{name} --yes --detach-run" in done.stdout
+        assert "config checked" in done.stdout
+        runs[name] = out
+
+    multi, single = validate_with_skypilot([runs["multi"] / "task.yaml", runs["single"] / "task.yaml"], offline_env)
+    assert multi == {"num_nodes": 2, "accelerators": {"V100": 4}, "spot": True, "cloud": "GCP",
+                     "region": "us-central1", "zone": "us-central1-a", "image_id": None}
+    assert single["num_nodes"] == 1 and single["accelerators"] == {"V100": 1} and single["spot"] is False
+    assert list(single["image_id"].values()) == ["docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"]
+
+    task = yaml.safe_load((runs["multi"] / "task.yaml").read_text())
+    assert task["workdir"] == str(ROOT)
+    assert task["file_mounts"] == {"~/sr-job/config.yaml": str(config)}
+    assert task["resources"]["volumes"] == [{"path": "/mnt/local-ssd", "storage_type": "instance"}]
+    run = task["run"]
+    assert (runs["multi"] / "run.sh").read_text() == run
+    # The config arguments go through as given, then the cache, the resume and the run dir.
+    assert '-m jobs.train "$HOME/sr-job/config.yaml" --preset tiny data.train_shards=gs://b/div2k-sub data.batch_size=8' in run
+    assert '"data.cache_dir=$SR_LOCAL_DISK/sr-shards"' in run
+    assert run.rstrip().endswith("--resume auto train.run_dir=gs://b/runs/esrgan-multi")
+    for variable in ("SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE"):
+        assert variable in run
+    assert "torch==2.13.0\" --index-url https://download.pytorch.org/whl/cu126" in task["setup"]
+    single_run = (runs["single"] / "run.sh").read_text()
+    assert "data.cache_dir" not in single_run and "sudo" not in single_run  # --no-local-ssd: default cache
+    check_shell([runs[n] / f for n in runs for f in ("run.sh", "setup.sh", "commands.sh")])
+
+
+def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env):
+    base = ["cloud", "train", "--name", "r1", "--bucket", "gs://b", "--dry-run", "--out", str(tmp_path)]
+    cases = {
+        ("--preset", "tiny", "data.gt_sise=64"): "data.gt_sise",       # the config loader's own check
+        ("--preset", "tiny", "data.batch_size=many"): "data.batch_size",
+        ("--preset", "nope"): "nope",
+        ("train.run_dir=gs://x/y",): "--bucket and --name",
+        ("missing.yaml",): "missing.yaml",
+        ("--gpus", "V100:four"): "--gpus",
+    }
+    for extra, named in cases.items():
+        done = sr([*base, *extra], offline_env)
+        assert done.returncode == 2, (extra, done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, (extra, done.stderr)
+    done = sr(["cloud", "train", "--name", "Bad_Name", "--bucket", "gs://b", "--dry-run"], offline_env)
+    assert done.returncode == 2 and "--name" in done.stderr
+    done = sr(["cloud", "train", "--name", "ok", "--bucket", "/local/folder", "--dry-run"], offline_env)
+    assert done.returncode == 2 and "--bucket" in done.stderr
+
+
+def test_job_commands_map_onto_managed_jobs(tmp_path, offline_env):
+    expected = {
+        "status": "sky jobs queue --all",
+        "logs": "sky jobs logs --name esrgan-psnr --follow",
+        "stop": "sky jobs cancel --name esrgan-psnr --yes",
+    }
+    for action, command in expected.items():
+        done = sr(["cloud", action, "esrgan-psnr", "--dry-run", "--out", str(tmp_path / action)], offline_env)
+        assert done.returncode == 0, done.stderr
+        assert "  " + command in done.stdout.splitlines()
+        assert (tmp_path / action / "commands.sh").read_text().rstrip().endswith(command)
+    done = sr(["cloud", "logs", "esrgan-psnr", "--no-follow", "--controller", "--dry-run",
+               "--out", str(tmp_path / "c")], offline_env)
+    assert "  sky jobs logs --name esrgan-psnr --no-follow --controller" in done.stdout.splitlines()
+
+
+def test_without_credentials_every_command_fails_at_once(tmp_path, offline_env):
+    cluster = tmp_path / "cluster.yaml"
+    done = sr(["cloud", "ray-config", "--project", "p", "-o", str(cluster)], offline_env)
+    assert done.returncode == 0, done.stderr
+    commands = [
+        ["cloud", "train", "--preset", "tiny", "--name", "r1", "--bucket", "gs://b"],
+        ["cloud", "status", "r1"], ["cloud", "logs", "r1"], ["cloud", "stop", "r1"],
+        ["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x4.safetensors", "--cluster", str(cluster)],
+    ]
+    for args in commands:
+        started = time.monotonic()
+        done = sr([*args, "--out", str(tmp_path / "o")], offline_env)
+        assert time.monotonic() - started < 15, args
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert "no Google Cloud credentials" in line and "gcloud auth application-default login" in line
+    # A key file that is named but missing is called out by name.
+    env = dict(offline_env, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "key.json"))
+    done = sr(["cloud", "status", "r1", "--out", str(tmp_path / "o")], env)
+    assert done.returncode == 2 and "key.json: no such file" in done.stderr
+
+
+# --- batch on a Ray cluster ---------------------------------------------------------------
+
+
+def test_ray_config_passes_rays_validator(tmp_path, offline_env):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    for extra in ([], ["--spot", "--image", "us-docker.pkg.dev/p/sr/sr-cloud:0.1.0", "--min-workers", "1"]):
+        done = sr(["cloud", "ray-config", "--project", "my-project", "--gpu", "nvidia-tesla-v100",
+                   "--gpus-per-worker", "4", "--max-workers", "3", *extra], offline_env)
+        assert done.returncode == 0, done.stderr
+        config = yaml.safe_load(done.stdout)
+        validate_config(config)
+        validate_config(prepare_config(copy.deepcopy(config)))  # as `ray up` fills it
+        worker = config["available_node_types"]["gpu_worker"]
+        assert worker["resources"] == {"CPU": 32, "GPU": 4} and worker["max_workers"] == 3
+        assert worker["node_config"]["guestAccelerators"] == [
+            {"acceleratorType": "nvidia-tesla-v100", "acceleratorCount": 4}]
+        assert worker["node_config"]["machineType"] == "n1-standard-32"
+        assert ("provisioningModel" in worker["node_config"]["scheduling"]) == ("--spot" in extra)
+        setup = "\n".join(config["setup_commands"])
+        assert "torch==2.13.0" in setup and "whl/cu126" in setup and "ray[default]==2.60.0" in setup
+        assert config["file_mounts"] == {"~/sr-cloud": str(ROOT)}
+        script = tmp_path / "setup.sh"
+        script.write_text("#!/usr/bin/env bash\n" + "\n".join(config["setup_commands"]) + "\n")
+        check_shell([script])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["resourcez"] = {}
+    with pytest.raises(Exception, match="resourcez"):
+        validate_config(broken)
+    done = sr(["cloud", "ray-config", "--project", "p", "--gpus-per-worker", "3"], offline_env)
+    assert done.returncode == 2 and "--gpus-per-worker" in done.stderr
+
+
+def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env):
+    cluster = tmp_path / "cluster.yaml"
+    assert sr(["cloud", "ray-config", "--project", "p", "-o", str(cluster)], offline_env).returncode == 0
+    out = tmp_path / "job"
+    done = sr(["cloud", "batch", "gs://in/photos", "gs://out/photos", "--model", "gs://m/x4.safetensors",
+               "--cluster", str(cluster), "--submission-id", "job1", "--dry-run", "--out", str(out),
+               "--batch-args", "--tile 256"], offline_env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert f"  ray get-head-ip {cluster}" in lines and f"  ray up -y --no-restart {cluster}" in lines
+    submit = next(line for line in lines if line.startswith("  ray job submit"))
+    argv = shlex.split(submit)
+    assert argv[argv.index("--") + 1:] == ["sr", "batch", "gs://in/photos", "gs://out/photos", "--model",
+                                           "gs://m/x4.safetensors", "--address", "auto", "--tile", "256"]
+    runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert runtime_env == json.loads((out / "runtime_env.json").read_text())
+    assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
+    assert "gs://out/photos/_sr_batch/<run id>/" in done.stdout
+    check_shell([out / "commands.sh"])
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(cluster.read_text()), "max_wokers": 2}))
+    for args, named in (
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(bad)], "not a valid Ray cluster config"),
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(tmp_path / "no.yaml")], "no.yaml"),
+        (["local/in", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster)], "INPUT"),
+        (["gs://in/a", "gs://out/a", "--model", "x4.safetensors", "--cluster", str(cluster)], "--model"),
+    ):
+        done = sr(["cloud", "batch", *args, "--dry-run", "--out", str(tmp_path / "o")], offline_env)
+        assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- the image ------------------------------------------------------------------------------
+
+
+def test_dockerfile_agrees_with_pyproject_and_the_cloud_pins():
+    """Docker has no engine on these machines, so the image is not built here; what it
+    installs is read back and compared with pyproject, infra/image.py and what CI runs."""
+    from importlib.metadata import version
+
+    import torch
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from infra import image
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    assert re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1) == image.CUDA_IMAGE
+    assert "cuda:12.6" in image.CUDA_IMAGE and image.TORCH_CUDA == "cu126"
+    assert args == {"TORCH_VERSION": image.TORCH_VERSION, "TORCH_CUDA": image.TORCH_CUDA,
+                    "RAY_VERSION": image.RAY_VERSION}
+    assert re.search(r'image\.version="([^"]+)"', dockerfile).group(1) == pyproject["version"]
+    python = re.search(r"python(3\.\d+) -m venv", dockerfile).group(1)
+    assert python == image.PYTHON.removeprefix("python")
+    assert SpecifierSet(pyproject["requires-python"]).contains(python)
+    requirements = [Requirement(r) for r in pyproject["dependencies"]]
+    requirements += [Requirement(r) for extra in ("train", "batch") for r in pyproject["optional-dependencies"][extra]]
+    pins = {"torch": image.TORCH_VERSION, "ray": image.RAY_VERSION}
+    for req in requirements:
+        if req.name in pins:
+            assert req.specifier.contains(pins[req.name]), (req, pins[req.name])
+    # The cloud runs the versions the tests run here (a CPU build of the same torch).
+    assert torch.__version__.split("+")[0] == image.TORCH_VERSION
+    assert version("ray") == image.RAY_VERSION
+    assert '".[train,batch]"' in dockerfile and "sm_70" in dockerfile
+
+
+# --- TensorBoard ------------------------------------------------------------------------------
+
+
+def test_tensorboard_serves_a_runs_prefix(tmp_path, offline_env):
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = tmp_path / "runs"
+    for name, slope in (("psnr", 1.0), ("gan", 2.0)):
+        with SummaryWriter(str(runs / name / "tb")) as writer:
+            for step in range(5):
+                writer.add_scalar("train/loss_g", slope * step, step)
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "sr"), "tensorboard", str(runs), "--port", str(port), "--reload-interval", "1"],
+                            env=offline_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://\S+)", line).group(1)
+        assert f":{port}" in url, line
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+        deadline = time.monotonic() + 30
+        while True:
+            listed = json.loads(opener.open(url.rstrip("/") + "/data/runs", timeout=5).read())
+            if len(listed) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sorted(listed) == ["gan/tb", "psnr/tb"]
+        scalars = json.loads(opener.open(
+            url.rstrip("/") + "/data/plugin/scalars/scalars?run=gan/tb&tag=train/loss_g", timeout=5).read())
+        assert [row[2] for row in scalars] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_tensorboard_target_resolution(tmp_path, gcs_emulator):
+    from infra.tensorboard import resolve_logdir
+
+    run = tmp_path / "runs" / "r1"
+    (run / "tb").mkdir(parents=True)
+    assert resolve_logdir(str(run)) == str(run)
+    output = tmp_path / "out"
+    (output / "_sr_batch" / "20261202-0100").mkdir(parents=True)
+    (output / "photo.png").write_bytes(b"x")
+    assert resolve_logdir(str(output)) == str(output / "_sr_batch")  # not the images
+    with pytest.raises(FileNotFoundError):
+        resolve_logdir(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError):
+        resolve_logdir(str(output / "photo.png"))
+    bucket = gcs_emulator.make_bucket()
+    fs = gcs_emulator.fs()
+    fs.pipe(f"{bucket[5:]}/out/_sr_batch/run1/summary.json", b"{}")
+    fs.pipe(f"{bucket[5:]}/runs/r1/tb/events.out.tfevents.1", b"")
+    assert resolve_logdir(f"{bucket}/out") == f"{bucket}/out/_sr_batch"
+    assert resolve_logdir(f"{bucket}/runs") == f"{bucket}/runs"
+
+
+# --- the documentation ------------------------------------------------------------------------
+
+
+def _doc_commands() -> list[str]:
+    text = (ROOT / "docs" / "CLOUD.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("sr "):
+                commands.append(line)
+    return commands
+
+
+def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_env):
+    from sr_core.main import build_parser
+
+    commands = _doc_commands()
+    cloud = [c for c in commands if c.startswith("sr cloud ")]
+    assert len(cloud) >= 8 and {c.split()[2] for c in cloud} >= {
+        "train", "status", "logs", "stop", "ray-config", "batch"}
+    parser = build_parser()
+    for i, command in enumerate(commands):
+        argv = shlex.split(command.split(">", 1)[0])
+        parser.parse_args(argv[1:])  # every sr line of the doc is a valid invocation
+        if not command.startswith("sr cloud "):
+            continue
+        if argv[2] != "ray-config":  # it only prints; the others get --dry-run
+            command = command.replace(f"sr cloud {argv[2]} ", f"sr cloud {argv[2]} --dry-run --out {tmp_path}/out{i} ", 1)
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=offline_env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, (command, done.stderr)
