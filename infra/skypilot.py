@@ -117,15 +117,16 @@ def _sets(job: TrainJob, key: str) -> bool:
 
 
 def train_words(job: TrainJob) -> list[str]:
-    """What follows ``-m jobs.train`` as shell words, except the shard cache (it depends
-    on the node) and the resume/run-dir tail. A local config file is read from its file
-    mount (``$HOME`` as the shell expands it: jobs.train does not expand ``~``)."""
+    """What follows ``-m jobs.train`` up to the shard cache, as shell words: ``--preset``
+    first, then the config file and the overrides, kept together (the job's argument
+    parser reads its positional arguments as one run). A local config file is read from
+    its file mount (``$HOME`` as the shell expands it: the job does not expand ``~``)."""
     words = []
+    if job.preset:
+        words += ["--preset", shlex.quote(job.preset)]
     if job.config:
         remote = "://" in job.config
         words.append(shlex.quote(job.config) if remote else '"$HOME/' + REMOTE_CONFIG.removeprefix("~/") + '"')
-    if job.preset:
-        words += ["--preset", shlex.quote(job.preset)]
     words += [shlex.quote(o) for o in job.overrides]
     return words
 
@@ -152,7 +153,7 @@ def run_script(job: TrainJob) -> str:
     cache = cache_override(job)
     if cache:
         lines.append(cache)
-    lines.append("--resume auto " + shlex.quote(f"train.run_dir={job.run_dir}"))
+    lines.append(shlex.quote(f"train.run_dir={job.run_dir}") + " --resume auto")
     cache_setup = ""
     if cache:
         cache_setup = """

@@ -121,10 +121,10 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env):
     assert task["resources"]["volumes"] == [{"path": "/mnt/local-ssd", "storage_type": "instance"}]
     run = task["run"]
     assert (runs["multi"] / "run.sh").read_text() == run
-    # The config arguments go through as given, then the cache, the resume and the run dir.
-    assert '-m jobs.train "$HOME/sr-job/config.yaml" --preset tiny data.train_shards=gs://b/div2k-sub data.batch_size=8' in run
+    # The config arguments go through as given, then the cache, the run dir and the resume.
+    assert '-m jobs.train --preset tiny "$HOME/sr-job/config.yaml" data.train_shards=gs://b/div2k-sub data.batch_size=8' in run
     assert '"data.cache_dir=$SR_LOCAL_DISK/sr-shards"' in run
-    assert run.rstrip().endswith("--resume auto train.run_dir=gs://b/runs/esrgan-multi")
+    assert run.rstrip().endswith("train.run_dir=gs://b/runs/esrgan-multi --resume auto")
     for variable in ("SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE"):
         assert variable in run
     assert "torch==2.13.0\" --index-url https://download.pytorch.org/whl/cu126" in task["setup"]
