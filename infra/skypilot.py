@@ -147,7 +147,9 @@ def run_script(job: TrainJob) -> str:
         lines.append(f"--config_file {shlex.quote(job.launch_config)}")
     lines += [
         '--num_machines "$num_nodes" --machine_rank "$node_rank" --num_processes "$num_processes"',
-        '--main_process_ip "$main_ip" --main_process_port "$SR_MAIN_PROCESS_PORT" --dynamo_backend no',
+        '--main_process_ip "$main_ip" --main_process_port "$SR_MAIN_PROCESS_PORT"',
+        # The job chooses its precision from train.precision and the GPU it finds.
+        "--mixed_precision no --dynamo_backend no",
         " ".join(["-m jobs.train", *train_words(job)]),
     ]
     cache = cache_override(job)

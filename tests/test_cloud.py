@@ -19,6 +19,7 @@ import time
 import tomllib
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -34,22 +35,45 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def offline_env(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "CLOUDSDK_CORE_PROJECT",
-                        "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST")}
+def offline_env(tmp_path, monkeypatch):
+    """No credentials, an empty HOME and gcloud folder, and proxies at a closed loopback
+    port (9) for anything not on loopback: set in this process (for `sr` run in-process)
+    and returned for child processes."""
     (tmp_path / "home").mkdir()
-    env.update(HOME=str(tmp_path / "home"), CLOUDSDK_CONFIG=str(tmp_path / "home" / "gcloud"),
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    # Port 9 on loopback is closed: a request that slipped past the checks fails there.
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "CLOUDSDK_CORE_PROJECT",
+                 "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    changes = {"HOME": str(tmp_path / "home"), "CLOUDSDK_CONFIG": str(tmp_path / "home" / "gcloud"),
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        env[name] = "http://127.0.0.1:9"
-    env["NO_PROXY"] = env["no_proxy"] = ""
-    return env
+        changes[name] = "http://127.0.0.1:9"
+    for name, value in changes.items():
+        monkeypatch.setenv(name, value)
+    return dict(os.environ)
 
 
-def sr(args, env, cwd=None, timeout=60):
-    return subprocess.run([str(BIN / "sr"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+@pytest.fixture
+def sr(capsys):
+    """``sr ARGS`` in this process (what the `sr` entry point runs), with its exit code and
+    output; dry runs contact nothing, so no child process is needed."""
+    from sr_core.main import main
+
+    def run(args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
+
+
+def sr_process(args, env, timeout=60):
+    """The installed `sr` executable as a child process."""
+    return subprocess.run([str(BIN / "sr"), *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -90,7 +114,7 @@ def validate_with_skypilot(paths, env):
 # --- training on SkyPilot -----------------------------------------------------------------
 
 
-def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env):
+def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr):
     config = tmp_path / "psnr.yaml"
     config.write_text("data:\n  gt_size: 64\n")
     runs = {}
@@ -102,7 +126,7 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env):
         started = time.monotonic()
         done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8",
                    "--preset", "tiny", "--name", f"esrgan-{name}", "--bucket", "gs://b", *extra,
-                   "--dry-run", "--out", str(out)], offline_env)
+                   "--dry-run", "--out", str(out)])
         assert done.returncode == 0, done.stderr
         assert time.monotonic() - started < 20
         assert f"sky jobs launch {out}/task.yaml --name esrgan-{name} --yes --detach-run" in done.stdout
@@ -133,7 +157,7 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env):
     check_shell([runs[n] / f for n in runs for f in ("run.sh", "setup.sh", "commands.sh")])
 
 
-def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env):
+def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env, sr):
     base = ["cloud", "train", "--name", "r1", "--bucket", "gs://b", "--dry-run", "--out", str(tmp_path)]
     cases = {
         ("--preset", "tiny", "data.gt_sise=64"): "data.gt_sise",       # the config loader's own check
@@ -144,62 +168,62 @@ def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env):
         ("--gpus", "V100:four"): "--gpus",
     }
     for extra, named in cases.items():
-        done = sr([*base, *extra], offline_env)
+        done = sr([*base, *extra])
         assert done.returncode == 2, (extra, done.stdout, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, (extra, done.stderr)
-    done = sr(["cloud", "train", "--name", "Bad_Name", "--bucket", "gs://b", "--dry-run"], offline_env)
+    done = sr(["cloud", "train", "--name", "Bad_Name", "--bucket", "gs://b", "--dry-run"])
     assert done.returncode == 2 and "--name" in done.stderr
-    done = sr(["cloud", "train", "--name", "ok", "--bucket", "/local/folder", "--dry-run"], offline_env)
+    done = sr(["cloud", "train", "--name", "ok", "--bucket", "/local/folder", "--dry-run"])
     assert done.returncode == 2 and "--bucket" in done.stderr
 
 
-def test_job_commands_map_onto_managed_jobs(tmp_path, offline_env):
+def test_job_commands_map_onto_managed_jobs(tmp_path, offline_env, sr):
     expected = {
         "status": "sky jobs queue --all",
         "logs": "sky jobs logs --name esrgan-psnr --follow",
         "stop": "sky jobs cancel --name esrgan-psnr --yes",
     }
     for action, command in expected.items():
-        done = sr(["cloud", action, "esrgan-psnr", "--dry-run", "--out", str(tmp_path / action)], offline_env)
+        done = sr(["cloud", action, "esrgan-psnr", "--dry-run", "--out", str(tmp_path / action)])
         assert done.returncode == 0, done.stderr
         assert "  " + command in done.stdout.splitlines()
         assert (tmp_path / action / "commands.sh").read_text().rstrip().endswith(command)
     done = sr(["cloud", "logs", "esrgan-psnr", "--no-follow", "--controller", "--dry-run",
-               "--out", str(tmp_path / "c")], offline_env)
+               "--out", str(tmp_path / "c")])
     assert "  sky jobs logs --name esrgan-psnr --no-follow --controller" in done.stdout.splitlines()
 
 
-def test_without_credentials_every_command_fails_at_once(tmp_path, offline_env):
+def test_without_credentials_every_command_fails_at_once(tmp_path, offline_env, sr, monkeypatch):
     cluster = tmp_path / "cluster.yaml"
-    done = sr(["cloud", "ray-config", "--project", "p", "-o", str(cluster)], offline_env)
+    done = sr(["cloud", "ray-config", "--project", "p", "-o", cluster])
     assert done.returncode == 0, done.stderr
     commands = [
         ["cloud", "train", "--preset", "tiny", "--name", "r1", "--bucket", "gs://b"],
         ["cloud", "status", "r1"], ["cloud", "logs", "r1"], ["cloud", "stop", "r1"],
-        ["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x4.safetensors", "--cluster", str(cluster)],
+        ["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x4.safetensors", "--cluster", cluster],
     ]
-    for args in commands:
+    for args in commands:  # the installed `sr`, timed from its start
         started = time.monotonic()
-        done = sr([*args, "--out", str(tmp_path / "o")], offline_env)
+        done = sr_process([*args, "--out", tmp_path / "o"], offline_env)
         assert time.monotonic() - started < 15, args
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         (line,) = done.stderr.strip().splitlines()
         assert "no Google Cloud credentials" in line and "gcloud auth application-default login" in line
     # A key file that is named but missing is called out by name.
-    env = dict(offline_env, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "key.json"))
-    done = sr(["cloud", "status", "r1", "--out", str(tmp_path / "o")], env)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    done = sr(["cloud", "status", "r1", "--out", tmp_path / "o"])
     assert done.returncode == 2 and "key.json: no such file" in done.stderr
 
 
 # --- batch on a Ray cluster ---------------------------------------------------------------
 
 
-def test_ray_config_passes_rays_validator(tmp_path, offline_env):
+def test_ray_config_passes_rays_validator(tmp_path, offline_env, sr):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     for extra in ([], ["--spot", "--image", "us-docker.pkg.dev/p/sr/sr-cloud:0.1.0", "--min-workers", "1"]):
         done = sr(["cloud", "ray-config", "--project", "my-project", "--gpu", "nvidia-tesla-v100",
-                   "--gpus-per-worker", "4", "--max-workers", "3", *extra], offline_env)
+                   "--gpus-per-worker", "4", "--max-workers", "3", *extra])
         assert done.returncode == 0, done.stderr
         config = yaml.safe_load(done.stdout)
         validate_config(config)
@@ -220,17 +244,17 @@ def test_ray_config_passes_rays_validator(tmp_path, offline_env):
     broken["available_node_types"]["gpu_worker"]["resourcez"] = {}
     with pytest.raises(Exception, match="resourcez"):
         validate_config(broken)
-    done = sr(["cloud", "ray-config", "--project", "p", "--gpus-per-worker", "3"], offline_env)
+    done = sr(["cloud", "ray-config", "--project", "p", "--gpus-per-worker", "3"])
     assert done.returncode == 2 and "--gpus-per-worker" in done.stderr
 
 
-def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env):
+def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
     cluster = tmp_path / "cluster.yaml"
-    assert sr(["cloud", "ray-config", "--project", "p", "-o", str(cluster)], offline_env).returncode == 0
+    assert sr(["cloud", "ray-config", "--project", "p", "-o", str(cluster)]).returncode == 0
     out = tmp_path / "job"
     done = sr(["cloud", "batch", "gs://in/photos", "gs://out/photos", "--model", "gs://m/x4.safetensors",
                "--cluster", str(cluster), "--submission-id", "job1", "--dry-run", "--out", str(out),
-               "--batch-args", "--tile 256"], offline_env)
+               "--batch-args", "--tile 256"])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert f"  ray get-head-ip {cluster}" in lines and f"  ray up -y --no-restart {cluster}" in lines
@@ -252,7 +276,7 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env):
         (["local/in", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster)], "INPUT"),
         (["gs://in/a", "gs://out/a", "--model", "x4.safetensors", "--cluster", str(cluster)], "--model"),
     ):
-        done = sr(["cloud", "batch", *args, "--dry-run", "--out", str(tmp_path / "o")], offline_env)
+        done = sr(["cloud", "batch", *args, "--dry-run", "--out", str(tmp_path / "o")])
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1
 
@@ -349,37 +373,3 @@ def test_tensorboard_target_resolution(tmp_path, gcs_emulator):
     assert resolve_logdir(f"{bucket}/out") == f"{bucket}/out/_sr_batch"
     assert resolve_logdir(f"{bucket}/runs") == f"{bucket}/runs"
 
-
-# --- the documentation ------------------------------------------------------------------------
-
-
-def _doc_commands() -> list[str]:
-    text = (ROOT / "docs" / "CLOUD.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = line.split(" #", 1)[0].strip()
-            if line.startswith("sr "):
-                commands.append(line)
-    return commands
-
-
-def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_env):
-    from sr_core.main import build_parser
-
-    commands = _doc_commands()
-    cloud = [c for c in commands if c.startswith("sr cloud ")]
-    assert len(cloud) >= 8 and {c.split()[2] for c in cloud} >= {
-        "train", "status", "logs", "stop", "ray-config", "batch"}
-    parser = build_parser()
-    for i, command in enumerate(commands):
-        argv = shlex.split(command.split(">", 1)[0])
-        parser.parse_args(argv[1:])  # every sr line of the doc is a valid invocation
-        if not command.startswith("sr cloud "):
-            continue
-        if argv[2] != "ray-config":  # it only prints; the others get --dry-run
-            command = command.replace(f"sr cloud {argv[2]} ", f"sr cloud {argv[2]} --dry-run --out {tmp_path}/out{i} ", 1)
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=offline_env, capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0, (command, done.stderr)
