@@ -373,3 +373,13 @@ def test_tensorboard_target_resolution(tmp_path, gcs_emulator):
     assert resolve_logdir(f"{bucket}/out") == f"{bucket}/out/_sr_batch"
     assert resolve_logdir(f"{bucket}/runs") == f"{bucket}/runs"
 
+
+
+def test_help_lists_cloud_commands_and_imports_no_engine():
+    code = ("import sys\nfrom sr_core.main import build_parser\ntext = build_parser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'ray', 'sky', 'tensorboard', 'yaml') if m in sys.modules))\n"
+            "print(text)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    heavy, _, text = done.stdout.partition("\n")
+    assert heavy == "[]" and "cloud" in text and "tensorboard" in text
