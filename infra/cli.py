@@ -82,8 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "pool of GPU workers whose setup installs the project (torch with V100 kernels). "
                     "It contacts nothing; `sr cloud batch --cluster` uses the file.",
     )
-    p.add_argument("--project", default=os.environ.get("CLOUDSDK_CORE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT", ""),
-                   help="GCP project id (default: $CLOUDSDK_CORE_PROJECT or $GOOGLE_CLOUD_PROJECT)")
+    p.add_argument("--project", default="",
+                   help="GCP project id (default: gcloud's, from `gcloud config set project`)")
     p.add_argument("--name", default="sr-batch", help="cluster name (default: sr-batch)")
     p.add_argument("--region", default="us-central1", help="GCP region (default: us-central1)")
     p.add_argument("--zone", default="us-central1-a", help="GCP zone with the GPUs (default: us-central1-a)")
@@ -301,9 +301,10 @@ def run_job_command(args: argparse.Namespace) -> int:
 
 def run_ray_config(args: argparse.Namespace) -> int:
     from infra import raycluster
+    from infra.credentials import gcloud_project
 
     spec = raycluster.ClusterSpec(
-        project_id=args.project, region=args.region, zone=args.zone, name=args.name, gpu=args.gpu,
+        project_id=args.project or gcloud_project(), region=args.region, zone=args.zone, name=args.name, gpu=args.gpu,
         gpus_per_worker=args.gpus_per_worker, cpus_per_gpu=args.cpus_per_gpu, min_workers=args.min_workers,
         max_workers=args.max_workers, spot=args.spot, disk_gb=args.disk_gb,
         source_image=args.source_image or raycluster.DEFAULT_SOURCE_IMAGE, docker_image=args.image,

@@ -35,6 +35,25 @@ def gcp_credentials() -> str | None:
     return adc if os.path.isfile(adc) else None
 
 
+def gcloud_project() -> str:
+    """The project gcloud would use: $CLOUDSDK_CORE_PROJECT, $GOOGLE_CLOUD_PROJECT, else
+    the active gcloud configuration's ``[core] project`` (``gcloud config set project``)."""
+    import configparser
+
+    for name in ("CLOUDSDK_CORE_PROJECT", "GOOGLE_CLOUD_PROJECT"):
+        if os.environ.get(name):
+            return os.environ[name]
+    folder = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    try:
+        with open(os.path.join(folder, "active_config")) as f:
+            active = f.read().strip() or "default"
+    except OSError:
+        active = "default"
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(folder, "configurations", f"config_{active}"))
+    return parser.get("core", "project", fallback="")
+
+
 def require_gcp(tool: str) -> str:
     """Path of ``tool`` when it and Google Cloud credentials are present; else a
     one-line ValueError saying what to do."""

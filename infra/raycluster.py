@@ -88,7 +88,7 @@ def worker_machine_type(spec: ClusterSpec) -> str:
 
 def check_spec(spec: ClusterSpec) -> None:
     if not spec.project_id:
-        raise ValueError("--project is required (or set CLOUDSDK_CORE_PROJECT / GOOGLE_CLOUD_PROJECT)")
+        raise ValueError("no GCP project: pass --project or run `gcloud config set project PROJECT`")
     if not _NAME.match(spec.name):
         raise ValueError(f"--name {spec.name!r}: use lowercase letters, digits and dashes, starting with a letter")
     if not spec.zone.startswith(spec.region + "-"):

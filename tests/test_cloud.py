@@ -383,3 +383,15 @@ def test_help_lists_cloud_commands_and_imports_no_engine():
     assert done.returncode == 0, done.stderr
     heavy, _, text = done.stdout.partition("\n")
     assert heavy == "[]" and "cloud" in text and "tensorboard" in text
+
+
+def test_ray_config_project_defaults_to_gclouds(tmp_path, offline_env, sr):
+    done = sr(["cloud", "ray-config"])
+    assert done.returncode == 2 and "gcloud config set project" in done.stderr
+    gcloud = Path(os.environ["CLOUDSDK_CONFIG"])
+    (gcloud / "configurations").mkdir(parents=True)
+    (gcloud / "active_config").write_text("work")
+    (gcloud / "configurations" / "config_work").write_text("[core]\nproject = from-gcloud\naccount = a@b.c\n")
+    done = sr(["cloud", "ray-config", "--gpu", "nvidia-tesla-v100", "--gpus-per-worker", "2", "--max-workers", "2"])
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["provider"]["project_id"] == "from-gcloud"
