@@ -11,6 +11,7 @@ where the preempted run stopped. The task is a plain dict (written as YAML) that
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -104,6 +105,9 @@ def check_job(job: TrainJob) -> None:
         raise ValueError(f"--disk-size {job.disk_size}: at least 50 GB (the CUDA environment alone takes ~15)")
     if job.zone and job.region and not job.zone.startswith(job.region + "-"):
         raise ValueError(f"--zone {job.zone} is not in --region {job.region}")
+    if job.launch_config and not os.path.isfile(os.path.join(job.workdir, job.launch_config)):
+        raise ValueError(f"--launch-config {job.launch_config}: no such file in {job.workdir} "
+                         "(give a path inside the project, e.g. jobs/launch/<file>.yaml)")
     for item in job.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:

@@ -166,6 +166,7 @@ def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env, sr):
         ("train.run_dir=gs://x/y",): "--bucket and --name",
         ("missing.yaml",): "missing.yaml",
         ("--gpus", "V100:four"): "--gpus",
+        ("--launch-config", "jobs/launch/none.yaml"): "jobs/launch/none.yaml",
     }
     for extra, named in cases.items():
         done = sr([*base, *extra])
