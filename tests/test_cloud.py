@@ -322,7 +322,32 @@ def test_dockerfile_agrees_with_pyproject_and_the_cloud_pins():
 # --- TensorBoard ------------------------------------------------------------------------------
 
 
-def test_tensorboard_serves_a_runs_prefix(tmp_path, offline_env):
+def _serve_and_read(target: str, env: dict) -> dict:
+    """Start `sr tensorboard TARGET` on a free loopback port, read its runs and one series
+    from the printed URL, stop it."""
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "sr"), "tensorboard", target, "--port", str(port), "--reload-interval", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://\S+)", line).group(1).rstrip("/")
+        assert f"127.0.0.1:{port}" in url, line
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+        deadline = time.monotonic() + 30
+        while True:
+            listed = json.loads(opener.open(url + "/data/runs", timeout=5).read())
+            if len(listed) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        series = {run: [row[2] for row in json.loads(opener.open(
+            f"{url}/data/plugin/scalars/scalars?run={run}&tag=train/loss_g", timeout=5).read())] for run in listed}
+        return series
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_tensorboard_serves_local_and_gs_runs(tmp_path, offline_env, gcs_emulator):
     from torch.utils.tensorboard import SummaryWriter
 
     runs = tmp_path / "runs"
@@ -330,27 +355,14 @@ def test_tensorboard_serves_a_runs_prefix(tmp_path, offline_env):
         with SummaryWriter(str(runs / name / "tb")) as writer:
             for step in range(5):
                 writer.add_scalar("train/loss_g", slope * step, step)
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "sr"), "tensorboard", str(runs), "--port", str(port), "--reload-interval", "1"],
-                            env=offline_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        url = re.search(r"(http://\S+)", line).group(1)
-        assert f":{port}" in url, line
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
-        deadline = time.monotonic() + 30
-        while True:
-            listed = json.loads(opener.open(url.rstrip("/") + "/data/runs", timeout=5).read())
-            if len(listed) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert sorted(listed) == ["gan/tb", "psnr/tb"]
-        scalars = json.loads(opener.open(
-            url.rstrip("/") + "/data/plugin/scalars/scalars?run=gan/tb&tag=train/loss_g", timeout=5).read())
-        assert [row[2] for row in scalars] == [0.0, 2.0, 4.0, 6.0, 8.0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    expected = {"gan/tb": [0.0, 2.0, 4.0, 6.0, 8.0], "psnr/tb": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    assert _serve_and_read(str(runs), offline_env) == expected
+    # The same event files in a bucket (the emulator on loopback; google-auth's metadata
+    # server pointed at a closed loopback port, so nothing else can be asked).
+    bucket = gcs_emulator.make_bucket()
+    gcs_emulator.fs().put(str(runs), f"{bucket[5:]}/runs", recursive=True)
+    env = dict(os.environ, GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9", NO_GCE_CHECK="True")
+    assert _serve_and_read(f"{bucket}/runs", env) == expected
 
 
 def test_tensorboard_target_resolution(tmp_path, gcs_emulator):
