@@ -111,7 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model file the cluster can read, e.g. gs://models/x4.safetensors")
     p.add_argument("--cluster", required=True, metavar="CLUSTER.yaml", help="from `sr cloud ray-config`")
     p.add_argument("--batch-args", default="", metavar="'OPTIONS'",
-                   help="more options of `sr batch`, as one quoted string, e.g. '--tile 256 --format jpg' (default: none)")
+                   help="more options of `sr batch` as one string after '=', e.g. --batch-args='--overwrite --limit 1000' "
+                        "(default: none)")
     p.add_argument("--submission-id", default="", help="Ray job submission id (default: sr-batch-<UTC time>)")
     _add_out_options(p)
     p.set_defaults(func=run_batch)
@@ -350,6 +351,27 @@ def _remote(url: str, what: str) -> None:
         raise ValueError(f"{what} {url!r}: the cluster cannot read this machine's files; use a bucket URL (gs://...)")
 
 
+def check_batch_arguments(entrypoint: list[str]) -> None:
+    """Parse the job's ``sr batch ...`` here with sr's own parser, so a wrong option fails
+    now, in one line, rather than on the cluster (skipped when batch is not installed)."""
+    import contextlib
+    import io
+
+    try:
+        from batch.cli import register as register_batch
+    except ImportError:
+        return
+    parser = argparse.ArgumentParser(prog="sr")
+    register_batch(parser.add_subparsers())
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(entrypoint[1:])
+    except SystemExit:
+        last = errors.getvalue().strip().splitlines()[-1:] or ["invalid arguments"]
+        raise ValueError(f"--batch-args: {last[0]}") from None
+
+
 def run_batch(args: argparse.Namespace) -> int:
     import json
     import time
@@ -365,7 +387,9 @@ def run_batch(args: argparse.Namespace) -> int:
     job = raycluster.BatchJob(
         input=args.input, output=args.output, model=args.model, cluster_yaml=args.cluster,
         submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
+        max_gpus=raycluster.max_gpus(cluster),
     )
+    check_batch_arguments(raycluster.batch_entrypoint(job))
     commands = raycluster.submit_commands(job)
     out = _out_dir(args, submission_id)
     _write(os.path.join(out, "runtime_env.json"), json.dumps(raycluster.runtime_env(job), indent=2) + "\n")
@@ -374,7 +398,7 @@ def run_batch(args: argparse.Namespace) -> int:
     _write(os.path.join(out, "commands.sh"), _commands_sh(commands, notes), executable=True)
     print(f"cluster: {args.cluster} ({cluster['cluster_name']}); runtime env: {os.path.join(out, 'runtime_env.json')}")
     print(f"images: {job.output}/<same relative paths>; metrics.parquet, failures.parquet, summary.json and "
-          f"TensorBoard events: {job.output.rstrip('/')}/_sr_batch/<run id>/ (sr tensorboard {job.output})")
+          f"TensorBoard events: {job.output.rstrip('/')}/_sr_batch/{submission_id}/ (sr tensorboard {job.output})")
     _print_plan(out, commands, args.dry_run)
     if args.dry_run:
         return 0

@@ -204,6 +204,8 @@ class BatchJob:
     submission_id: str
     batch_args: tuple[str, ...] = ()
     project_dir: str = "."
+    max_gpus: int = 0
+    """GPUs of the cluster at full size (0: none, CPU actors)."""
 
 
 def runtime_env(job: BatchJob) -> dict:
@@ -216,8 +218,24 @@ def runtime_env(job: BatchJob) -> dict:
     }
 
 
+def max_gpus(config: dict) -> int:
+    """GPUs of a launcher config's cluster at full size (every node type at max_workers)."""
+    total = 0
+    for name, node in config.get("available_node_types", {}).items():
+        count = 1 if name == config.get("head_node_type") else node.get("max_workers", 0)
+        total += count * int(node.get("resources", {}).get("GPU", 0))
+    return total
+
+
 def batch_entrypoint(job: BatchJob) -> list[str]:
-    return ["sr", "batch", job.input, job.output, "--model", job.model, "--address", "auto", *job.batch_args]
+    """``sr batch`` as the job runs it: results under OUTPUT/_sr_batch/<submission id>/, and
+    (on a GPU cluster) one actor per GPU, the pool growing with the autoscaler from one to
+    every GPU the cluster can have; options in ``batch_args`` come last and win."""
+    command = ["sr", "batch", job.input, job.output, "--model", job.model, "--address", "auto",
+               "--run-id", job.submission_id]
+    if job.max_gpus:
+        command += ["--num-gpus-per-actor", "1", "--actors", f"1,{job.max_gpus}"]
+    return command + list(job.batch_args)
 
 
 def submit_commands(job: BatchJob) -> list[list[str]]:

@@ -255,18 +255,20 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
     out = tmp_path / "job"
     done = sr(["cloud", "batch", "gs://in/photos", "gs://out/photos", "--model", "gs://m/x4.safetensors",
                "--cluster", str(cluster), "--submission-id", "job1", "--dry-run", "--out", str(out),
-               "--batch-args", "--tile 256"])
+               "--batch-args=--overwrite"])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert f"  ray get-head-ip {cluster}" in lines and f"  ray up -y --no-restart {cluster}" in lines
     submit = next(line for line in lines if line.startswith("  ray job submit"))
     argv = shlex.split(submit)
+    # The default cluster has 4 one-GPU workers at most: one actor per GPU, 1 to 4 of them.
     assert argv[argv.index("--") + 1:] == ["sr", "batch", "gs://in/photos", "gs://out/photos", "--model",
-                                           "gs://m/x4.safetensors", "--address", "auto", "--tile", "256"]
+                                           "gs://m/x4.safetensors", "--address", "auto", "--run-id", "job1",
+                                           "--num-gpus-per-actor", "1", "--actors", "1,4", "--overwrite"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env == json.loads((out / "runtime_env.json").read_text())
     assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
-    assert "gs://out/photos/_sr_batch/<run id>/" in done.stdout
+    assert "gs://out/photos/_sr_batch/job1/" in done.stdout
     check_shell([out / "commands.sh"])
 
     bad = tmp_path / "bad.yaml"
