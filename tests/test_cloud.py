@@ -278,6 +278,8 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
         (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(tmp_path / "no.yaml")], "no.yaml"),
         (["local/in", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster)], "INPUT"),
         (["gs://in/a", "gs://out/a", "--model", "x4.safetensors", "--cluster", str(cluster)], "--model"),
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster), "--batch-args=--bogus 2"],
+         "unrecognized arguments: --bogus 2"),  # sr batch's own parser, here
     ):
         done = sr(["cloud", "batch", *args, "--dry-run", "--out", str(tmp_path / "o")])
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
