@@ -146,14 +146,16 @@ def run_script(job: TrainJob) -> str:
     """The task's ``run``: the same script on every node; SkyPilot sets the SKYPILOT_*
     variables. SR_VENV, SR_LOCAL_DISK and SR_MAIN_PROCESS_PORT may be overridden (a
     rehearsal on one host does)."""
-    lines = ['"$SR_VENV/bin/accelerate" launch "${multi_gpu[@]}"']
     if job.launch_config:
-        lines.append(f"--config_file {shlex.quote(job.launch_config)}")
+        # The launch config decides the kind of launch (DDP, DeepSpeed) and its precision;
+        # the node's place in the cluster comes from SkyPilot.
+        lines = [f'"$SR_VENV/bin/accelerate" launch --config_file {shlex.quote(job.launch_config)}']
+    else:
+        # The job chooses its precision from train.precision and the GPU it finds.
+        lines = ['"$SR_VENV/bin/accelerate" launch "${multi_gpu[@]}" --mixed_precision no --dynamo_backend no']
     lines += [
         '--num_machines "$num_nodes" --machine_rank "$node_rank" --num_processes "$num_processes"',
         '--main_process_ip "$main_ip" --main_process_port "$SR_MAIN_PROCESS_PORT"',
-        # The job chooses its precision from train.precision and the GPU it finds.
-        "--mixed_precision no --dynamo_backend no",
         " ".join(["-m jobs.train", *train_words(job)]),
     ]
     cache = cache_override(job)
@@ -171,6 +173,11 @@ if ! mkdir -p "$SR_LOCAL_DISK/sr-shards" 2>/dev/null || [ ! -w "$SR_LOCAL_DISK/s
 fi
 """
     command = " \\\n  ".join(lines)
+    multi_gpu = "" if job.launch_config else """multi_gpu=()
+if [ "$num_processes" -gt 1 ]; then
+  multi_gpu=(--multi_gpu)
+fi
+"""
     return f"""\
 #!/usr/bin/env bash
 # sr cloud train, run {job.name}: SkyPilot runs this on every node of the task.
@@ -185,11 +192,7 @@ gpus_per_node="${{SKYPILOT_NUM_GPUS_PER_NODE:?set by SkyPilot on every node}}"
 # SKYPILOT_NODE_IPS lists one IP per line, rank 0 first: rank 0 hosts the rendezvous.
 main_ip="$(printf '%s\\n' "${{SKYPILOT_NODE_IPS:?set by SkyPilot on every node}}" | head -n 1)"
 num_processes=$((num_nodes * gpus_per_node))
-multi_gpu=()
-if [ "$num_processes" -gt 1 ]; then
-  multi_gpu=(--multi_gpu)
-fi
-{cache_setup}
+{multi_gpu}{cache_setup}
 # --resume auto: a relaunched job (after a spot preemption) continues from the newest
 # checkpoint in the run directory; a first launch starts from step 0.
 exec {command}

@@ -121,10 +121,12 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr)
     for name, extra in {
         "multi": ["--nodes", "2", "--gpus", "V100:4", "--spot", "--zone", "us-central1-a"],
         "single": ["--gpus", "V100", "--no-local-ssd", "--image", "docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"],
+        "ds": ["--nodes", "2", "--gpus", "V100:8", "--launch-config", "jobs/launch/deepspeed_zero2_8_gpus.yaml"],
     }.items():
         out = tmp_path / name
         started = time.monotonic()
-        done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8",
+        backend = ["train.backend=deepspeed"] if name == "ds" else []
+        done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8", *backend,
                    "--preset", "tiny", "--name", f"esrgan-{name}", "--bucket", "gs://b", *extra,
                    "--dry-run", "--out", str(out)])
         assert done.returncode == 0, done.stderr
@@ -133,7 +135,8 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr)
         assert "config checked" in done.stdout
         runs[name] = out
 
-    multi, single = validate_with_skypilot([runs["multi"] / "task.yaml", runs["single"] / "task.yaml"], offline_env)
+    multi, single, ds = validate_with_skypilot([runs[n] / "task.yaml" for n in ("multi", "single", "ds")],
+                                               offline_env)
     assert multi == {"num_nodes": 2, "accelerators": {"V100": 4}, "spot": True, "cloud": "GCP",
                      "region": "us-central1", "zone": "us-central1-a", "image_id": None}
     assert single["num_nodes"] == 1 and single["accelerators"] == {"V100": 1} and single["spot"] is False
@@ -154,7 +157,36 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr)
     assert "torch==2.13.0\" --index-url https://download.pytorch.org/whl/cu126" in task["setup"]
     single_run = (runs["single"] / "run.sh").read_text()
     assert "data.cache_dir" not in single_run and "sudo" not in single_run  # --no-local-ssd: default cache
+    assert ds["num_nodes"] == 2 and ds["accelerators"] == {"V100": 8}
     check_shell([runs[n] / f for n in runs for f in ("run.sh", "setup.sh", "commands.sh")])
+
+    # What the scripts hand to `accelerate launch` on node 1 of 2, as bash expands it,
+    # read back by Accelerate's own argument parser.
+    from accelerate.commands.launch import launch_command_parser
+
+    fake = tmp_path / "venv" / "bin" / "accelerate"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(offline_env, SR_VENV=str(tmp_path / "venv"), SR_LOCAL_DISK=str(tmp_path / "ssd"),
+               SKYPILOT_NODE_RANK="1", SKYPILOT_NUM_NODES="2", SKYPILOT_NODE_IPS="10.0.0.2\n10.0.0.3")
+    launched = {}
+    for name, gpus in (("multi", "4"), ("ds", "8")):
+        done = subprocess.run(["bash", str(runs[name] / "run.sh")], env=dict(env, SKYPILOT_NUM_GPUS_PER_NODE=gpus),
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        launched[name] = launch_command_parser().parse_args(done.stdout.splitlines()[1:])  # after "launch"
+    multi_args, ds_args = launched["multi"], launched["ds"]
+    assert (multi_args.multi_gpu, multi_args.num_machines, multi_args.machine_rank, multi_args.num_processes,
+            multi_args.main_process_ip, multi_args.main_process_port) == (True, 2, 1, 8, "10.0.0.2", 29500)
+    assert multi_args.module and multi_args.training_script == "jobs.train"
+    assert multi_args.training_script_args == [
+        "--preset", "tiny", f"{tmp_path / 'home'}/sr-job/config.yaml", "data.train_shards=gs://b/div2k-sub",
+        "data.batch_size=8", f"data.cache_dir={tmp_path / 'ssd'}/sr-shards", "train.run_dir=gs://b/runs/esrgan-multi",
+        "--resume", "auto"]
+    # A launch config keeps its own kind of launch (DeepSpeed here): no --multi_gpu over it.
+    assert ds_args.config_file == "jobs/launch/deepspeed_zero2_8_gpus.yaml" and not ds_args.multi_gpu
+    assert (ds_args.num_machines, ds_args.machine_rank, ds_args.num_processes) == (2, 1, 16)
 
 
 def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env, sr):
@@ -412,3 +444,160 @@ def test_ray_config_project_defaults_to_gclouds(tmp_path, offline_env, sr):
     done = sr(["cloud", "ray-config", "--gpu", "nvidia-tesla-v100", "--gpus-per-worker", "2", "--max-workers", "2"])
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["provider"]["project_id"] == "from-gcloud"
+
+
+# --- the documentation ------------------------------------------------------------------------
+
+
+def _doc_commands() -> list[str]:
+    text = (ROOT / "docs" / "CLOUD.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("sr "):
+                commands.append(line)
+    return commands
+
+
+def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_env, sr, monkeypatch):
+    from sr_core.main import build_parser
+
+    commands = _doc_commands()
+    cloud = [c for c in commands if c.startswith("sr cloud ")]
+    assert len(cloud) >= 8 and {c.split()[2] for c in cloud} >= {
+        "train", "status", "logs", "stop", "ray-config", "batch"}
+    parser = build_parser()
+    monkeypatch.chdir(tmp_path)  # the doc's relative files (cluster.yaml) land here
+    for i, command in enumerate(commands):
+        command, _, redirect = command.partition(">")
+        argv = shlex.split(command)
+        parser.parse_args(argv[1:])  # every sr line of the doc is a valid invocation
+        if argv[1] != "cloud":
+            continue
+        if argv[2] != "ray-config":  # it only prints; the others get --dry-run
+            argv[3:3] = ["--dry-run", "--out", str(tmp_path / f"out{i}")]
+        done = sr(argv[1:])
+        assert done.returncode == 0, (command, done.stderr)
+        if redirect:
+            Path(redirect.strip()).write_text(done.stdout)
+
+
+# --- the rehearsal: the generated run script on two "nodes" of this host ----------------------
+
+
+def _start_node(run_sh: Path, rank: int, port: int, home: Path, ssd: Path, log: Path) -> subprocess.Popen:
+    """One "VM": the run script with the variables SkyPilot sets on node ``rank`` of 2
+    (rank 0's address first in SKYPILOT_NODE_IPS, here loopback), one "GPU" per node
+    (CPU and gloo here), its own HOME (with the config file mount) and "local SSD"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "ACCELERATE_", "RANK",
+                                                                        "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NUM_NODES="2", SKYPILOT_NODE_IPS="127.0.0.1\n127.0.0.1",
+               SKYPILOT_NUM_GPUS_PER_NODE="1", SR_VENV=sys.prefix, SR_LOCAL_DISK=str(ssd),
+               SR_MAIN_PROCESS_PORT=str(port), HOME=str(home), OMP_NUM_THREADS="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen(["bash", str(run_sh)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the node's whole process tree (the launcher's workers may have their own
+    process groups), as a vanished VM would take them all."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid)
+        victims = [tree, *tree.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        victims = []
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
+
+
+def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gcs_emulator, offline_env, sr):
+    import torch
+
+    from jobs import checkpoint as ckpt
+    from jobs.prepare import PrepareSettings, prepare
+
+    bucket = gcs_emulator.make_bucket("rehearsal")
+    prepare(str(ROOT / "assets" / "images"), f"{bucket}/shards",
+            PrepareSettings(size=96, step=96, images_per_shard=1), progress=False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("train:\n  max_steps: 24\n  checkpoint_every: 4\n  log_every: 4\n  progress: false\n"
+                      "data:\n  num_workers: 0\n")
+    gen = tmp_path / "gen"
+    done = sr(["cloud", "train", "--preset", "tiny", str(config), f"data.train_shards={bucket}/shards",
+               "--name", "rehearsal", "--bucket", bucket, "--nodes", "2", "--gpus", "V100:1",
+               "--dry-run", "--out", str(gen)])
+    assert done.returncode == 0, done.stderr
+    run_sh = gen / "run.sh"
+    run_dir = f"{bucket}/runs/rehearsal"
+
+    homes, ssds, logs = [], [], []
+    for rank in range(2):
+        home = tmp_path / f"node{rank}" / "home"
+        (home / "sr-job").mkdir(parents=True)
+        (home / "sr-job" / "config.yaml").write_text(config.read_text())  # SkyPilot's file mount
+        homes.append(home)
+        ssds.append(tmp_path / f"node{rank}" / "ssd")
+        ssds[-1].mkdir()
+        logs.append(tmp_path / f"node{rank}.log")
+
+    def complete_steps():
+        gcs_emulator.fs().clear_instance_cache()  # gcsfs caches listings
+        return ckpt.complete_steps(run_dir)
+
+    def digests(step):
+        folder = ckpt.step_dir(run_dir, step)
+        return [torch.load(storage_open(f"{folder}/rank_{r}.pt"), weights_only=True)["digest"] for r in range(2)]
+
+    def storage_open(url):
+        import io
+
+        from sr_core import storage
+        return io.BytesIO(storage.read_bytes(url))
+
+    # First launch; once a checkpoint is complete, node 1 vanishes (SIGKILL, as a preempted
+    # VM without notice) and node 0 is stopped too, as SkyPilot tears down the cluster.
+    port = _free_port()
+    nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not complete_steps():
+            assert all(n.poll() is None for n in nodes), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+            assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        _kill(nodes[1])
+    finally:
+        for n in nodes:
+            _kill(n)
+    first = complete_steps()
+    assert first and first[-1] < 24, first
+    a, b = digests(first[0])
+    assert a == b  # both ranks held identical weights when they checkpointed
+
+    # Both nodes relaunched with the same script: they resume from the newest checkpoint.
+    port = _free_port()
+    nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
+    try:
+        for rank, node in enumerate(nodes):
+            assert node.wait(timeout=180) == 0, logs[rank].read_text()[-4000:]
+    finally:
+        for n in nodes:
+            _kill(n)
+    log0 = logs[0].read_text()
+    resumed = re.findall(r"resumed from \S+step_(\d+) at step (\d+)", log0)
+    assert resumed and int(resumed[-1][1]) == first[-1], log0[-3000:]
+    assert complete_steps()[-1] == 24
+    a, b = digests(24)
+    assert a == b
+    # Shards were read from the bucket into each node's "local SSD" cache.
+    for ssd in ssds:
+        assert any(p.is_file() for p in (ssd / "sr-shards").rglob("*")), list(ssd.rglob("*"))
