@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "`sky jobs launch`. Config arguments are those of `sr train`.",
     )
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.field=value ...]",
-                   help="the training config file (optional, local or gs://) and dotted overrides, as for `sr train`")
+                   help="the training config file (optional, local or gs://) and dotted overrides, as for `sr train` "
+                        "(before or after the options, the overrides together)")
     p.add_argument("--preset", default="", help="config preset, as for `sr train` (default: none)")
     p.add_argument("--name", required=True, help="run name: the managed job's name and BUCKET/runs/NAME")
     p.add_argument("--bucket", required=True, help="gs://BUCKET[/prefix] that holds runs/")
