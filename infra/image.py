@@ -39,10 +39,9 @@ IMAGE_VENV = "/opt/sr-venv"
 
 def install_script(extra: str, also: tuple[str, ...] = ()) -> str:
     """Bash lines that install the project (checked out in the current directory) with
-    ``extra`` (and the requirements ``also``) into ``VENV``, with the cu126 torch first,
-    then fail unless that torch has
-    sm_70 kernels. Idempotent: a node that already has the environment (a restarted
-    managed job, a VM from our Docker image) skips the slow parts."""
+    ``extra`` (and the requirements ``also``) into ``VENV``, the cu126 torch first, then
+    fail unless that torch has sm_70 kernels. Idempotent: a node that already has the
+    environment (a restarted managed job, a VM from our Docker image) skips the slow parts."""
     also_words = "".join(" " + shlex.quote(a) for a in also)
     return f"""\
 set -euo pipefail
