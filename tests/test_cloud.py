@@ -124,13 +124,11 @@ def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr)
         "ds": ["--nodes", "2", "--gpus", "V100:8", "--launch-config", "jobs/launch/deepspeed_zero2_8_gpus.yaml"],
     }.items():
         out = tmp_path / name
-        started = time.monotonic()
         backend = ["train.backend=deepspeed"] if name == "ds" else []
         done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8", *backend,
                    "--preset", "tiny", "--name", f"esrgan-{name}", "--bucket", "gs://b", *extra,
                    "--dry-run", "--out", str(out)])
         assert done.returncode == 0, done.stderr
-        assert time.monotonic() - started < 20
         assert f"sky jobs launch {out}/task.yaml --name esrgan-{name} --yes --detach-run" in done.stdout
         assert "config checked" in done.stdout
         runs[name] = out
@@ -521,8 +519,6 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gcs_emulator, offline_env, sr):
-    import torch
-
     from jobs import checkpoint as ckpt
     from jobs.prepare import PrepareSettings, prepare
 
@@ -555,14 +551,9 @@ def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gc
         return ckpt.complete_steps(run_dir)
 
     def digests(step):
+        """Each rank's SHA-256 of its networks, saved in its part of the checkpoint."""
         folder = ckpt.step_dir(run_dir, step)
-        return [torch.load(storage_open(f"{folder}/rank_{r}.pt"), weights_only=True)["digest"] for r in range(2)]
-
-    def storage_open(url):
-        import io
-
-        from sr_core import storage
-        return io.BytesIO(storage.read_bytes(url))
+        return [ckpt.load_torch(f"{folder}/rank_{r}.pt")["digest"] for r in range(2)]
 
     # First launch; once a checkpoint is complete, node 1 vanishes (SIGKILL, as a preempted
     # VM without notice) and node 0 is stopped too, as SkyPilot tears down the cluster.
