@@ -1,0 +1,458 @@
+"""infra's subcommands: ``sr cloud ...`` (training on SkyPilot, batch on a Ray cluster)
+and ``sr tensorboard``. Handlers import what they need, so ``sr --help`` stays instant.
+
+Every ``sr cloud`` command that would call a cloud tool writes what it generated and
+the exact commands into an output folder and prints them; with ``--dry-run`` it stops
+there, without it checks for the tool and Google Cloud credentials (local files only)
+before running anything, so a machine without them fails in a second with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+DEFAULT_OUT = "sr-cloud-out"
+
+
+def _add_out_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the generated files and print the commands; contact no cloud")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help=f"folder for the generated files and commands.sh (default: {DEFAULT_OUT}/<name>/)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cloud = sub.add_parser(
+        "cloud",
+        help="submit training to GPU VMs (SkyPilot) and batch upscaling to a Ray cluster on Google Cloud",
+        description="Google Cloud submission. Training runs as a SkyPilot managed job (spot VMs are "
+                    "relaunched and resume from the run's newest checkpoint); batch upscaling runs on a "
+                    "cluster made by Ray's cluster launcher. See docs/CLOUD.md.",
+    )
+    cloud_sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
+    cloud_sub.required = True
+
+    p = cloud_sub.add_parser(
+        "train",
+        help="submit `sr train` to V100 VMs as a SkyPilot managed job",
+        description="Write a SkyPilot task that installs the project (torch with V100 kernels) on every "
+                    "VM and runs `accelerate launch -m jobs.train ARGS --resume auto "
+                    "train.run_dir=BUCKET/runs/NAME` across the nodes, then submit it with "
+                    "`sky jobs launch`. Config arguments are those of `sr train`.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [section.field=value ...]",
+                   help="the training config file (optional, local or gs://) and dotted overrides, as for `sr train` "
+                        "(before or after the options, the overrides together)")
+    p.add_argument("--preset", default="", help="config preset, as for `sr train` (default: none)")
+    p.add_argument("--name", required=True, help="run name: the managed job's name and BUCKET/runs/NAME")
+    p.add_argument("--bucket", required=True, help="gs://BUCKET[/prefix] that holds runs/")
+    p.add_argument("--nodes", type=int, default=1, help="number of VMs (default: 1)")
+    p.add_argument("--gpus", default="V100:1", help="accelerators per VM as TYPE:COUNT (default: V100:1)")
+    p.add_argument("--spot", action="store_true", help="use spot VMs (relaunched and resumed after preemption)")
+    p.add_argument("--region", default="", help="GCP region (default: SkyPilot picks the cheapest with capacity)")
+    p.add_argument("--zone", default="", help="GCP zone (default: any in the region)")
+    p.add_argument("--disk-size", type=int, default=100, help="boot disk per VM in GB (default: 100)")
+    p.add_argument("--no-local-ssd", dest="local_ssd", action="store_false",
+                   help="cache shards on the boot disk instead of a 375 GB local NVMe SSD")
+    p.add_argument("--image", default="",
+                   help="SkyPilot image_id, e.g. docker:REGISTRY/sr-cloud:0.1.0 (default: SkyPilot's GPU image)")
+    p.add_argument("--launch-config", default="",
+                   help="accelerate config file in the project, e.g. jobs/launch/deepspeed.yaml (default: none)")
+    _add_out_options(p)
+    p.set_defaults(func=run_train)
+
+    for action, text in (("status", "show the managed job's state (SkyPilot's job queue)"),
+                         ("logs", "follow the managed job's output"),
+                         ("stop", "cancel the managed job (its checkpoints stay in the bucket)")):
+        p = cloud_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("name", metavar="RUN", help="the run name given to `sr cloud train --name`")
+        if action == "logs":
+            p.add_argument("--no-follow", dest="follow", action="store_false", help="print the log so far and exit")
+            p.add_argument("--controller", action="store_true",
+                           help="the controller's log: provisioning, preemptions and recoveries")
+        _add_out_options(p)
+        p.set_defaults(func=run_job_command, action=action)
+
+    p = cloud_sub.add_parser(
+        "ray-config",
+        help="print a Ray cluster-launcher config for GCP GPU workers (use: > cluster.yaml)",
+        description="Print a Ray cluster-launcher YAML for Google Cloud: a CPU head node and an autoscaling "
+                    "pool of GPU workers whose setup installs the project (torch with V100 kernels). "
+                    "It contacts nothing; `sr cloud batch --cluster` uses the file.",
+    )
+    p.add_argument("--project", default="",
+                   help="GCP project id (default: gcloud's, from `gcloud config set project`)")
+    p.add_argument("--name", default="sr-batch", help="cluster name (default: sr-batch)")
+    p.add_argument("--region", default="us-central1", help="GCP region (default: us-central1)")
+    p.add_argument("--zone", default="us-central1-a", help="GCP zone with the GPUs (default: us-central1-a)")
+    p.add_argument("--gpu", default="nvidia-tesla-v100", help="GCP accelerator type (default: nvidia-tesla-v100)")
+    p.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker VM: 1, 2, 4 or 8 (default: 1)")
+    p.add_argument("--cpus-per-gpu", type=int, default=8, help="vCPUs per GPU on workers (default: 8)")
+    p.add_argument("--min-workers", type=int, default=0, help="workers kept while idle (default: 0)")
+    p.add_argument("--max-workers", type=int, default=4, help="most workers the autoscaler starts (default: 4)")
+    p.add_argument("--spot", action="store_true", help="spot GPU workers")
+    p.add_argument("--disk-gb", type=int, default=200, help="boot disk per node in GB (default: 200)")
+    p.add_argument("--source-image", default=None, help="VM image of the nodes (default: a Deep Learning VM family)")
+    p.add_argument("--image", default="", help="run the nodes inside this Docker image (default: none)")
+    p.add_argument("-o", "--output", default="-", help="write the YAML here (default: standard output)")
+    p.set_defaults(func=run_ray_config)
+
+    p = cloud_sub.add_parser(
+        "batch",
+        help="run `sr batch` on a Ray cluster (ray up when needed, then ray job submit)",
+        description="Start the cluster described by CLUSTER (Ray's cluster launcher) unless it is up, "
+                    "forward its job server to 127.0.0.1, and submit `sr batch INPUT OUTPUT --model M "
+                    "--address auto [--batch-args]` with this checkout as the job's working dir.",
+    )
+    p.add_argument("input", metavar="INPUT", help="bucket prefix of the images, e.g. gs://in/photos")
+    p.add_argument("output", metavar="OUTPUT", help="bucket prefix for the results, e.g. gs://out/photos")
+    p.add_argument("--model", required=True, help="model file the cluster can read, e.g. gs://models/x4.safetensors")
+    p.add_argument("--cluster", required=True, metavar="CLUSTER.yaml", help="from `sr cloud ray-config`")
+    p.add_argument("--batch-args", default="", metavar="'OPTIONS'",
+                   help="more options of `sr batch` as one string after '=', e.g. --batch-args='--overwrite --limit 1000' "
+                        "(default: none)")
+    p.add_argument("--submission-id", default="", help="Ray job submission id (default: sr-batch-<UTC time>)")
+    _add_out_options(p)
+    p.set_defaults(func=run_batch)
+
+    p = sub.add_parser(
+        "tensorboard",
+        help="TensorBoard on a run directory, a runs prefix or a batch output prefix (gs:// included)",
+        description="Serve TensorBoard on a training run directory (gs://B/runs/NAME), a runs prefix "
+                    "(gs://B/runs: every run side by side) or a batch OUTPUT prefix (its _sr_batch/ "
+                    "folder), and print the URL. Ctrl-C stops it.",
+    )
+    p.add_argument("target", metavar="RUN_OR_PREFIX", help="run directory or prefix (local or any fsspec URL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=6006, help="port (default: 6006; 0 picks a free one)")
+    p.add_argument("--reload-interval", type=float, default=30.0,
+                   help="seconds between rescans of the event files (default: 30)")
+    p.set_defaults(func=run_tensorboard)
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def project_dir() -> str:
+    """The checkout that SkyPilot and Ray copy to the VMs (this installed package's)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")) or not os.path.isdir(os.path.join(root, "jobs")):
+        raise ValueError(f"{root} is not an sr-cloud checkout: `sr cloud` ships the checkout it is installed "
+                         "from to the VMs, so install with `pip install -e .` from a clone")
+    return root
+
+
+def dump_yaml(data) -> str:
+    """YAML with multi-line strings (the scripts) as readable literal blocks."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def str_presenter(dumper, value):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, str_presenter)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=120)
+
+
+def _out_dir(args: argparse.Namespace, name: str) -> str:
+    out = args.out or os.path.join(DEFAULT_OUT, name)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def _write(path: str, text: str, executable: bool = False) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    if executable:
+        os.chmod(path, 0o755)
+
+
+def _commands_sh(commands: list[list[str]], notes: list[str]) -> str:
+    lines = ["#!/usr/bin/env bash", "# Written by sr cloud: the commands it runs (or would run with --dry-run).",
+             "set -euo pipefail"]
+    lines += [f"# {n}" for n in notes]
+    lines += [shlex.join(c) for c in commands]
+    return "\n".join(lines) + "\n"
+
+
+def _print_plan(out: str, commands: list[list[str]], dry_run: bool) -> None:
+    print(f"commands: {os.path.join(out, 'commands.sh')}")
+    print("dry run: nothing was submitted; these would run:" if dry_run else "running:")
+    for c in commands:
+        print("  " + shlex.join(c))
+    sys.stdout.flush()
+
+
+def _run(tool_path: str, command: list[str], capture: bool = False):
+    import subprocess
+
+    return subprocess.run([tool_path, *command[1:]], text=True, capture_output=capture)
+
+
+# --- sr cloud train / status / logs / stop --------------------------------------------
+
+
+def split_items(items: list[str]) -> tuple[str, list[str]]:
+    """``[CONFIG.yaml] [k=v ...]`` as ``sr train`` reads them."""
+    config, overrides = "", list(items)
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"{item!r}: only the first argument may be a config file; "
+                             "the rest must look like section.field=value")
+    return config, overrides
+
+
+def check_training_config(job) -> str:
+    """Load the config here as the nodes will (preset, file, overrides), so a typo fails
+    now rather than after the VMs are paid for. Returns what was checked."""
+    from infra import skypilot
+
+    try:
+        from jobs.config import load_config
+    except ImportError:
+        return "config not checked here (the jobs package is not installed)"
+    if job.config and "://" in job.config:
+        return f"config file {job.config} not read here (remote); overrides checked on the nodes"
+    overrides = list(job.overrides)
+    if skypilot.cache_override(job):
+        overrides.append(f"data.cache_dir={skypilot.LOCAL_SSD}/sr-shards")
+    load_config(job.config or None, overrides, preset=job.preset or "default")
+    return "config checked"
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from infra import skypilot
+    from infra.credentials import require_gcp
+
+    config, overrides = split_items(args.items)
+    if config and "://" not in config:
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"{config}: no such config file")
+        config = os.path.abspath(config)
+    job = skypilot.TrainJob(
+        name=args.name, bucket=args.bucket, config=config, preset=args.preset, overrides=overrides,
+        nodes=args.nodes, gpus=args.gpus, spot=args.spot, region=args.region, zone=args.zone,
+        disk_size=args.disk_size, local_ssd=args.local_ssd, image_id=args.image,
+        launch_config=args.launch_config, workdir=project_dir(),
+    )
+    task = skypilot.build_task(job)
+    checked = check_training_config(job)
+    out = _out_dir(args, job.name)
+    task_path = os.path.join(out, "task.yaml")
+    _write(task_path, dump_yaml(task))
+    _write(os.path.join(out, "run.sh"), task["run"], executable=True)
+    _write(os.path.join(out, "setup.sh"), "#!/usr/bin/env bash\n" + task["setup"], executable=True)
+    command = skypilot.launch_command(task_path, job)
+    _write(os.path.join(out, "commands.sh"), _commands_sh([command], [f"run directory: {job.run_dir}"]),
+           executable=True)
+    kind, count = job.accelerator
+    print(f"SkyPilot task: {task_path} ({job.nodes} x {kind}:{count}{', spot' if job.spot else ''}; "
+          f"setup.sh and run.sh beside it; {checked})")
+    print(f"run directory: {job.run_dir} (checkpoints, TensorBoard events, models)")
+    _print_plan(out, [command], args.dry_run)
+    if args.dry_run:
+        return 0
+    sky = require_gcp("sky")
+    done = _run(sky, command)
+    if done.returncode != 0:
+        raise ValueError(f"`sky jobs launch` failed (exit {done.returncode}); its output is above")
+    print(f"submitted {job.name}: sr cloud logs {job.name} | sr cloud status {job.name} | "
+          f"sr tensorboard {job.run_dir}")
+    return 0
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    from infra import skypilot
+    from infra.credentials import require_gcp
+
+    if args.action == "status":
+        command = skypilot.status_command()
+    elif args.action == "logs":
+        command = skypilot.logs_command(args.name, follow=args.follow, controller=args.controller)
+    else:
+        command = skypilot.stop_command(args.name)
+    out = _out_dir(args, args.name)
+    _write(os.path.join(out, "commands.sh"), _commands_sh([command], [f"sr cloud {args.action} {args.name}"]),
+           executable=True)
+    _print_plan(out, [command], args.dry_run)
+    if args.dry_run:
+        return 0
+    sky = require_gcp("sky")
+    if args.action != "status":
+        return _run(sky, command).returncode
+    # The queue lists every managed job: keep its header and this run's rows.
+    done = _run(sky, command, capture=True)
+    sys.stderr.write(done.stderr)
+    lines = done.stdout.splitlines()
+    rows = [line for line in lines if args.name in line.split()]
+    header = [line for line in lines if "NAME" in line.split() and "ID" in line.split()][:1]
+    print("\n".join(header + rows) if rows else f"no managed job named {args.name} (sky jobs queue --all lists all)")
+    return done.returncode
+
+
+# --- sr cloud ray-config / batch ---------------------------------------------------------
+
+
+def run_ray_config(args: argparse.Namespace) -> int:
+    from infra import raycluster
+    from infra.credentials import gcloud_project
+
+    spec = raycluster.ClusterSpec(
+        project_id=args.project or gcloud_project(), region=args.region, zone=args.zone, name=args.name, gpu=args.gpu,
+        gpus_per_worker=args.gpus_per_worker, cpus_per_gpu=args.cpus_per_gpu, min_workers=args.min_workers,
+        max_workers=args.max_workers, spot=args.spot, disk_gb=args.disk_gb,
+        source_image=args.source_image or raycluster.DEFAULT_SOURCE_IMAGE, docker_image=args.image,
+    )
+    text = "# Ray cluster launcher config written by `sr cloud ray-config`: ray up / ray down use it.\n"
+    text += dump_yaml(raycluster.cluster_config(spec, project_dir()))
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        _write(args.output, text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def load_cluster_config(path: str) -> dict:
+    """Read CLUSTER.yaml and check it with Ray's own validator (as ``ray up`` would)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such cluster config (make one with `sr cloud ray-config > {path}`)")
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    try:
+        import jsonschema
+        from ray.autoscaler._private.util import validate_config
+    except ImportError:
+        raise ValueError("Ray is not installed: pip install 'sr-cloud[batch]'") from None
+    try:
+        validate_config(config)
+    except (jsonschema.ValidationError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not a valid Ray cluster config: {first}") from None
+    return config
+
+
+def _remote(url: str, what: str) -> None:
+    from sr_core import storage
+
+    if storage.is_local(url):
+        raise ValueError(f"{what} {url!r}: the cluster cannot read this machine's files; use a bucket URL (gs://...)")
+
+
+def check_batch_arguments(entrypoint: list[str]) -> None:
+    """Parse the job's ``sr batch ...`` here with sr's own parser, so a wrong option fails
+    now, in one line, rather than on the cluster (skipped when batch is not installed)."""
+    import contextlib
+    import io
+
+    try:
+        from batch.cli import register as register_batch
+    except ImportError:
+        return
+    parser = argparse.ArgumentParser(prog="sr")
+    register_batch(parser.add_subparsers())
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(entrypoint[1:])
+    except SystemExit:
+        last = errors.getvalue().strip().splitlines()[-1:] or ["invalid arguments"]
+        raise ValueError(f"--batch-args: {last[0]}") from None
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from infra import raycluster
+    from infra.credentials import require_gcp
+
+    _remote(args.input, "INPUT")
+    _remote(args.output, "OUTPUT")
+    _remote(args.model, "--model")
+    cluster = load_cluster_config(args.cluster)
+    submission_id = args.submission_id or time.strftime("sr-batch-%Y%m%d-%H%M%S", time.gmtime())
+    job = raycluster.BatchJob(
+        input=args.input, output=args.output, model=args.model, cluster_yaml=args.cluster,
+        submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
+        max_gpus=raycluster.max_gpus(cluster),
+    )
+    check_batch_arguments(raycluster.batch_entrypoint(job))
+    commands = raycluster.submit_commands(job)
+    out = _out_dir(args, submission_id)
+    _write(os.path.join(out, "runtime_env.json"), json.dumps(raycluster.runtime_env(job), indent=2) + "\n")
+    notes = [f"cluster {cluster['cluster_name']}: `ray up` runs only when `ray get-head-ip` finds no head",
+             "`ray dashboard` forwards the head's job server to 127.0.0.1 while the job is submitted"]
+    _write(os.path.join(out, "commands.sh"), _commands_sh(commands, notes), executable=True)
+    print(f"cluster: {args.cluster} ({cluster['cluster_name']}); runtime env: {os.path.join(out, 'runtime_env.json')}")
+    print(f"images: {job.output}/<same relative paths>; metrics.parquet, failures.parquet, summary.json and "
+          f"TensorBoard events: {job.output.rstrip('/')}/_sr_batch/{submission_id}/ (sr tensorboard {job.output})")
+    _print_plan(out, commands, args.dry_run)
+    if args.dry_run:
+        return 0
+    ray = require_gcp("ray")
+    get_ip, up, dashboard, submit, logs = commands
+    if _run(ray, get_ip, capture=True).returncode != 0:
+        if _run(ray, up).returncode != 0:
+            raise ValueError(f"`ray up {args.cluster}` failed; its output is above")
+    _submit_through_tunnel(ray, dashboard, submit)
+    print(f"submitted {submission_id}; follow it with: {shlex.join(logs)} "
+          f"(after `{shlex.join(dashboard)}` in another terminal)")
+    return 0
+
+
+def _submit_through_tunnel(ray: str, dashboard: list[str], submit: list[str]) -> None:
+    """Keep ``ray dashboard`` (an SSH port-forward) up while ``ray job submit`` runs."""
+    import socket
+    import subprocess
+    import time
+
+    from infra.raycluster import DASHBOARD_PORT
+
+    tunnel = subprocess.Popen([ray, *dashboard[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", DASHBOARD_PORT), timeout=1):
+                    break
+            except OSError:
+                if tunnel.poll() is not None:
+                    raise ValueError(f"`ray dashboard` exited: {tunnel.stderr.read().strip()[-500:]}") from None
+                if time.monotonic() > deadline:
+                    raise ValueError("the cluster's job server did not answer on 127.0.0.1:"
+                                     f"{DASHBOARD_PORT} within 60 s") from None
+                time.sleep(1)
+        if _run(ray, submit).returncode != 0:
+            raise ValueError("`ray job submit` failed; its output is above")
+    finally:
+        tunnel.terminate()
+        tunnel.wait(timeout=10)
+
+
+# --- sr tensorboard -----------------------------------------------------------------------
+
+
+def run_tensorboard(args: argparse.Namespace) -> int:
+    import time
+
+    from infra.tensorboard import resolve_logdir, start
+
+    logdir = resolve_logdir(args.target)
+    _, url = start(logdir, host=args.host, port=args.port, reload_interval=args.reload_interval)
+    print(f"TensorBoard on {logdir}: {url} (Ctrl-C stops it)", flush=True)
+    while True:
+        time.sleep(3600)

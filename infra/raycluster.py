@@ -1,0 +1,252 @@
+"""Batch upscaling on a Ray cluster in Google Cloud, through Ray's own cluster launcher.
+
+``cluster_config`` writes the launcher's YAML (a CPU head node and an autoscaling pool
+of GPU workers that advertise ``{"GPU": K}``, so the batch job's GPU actors land on
+them); ``submit_commands`` lists what ``sr cloud batch`` runs: ``ray up`` when the
+cluster is not there, a port-forward to the head's job server, and ``ray job submit``
+of ``sr batch``. Ray's validator (``ray.autoscaler._private.util.validate_config``)
+accepts the config; nothing here talks to a cloud.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+
+from infra import image
+
+PROJECT_ON_NODES = "~/sr-cloud"
+"""Where the launcher copies the project checkout on every node."""
+
+DEFAULT_SOURCE_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
+"""A Google Deep Learning VM image family (NVIDIA driver installed on first boot, which
+covers V100s). Families are renamed over time: list the current ones with
+``gcloud compute images list --project deeplearning-platform-release --no-standard-images``."""
+
+DASHBOARD_PORT = 8265
+"""The Ray job server (dashboard) port on the head, forwarded to the same local port."""
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+
+
+@dataclass
+class ClusterSpec:
+    """What ``sr cloud ray-config`` asks for."""
+
+    project_id: str
+    """GCP project that owns the VMs."""
+
+    region: str = "us-central1"
+    """GCP region."""
+
+    zone: str = "us-central1-a"
+    """GCP zone, inside ``region``; it must offer ``gpu``."""
+
+    name: str = "sr-batch"
+    """Cluster name (``ray up`` / ``ray down`` use it)."""
+
+    gpu: str = "nvidia-tesla-v100"
+    """GCP accelerator type of the workers."""
+
+    gpus_per_worker: int = 1
+    """GPUs per worker VM (each runs one upscaling actor per GPU)."""
+
+    min_workers: int = 0
+    """Workers kept up while idle."""
+
+    max_workers: int = 4
+    """Upper bound of the autoscaler."""
+
+    spot: bool = False
+    """Spot workers (about a third of the on-demand price; a lost worker's images are redone)."""
+
+    cpus_per_gpu: int = 8
+    """vCPUs per GPU on a worker (decoding and encoding run on them; PNG encoding is slow)."""
+
+    head_machine_type: str = "n1-standard-8"
+    """Head VM (the driver of the batch job, listing and scheduling; no GPU)."""
+
+    disk_gb: int = 200
+    """Boot disk of every node in GB."""
+
+    source_image: str = DEFAULT_SOURCE_IMAGE
+    """VM image of every node (must bring the NVIDIA driver on workers)."""
+
+    docker_image: str = ""
+    """Run every node inside this container image (the project's Dockerfile); empty: none."""
+
+    project_dir: str = "."
+    """The project checkout copied to every node."""
+
+
+def worker_machine_type(spec: ClusterSpec) -> str:
+    """An N1 type with ``cpus_per_gpu`` vCPUs per GPU (V100s attach only to N1 VMs)."""
+    return f"n1-standard-{spec.cpus_per_gpu * spec.gpus_per_worker}"
+
+
+def check_spec(spec: ClusterSpec) -> None:
+    if not spec.project_id:
+        raise ValueError("no GCP project: pass --project or run `gcloud config set project PROJECT`")
+    if not _NAME.match(spec.name):
+        raise ValueError(f"--name {spec.name!r}: use lowercase letters, digits and dashes, starting with a letter")
+    if not spec.zone.startswith(spec.region + "-"):
+        raise ValueError(f"--zone {spec.zone} is not in --region {spec.region}")
+    if spec.gpus_per_worker not in (1, 2, 4, 8):
+        raise ValueError(f"--gpus-per-worker {spec.gpus_per_worker}: GCP attaches 1, 2, 4 or 8 GPUs to a VM")
+    if spec.cpus_per_gpu not in (1, 2, 4, 8) or spec.cpus_per_gpu * spec.gpus_per_worker > 96:
+        raise ValueError(f"--cpus-per-gpu {spec.cpus_per_gpu}: use 1, 2, 4 or 8 (an N1 VM has at most 96 vCPUs)")
+    if spec.max_workers < 1 or not 0 <= spec.min_workers <= spec.max_workers:
+        raise ValueError(f"need 0 <= --min-workers ({spec.min_workers}) <= --max-workers ({spec.max_workers}), max >= 1")
+    if spec.disk_gb < 50:
+        raise ValueError(f"--disk-gb {spec.disk_gb}: at least 50 GB (the CUDA environment alone takes ~15)")
+
+
+def _disk(spec: ClusterSpec) -> list[dict]:
+    return [{
+        "boot": True,
+        "autoDelete": True,
+        "type": "PERSISTENT",
+        "initializeParams": {"diskSizeGb": spec.disk_gb, "sourceImage": spec.source_image},
+    }]
+
+
+def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
+    """The cluster launcher config, complete (every top-level field given, so the
+    validator accepts it as written and ``ray up`` adds no surprises)."""
+    check_spec(spec)
+    ray_bin = f"{image.VENV}/bin/ray"
+    worker_cpus = spec.cpus_per_gpu * spec.gpus_per_worker
+    scheduling = {"onHostMaintenance": "TERMINATE", "automaticRestart": False}
+    if spec.spot:
+        scheduling = {**scheduling, "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE"}
+    install = image.install_script("batch", also=(f"ray[default]=={image.RAY_VERSION}",))
+    config = {
+        "cluster_name": spec.name,
+        "max_workers": spec.max_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        "docker": {},
+        "provider": {
+            "type": "gcp",
+            "region": spec.region,
+            "availability_zone": spec.zone,
+            "project_id": spec.project_id,
+        },
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "head": {
+                "resources": {"CPU": 8},
+                "node_config": {
+                    "machineType": spec.head_machine_type,
+                    "disks": _disk(spec),
+                },
+            },
+            "gpu_worker": {
+                "min_workers": spec.min_workers,
+                "max_workers": spec.max_workers,
+                "resources": {"CPU": worker_cpus, "GPU": spec.gpus_per_worker},
+                "node_config": {
+                    "machineType": worker_machine_type(spec),
+                    "guestAccelerators": [{"acceleratorType": spec.gpu, "acceleratorCount": spec.gpus_per_worker}],
+                    "metadata": {"items": [{"key": "install-nvidia-driver", "value": "True"}]},
+                    "scheduling": scheduling,
+                    "disks": _disk(spec),
+                },
+            },
+        },
+        "head_node_type": "head",
+        "file_mounts": {PROJECT_ON_NODES: project_dir},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        # The checkout's .gitignore keeps virtualenvs and outputs out of the copy.
+        "rsync_exclude": ["**/.git", "**/.git/**"],
+        "rsync_filter": [".gitignore"],
+        "initialization_commands": [],
+        "setup_commands": [
+            f"cd {PROJECT_ON_NODES} && bash -c {shlex.quote(install)}",
+            # Later commands (ray start, the job's `sr batch`) find the environment first.
+            'grep -qs sr-venv/bin ~/.bashrc || echo "export PATH=\\"\\$HOME/sr-venv/bin:\\$PATH\\"" >> ~/.bashrc',
+        ],
+        # The head's autoscaler creates GCP VMs through Google's API client.
+        "head_setup_commands": [f"{image.VENV}/bin/python -m pip install --quiet google-api-python-client"],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [
+            f"{ray_bin} stop",
+            f"ulimit -n 65536; {ray_bin} start --head --port=6379 --object-manager-port=8076 "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml",
+        ],
+        "worker_start_ray_commands": [
+            f"{ray_bin} stop",
+            f"ulimit -n 65536; {ray_bin} start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076",
+        ],
+    }
+    if spec.docker_image:
+        config["docker"] = {
+            "image": spec.docker_image,
+            "container_name": "sr-cloud",
+            "pull_before_run": True,
+            "run_options": ["--ulimit nofile=65536:65536"],
+            "worker_run_options": ["--gpus all"],
+        }
+    return config
+
+
+@dataclass
+class BatchJob:
+    """One ``sr cloud batch`` submission."""
+
+    input: str
+    output: str
+    model: str
+    cluster_yaml: str
+    submission_id: str
+    batch_args: tuple[str, ...] = ()
+    project_dir: str = "."
+    max_gpus: int = 0
+    """GPUs of the cluster at full size (0: none, CPU actors)."""
+
+
+def runtime_env(job: BatchJob) -> dict:
+    """The job's runtime environment: this checkout's code (so the job runs what was
+    tested here, not what the cluster was set up with) and unbuffered logs."""
+    return {
+        "working_dir": job.project_dir,
+        "excludes": [".git", ".venv", ".cache", "demo-out", "sr-cloud-out", "*.egg-info", "__pycache__"],
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
+    }
+
+
+def max_gpus(config: dict) -> int:
+    """GPUs of a launcher config's cluster at full size (every node type at max_workers)."""
+    total = 0
+    for name, node in config.get("available_node_types", {}).items():
+        count = 1 if name == config.get("head_node_type") else node.get("max_workers", 0)
+        total += count * int(node.get("resources", {}).get("GPU", 0))
+    return total
+
+
+def batch_entrypoint(job: BatchJob) -> list[str]:
+    """``sr batch`` as the job runs it: results under OUTPUT/_sr_batch/<submission id>/, and
+    (on a GPU cluster) one actor per GPU, the pool growing with the autoscaler from one to
+    every GPU the cluster can have; options in ``batch_args`` come last and win."""
+    command = ["sr", "batch", job.input, job.output, "--model", job.model, "--address", "auto",
+               "--run-id", job.submission_id]
+    if job.max_gpus:
+        command += ["--num-gpus-per-actor", "1", "--actors", f"1,{job.max_gpus}"]
+    return command + list(job.batch_args)
+
+
+def submit_commands(job: BatchJob) -> list[list[str]]:
+    """The commands ``sr cloud batch`` runs, in order (the first is only tried: when the
+    head answers, ``ray up`` is skipped)."""
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    return [
+        ["ray", "get-head-ip", job.cluster_yaml],
+        ["ray", "up", "-y", "--no-restart", job.cluster_yaml],
+        ["ray", "dashboard", "--port", str(DASHBOARD_PORT), job.cluster_yaml],
+        ["ray", "job", "submit", "--address", address, "--submission-id", job.submission_id, "--no-wait",
+         "--runtime-env-json", json.dumps(runtime_env(job), sort_keys=True), "--", *batch_entrypoint(job)],
+        ["ray", "job", "logs", "--address", address, "--follow", job.submission_id],
+    ]

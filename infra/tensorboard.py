@@ -1,0 +1,55 @@
+"""``sr tensorboard``: TensorBoard on a training run, a runs prefix or a batch output.
+
+TensorBoard reads ``gs://`` through fsspec (gcsfs), so a bucket is watched in place.
+Training runs keep their events under ``RUN/tb``; a batch output keeps its events under
+``OUTPUT/_sr_batch/<run id>/``, next to millions of images that TensorBoard should not
+crawl, so a batch output prefix is narrowed to its ``_sr_batch`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sr_core import storage
+
+BATCH_FOLDER = "_sr_batch"
+"""Where ``sr batch`` writes its metrics, failures, summary and events below OUTPUT."""
+
+
+def resolve_logdir(target: str) -> str:
+    """The folder TensorBoard should watch for ``target``."""
+    fs, path = storage.get_fs(target)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{target}: no such run directory or prefix")
+    if not fs.isdir(path):
+        raise ValueError(f"{target} is a file; give a run directory, a runs prefix or a batch output prefix")
+    batch = storage.join(target, BATCH_FOLDER)
+    if storage.exists(batch):
+        return batch
+    return target
+
+
+def start(logdir: str, host: str = "127.0.0.1", port: int = 6006, reload_interval: float = 30.0):
+    """Start TensorBoard serving ``logdir`` in background threads; return ``(program, url)``."""
+    from tensorboard import program
+
+    if storage.is_gcs(logdir) and os.environ.get("STORAGE_EMULATOR_HOST"):
+        import fsspec.config
+
+        # TensorBoard opens gs:// through fsspec with default options; against an
+        # emulator use no credentials, as sr_core.storage does.
+        fsspec.config.conf.setdefault("gs", {})["token"] = "anon"
+    tb = program.TensorBoard()
+    tb.configure(argv=[
+        "tensorboard", "--logdir", logdir, "--host", host, "--port", str(port),
+        "--reload_interval", str(reload_interval),
+        # Each run's event files are synced from the training VMs as new files: read all.
+        "--reload_multifile", "true",
+    ] + ([] if storage.is_local(logdir) else [
+        # TensorBoard's fast loader (its Rust data server) has its own GCS client that
+        # knows neither fsspec's credentials nor an emulator; the Python loader reads
+        # through fsspec/gcsfs like the rest of the project.
+        "--load_fast", "false",
+    ]))
+    url = tb.launch()
+    return tb, url

@@ -1,0 +1,594 @@
+"""`sr cloud` and `sr tensorboard`, offline: what would be submitted is generated and
+checked with the engines' own validators (SkyPilot's task schema, Ray's cluster-config
+schema), the generated scripts with bash -n and shellcheck, the commands of
+docs/CLOUD.md run as dry runs, and without credentials every command fails at once.
+Every `sr` subprocess gets an environment whose proxies point at a closed loopback port
+and whose HOME and gcloud folder are empty, so nothing can reach a cloud."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def offline_env(tmp_path, monkeypatch):
+    """No credentials, an empty HOME and gcloud folder, and proxies at a closed loopback
+    port (9) for anything not on loopback: set in this process (for `sr` run in-process)
+    and returned for child processes."""
+    (tmp_path / "home").mkdir()
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "CLOUDSDK_CORE_PROJECT",
+                 "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    changes = {"HOME": str(tmp_path / "home"), "CLOUDSDK_CONFIG": str(tmp_path / "home" / "gcloud"),
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        changes[name] = "http://127.0.0.1:9"
+    for name, value in changes.items():
+        monkeypatch.setenv(name, value)
+    return dict(os.environ)
+
+
+@pytest.fixture
+def sr(capsys):
+    """``sr ARGS`` in this process (what the `sr` entry point runs), with its exit code and
+    output; dry runs contact nothing, so no child process is needed."""
+    from sr_core.main import main
+
+    def run(args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
+
+
+def sr_process(args, env, timeout=60):
+    """The installed `sr` executable as a child process."""
+    return subprocess.run([str(BIN / "sr"), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_shell(paths):
+    for path in paths:
+        done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, (path, done.stderr)
+    done = subprocess.run([str(BIN / "shellcheck"), *map(str, paths)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+_VALIDATE_TASKS = """
+import json, sys, yaml, sky
+out = []
+for path in sys.argv[1:]:
+    task = sky.Task.from_yaml_config(yaml.safe_load(open(path)))
+    (r,) = task.resources
+    out.append({"num_nodes": task.num_nodes, "accelerators": r.accelerators, "spot": r.use_spot,
+                "cloud": str(r.cloud), "region": r.region, "zone": r.zone, "image_id": r.image_id})
+try:
+    sky.Task.from_yaml_config({"name": "x", "resources": {"acelerators": "V100:4"}})
+except Exception as exc:
+    out.append(str(exc))
+print(json.dumps(out))
+"""
+
+
+def validate_with_skypilot(paths, env):
+    """SkyPilot's own task validation, in a child process (importing sky writes ~/.sky)."""
+    done = subprocess.run([sys.executable, "-c", _VALIDATE_TASKS, *map(str, paths)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *tasks, typo = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "did you mean 'accelerators'" in typo  # the validator is strict, not a pass-through
+    return tasks
+
+
+# --- training on SkyPilot -----------------------------------------------------------------
+
+
+def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr):
+    config = tmp_path / "psnr.yaml"
+    config.write_text("data:\n  gt_size: 64\n")
+    runs = {}
+    for name, extra in {
+        "multi": ["--nodes", "2", "--gpus", "V100:4", "--spot", "--zone", "us-central1-a"],
+        "single": ["--gpus", "V100", "--no-local-ssd", "--image", "docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"],
+        "ds": ["--nodes", "2", "--gpus", "V100:8", "--launch-config", "jobs/launch/deepspeed_zero2_8_gpus.yaml"],
+    }.items():
+        out = tmp_path / name
+        backend = ["train.backend=deepspeed"] if name == "ds" else []
+        done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8", *backend,
+                   "--preset", "tiny", "--name", f"esrgan-{name}", "--bucket", "gs://b", *extra,
+                   "--dry-run", "--out", str(out)])
+        assert done.returncode == 0, done.stderr
+        assert f"sky jobs launch {out}/task.yaml --name esrgan-{name} --yes --detach-run" in done.stdout
+        assert "config checked" in done.stdout
+        runs[name] = out
+
+    multi, single, ds = validate_with_skypilot([runs[n] / "task.yaml" for n in ("multi", "single", "ds")],
+                                               offline_env)
+    assert multi == {"num_nodes": 2, "accelerators": {"V100": 4}, "spot": True, "cloud": "GCP",
+                     "region": "us-central1", "zone": "us-central1-a", "image_id": None}
+    assert single["num_nodes"] == 1 and single["accelerators"] == {"V100": 1} and single["spot"] is False
+    assert list(single["image_id"].values()) == ["docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"]
+
+    task = yaml.safe_load((runs["multi"] / "task.yaml").read_text())
+    assert task["workdir"] == str(ROOT)
+    assert task["file_mounts"] == {"~/sr-job/config.yaml": str(config)}
+    assert task["resources"]["volumes"] == [{"path": "/mnt/local-ssd", "storage_type": "instance"}]
+    run = task["run"]
+    assert (runs["multi"] / "run.sh").read_text() == run
+    # The config arguments go through as given, then the cache, the run dir and the resume.
+    assert '-m jobs.train --preset tiny "$HOME/sr-job/config.yaml" data.train_shards=gs://b/div2k-sub data.batch_size=8' in run
+    assert '"data.cache_dir=$SR_LOCAL_DISK/sr-shards"' in run
+    assert run.rstrip().endswith("train.run_dir=gs://b/runs/esrgan-multi --resume auto")
+    for variable in ("SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE"):
+        assert variable in run
+    assert "torch==2.13.0\" --index-url https://download.pytorch.org/whl/cu126" in task["setup"]
+    single_run = (runs["single"] / "run.sh").read_text()
+    assert "data.cache_dir" not in single_run and "sudo" not in single_run  # --no-local-ssd: default cache
+    assert ds["num_nodes"] == 2 and ds["accelerators"] == {"V100": 8}
+    check_shell([runs[n] / f for n in runs for f in ("run.sh", "setup.sh", "commands.sh")])
+
+    # What the scripts hand to `accelerate launch` on node 1 of 2, as bash expands it,
+    # read back by Accelerate's own argument parser.
+    from accelerate.commands.launch import launch_command_parser
+
+    fake = tmp_path / "venv" / "bin" / "accelerate"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(offline_env, SR_VENV=str(tmp_path / "venv"), SR_LOCAL_DISK=str(tmp_path / "ssd"),
+               SKYPILOT_NODE_RANK="1", SKYPILOT_NUM_NODES="2", SKYPILOT_NODE_IPS="10.0.0.2\n10.0.0.3")
+    launched = {}
+    for name, gpus in (("multi", "4"), ("ds", "8")):
+        done = subprocess.run(["bash", str(runs[name] / "run.sh")], env=dict(env, SKYPILOT_NUM_GPUS_PER_NODE=gpus),
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        launched[name] = launch_command_parser().parse_args(done.stdout.splitlines()[1:])  # after "launch"
+    multi_args, ds_args = launched["multi"], launched["ds"]
+    assert (multi_args.multi_gpu, multi_args.num_machines, multi_args.machine_rank, multi_args.num_processes,
+            multi_args.main_process_ip, multi_args.main_process_port) == (True, 2, 1, 8, "10.0.0.2", 29500)
+    assert multi_args.module and multi_args.training_script == "jobs.train"
+    assert multi_args.training_script_args == [
+        "--preset", "tiny", f"{tmp_path / 'home'}/sr-job/config.yaml", "data.train_shards=gs://b/div2k-sub",
+        "data.batch_size=8", f"data.cache_dir={tmp_path / 'ssd'}/sr-shards", "train.run_dir=gs://b/runs/esrgan-multi",
+        "--resume", "auto"]
+    # A launch config keeps its own kind of launch (DeepSpeed here): no --multi_gpu over it.
+    assert ds_args.config_file == "jobs/launch/deepspeed_zero2_8_gpus.yaml" and not ds_args.multi_gpu
+    assert (ds_args.num_machines, ds_args.machine_rank, ds_args.num_processes) == (2, 1, 16)
+
+
+def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env, sr):
+    base = ["cloud", "train", "--name", "r1", "--bucket", "gs://b", "--dry-run", "--out", str(tmp_path)]
+    cases = {
+        ("--preset", "tiny", "data.gt_sise=64"): "data.gt_sise",       # the config loader's own check
+        ("--preset", "tiny", "data.batch_size=many"): "data.batch_size",
+        ("--preset", "nope"): "nope",
+        ("train.run_dir=gs://x/y",): "--bucket and --name",
+        ("missing.yaml",): "missing.yaml",
+        ("--gpus", "V100:four"): "--gpus",
+        ("--launch-config", "jobs/launch/none.yaml"): "jobs/launch/none.yaml",
+    }
+    for extra, named in cases.items():
+        done = sr([*base, *extra])
+        assert done.returncode == 2, (extra, done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, (extra, done.stderr)
+    done = sr(["cloud", "train", "--name", "Bad_Name", "--bucket", "gs://b", "--dry-run"])
+    assert done.returncode == 2 and "--name" in done.stderr
+    done = sr(["cloud", "train", "--name", "ok", "--bucket", "/local/folder", "--dry-run"])
+    assert done.returncode == 2 and "--bucket" in done.stderr
+
+
+def test_job_commands_map_onto_managed_jobs(tmp_path, offline_env, sr):
+    expected = {
+        "status": "sky jobs queue --all",
+        "logs": "sky jobs logs --name esrgan-psnr --follow",
+        "stop": "sky jobs cancel --name esrgan-psnr --yes",
+    }
+    for action, command in expected.items():
+        done = sr(["cloud", action, "esrgan-psnr", "--dry-run", "--out", str(tmp_path / action)])
+        assert done.returncode == 0, done.stderr
+        assert "  " + command in done.stdout.splitlines()
+        assert (tmp_path / action / "commands.sh").read_text().rstrip().endswith(command)
+    done = sr(["cloud", "logs", "esrgan-psnr", "--no-follow", "--controller", "--dry-run",
+               "--out", str(tmp_path / "c")])
+    assert "  sky jobs logs --name esrgan-psnr --no-follow --controller" in done.stdout.splitlines()
+
+
+def test_without_credentials_every_command_fails_at_once(tmp_path, offline_env, sr, monkeypatch):
+    cluster = tmp_path / "cluster.yaml"
+    done = sr(["cloud", "ray-config", "--project", "p", "-o", cluster])
+    assert done.returncode == 0, done.stderr
+    commands = [
+        ["cloud", "train", "--preset", "tiny", "--name", "r1", "--bucket", "gs://b"],
+        ["cloud", "status", "r1"], ["cloud", "logs", "r1"], ["cloud", "stop", "r1"],
+        ["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x4.safetensors", "--cluster", cluster],
+    ]
+    for args in commands:  # the installed `sr`, timed from its start
+        started = time.monotonic()
+        done = sr_process([*args, "--out", tmp_path / "o"], offline_env)
+        assert time.monotonic() - started < 15, args
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert "no Google Cloud credentials" in line and "gcloud auth application-default login" in line
+    # A key file that is named but missing is called out by name.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    done = sr(["cloud", "status", "r1", "--out", tmp_path / "o"])
+    assert done.returncode == 2 and "key.json: no such file" in done.stderr
+
+
+# --- batch on a Ray cluster ---------------------------------------------------------------
+
+
+def test_ray_config_passes_rays_validator(tmp_path, offline_env, sr):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    for extra in ([], ["--spot", "--image", "us-docker.pkg.dev/p/sr/sr-cloud:0.1.0", "--min-workers", "1"]):
+        done = sr(["cloud", "ray-config", "--project", "my-project", "--gpu", "nvidia-tesla-v100",
+                   "--gpus-per-worker", "4", "--max-workers", "3", *extra])
+        assert done.returncode == 0, done.stderr
+        config = yaml.safe_load(done.stdout)
+        validate_config(config)
+        validate_config(prepare_config(copy.deepcopy(config)))  # as `ray up` fills it
+        worker = config["available_node_types"]["gpu_worker"]
+        assert worker["resources"] == {"CPU": 32, "GPU": 4} and worker["max_workers"] == 3
+        assert worker["node_config"]["guestAccelerators"] == [
+            {"acceleratorType": "nvidia-tesla-v100", "acceleratorCount": 4}]
+        assert worker["node_config"]["machineType"] == "n1-standard-32"
+        assert ("provisioningModel" in worker["node_config"]["scheduling"]) == ("--spot" in extra)
+        setup = "\n".join(config["setup_commands"])
+        assert "torch==2.13.0" in setup and "whl/cu126" in setup and "ray[default]==2.60.0" in setup
+        assert config["file_mounts"] == {"~/sr-cloud": str(ROOT)}
+        script = tmp_path / "setup.sh"
+        script.write_text("#!/usr/bin/env bash\n" + "\n".join(config["setup_commands"]) + "\n")
+        check_shell([script])
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["resourcez"] = {}
+    with pytest.raises(Exception, match="resourcez"):
+        validate_config(broken)
+    done = sr(["cloud", "ray-config", "--project", "p", "--gpus-per-worker", "3"])
+    assert done.returncode == 2 and "--gpus-per-worker" in done.stderr
+
+
+def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
+    cluster = tmp_path / "cluster.yaml"
+    assert sr(["cloud", "ray-config", "--project", "p", "-o", str(cluster)]).returncode == 0
+    out = tmp_path / "job"
+    done = sr(["cloud", "batch", "gs://in/photos", "gs://out/photos", "--model", "gs://m/x4.safetensors",
+               "--cluster", str(cluster), "--submission-id", "job1", "--dry-run", "--out", str(out),
+               "--batch-args=--overwrite"])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert f"  ray get-head-ip {cluster}" in lines and f"  ray up -y --no-restart {cluster}" in lines
+    submit = next(line for line in lines if line.startswith("  ray job submit"))
+    argv = shlex.split(submit)
+    # The default cluster has 4 one-GPU workers at most: one actor per GPU, 1 to 4 of them.
+    assert argv[argv.index("--") + 1:] == ["sr", "batch", "gs://in/photos", "gs://out/photos", "--model",
+                                           "gs://m/x4.safetensors", "--address", "auto", "--run-id", "job1",
+                                           "--num-gpus-per-actor", "1", "--actors", "1,4", "--overwrite"]
+    runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert runtime_env == json.loads((out / "runtime_env.json").read_text())
+    assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
+    assert "gs://out/photos/_sr_batch/job1/" in done.stdout
+    check_shell([out / "commands.sh"])
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(cluster.read_text()), "max_wokers": 2}))
+    for args, named in (
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(bad)], "not a valid Ray cluster config"),
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(tmp_path / "no.yaml")], "no.yaml"),
+        (["local/in", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster)], "INPUT"),
+        (["gs://in/a", "gs://out/a", "--model", "x4.safetensors", "--cluster", str(cluster)], "--model"),
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster), "--batch-args=--bogus 2"],
+         "unrecognized arguments: --bogus 2"),  # sr batch's own parser, here
+    ):
+        done = sr(["cloud", "batch", *args, "--dry-run", "--out", str(tmp_path / "o")])
+        assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- the image ------------------------------------------------------------------------------
+
+
+def test_dockerfile_agrees_with_pyproject_and_the_cloud_pins():
+    """Docker has no engine on these machines, so the image is not built here; what it
+    installs is read back and compared with pyproject, infra/image.py and what CI runs."""
+    from importlib.metadata import version
+
+    import torch
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from infra import image
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    assert re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1) == image.CUDA_IMAGE
+    assert "cuda:12.6" in image.CUDA_IMAGE and image.TORCH_CUDA == "cu126"
+    assert args == {"TORCH_VERSION": image.TORCH_VERSION, "TORCH_CUDA": image.TORCH_CUDA,
+                    "RAY_VERSION": image.RAY_VERSION}
+    assert re.search(r'image\.version="([^"]+)"', dockerfile).group(1) == pyproject["version"]
+    python = re.search(r"python(3\.\d+) -m venv", dockerfile).group(1)
+    assert python == image.PYTHON.removeprefix("python")
+    assert SpecifierSet(pyproject["requires-python"]).contains(python)
+    requirements = [Requirement(r) for r in pyproject["dependencies"]]
+    requirements += [Requirement(r) for extra in ("train", "batch") for r in pyproject["optional-dependencies"][extra]]
+    pins = {"torch": image.TORCH_VERSION, "ray": image.RAY_VERSION}
+    for req in requirements:
+        if req.name in pins:
+            assert req.specifier.contains(pins[req.name]), (req, pins[req.name])
+    # The cloud runs the versions the tests run here (a CPU build of the same torch).
+    assert torch.__version__.split("+")[0] == image.TORCH_VERSION
+    assert version("ray") == image.RAY_VERSION
+    assert '".[train,batch]"' in dockerfile and "sm_70" in dockerfile
+
+
+# --- TensorBoard ------------------------------------------------------------------------------
+
+
+def _serve_and_read(target: str, env: dict) -> dict:
+    """Start `sr tensorboard TARGET` on a free loopback port, read its runs and one series
+    from the printed URL, stop it."""
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "sr"), "tensorboard", target, "--port", str(port), "--reload-interval", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://\S+)", line).group(1).rstrip("/")
+        assert f"127.0.0.1:{port}" in url, line
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+        deadline = time.monotonic() + 30
+        while True:
+            listed = json.loads(opener.open(url + "/data/runs", timeout=5).read())
+            if len(listed) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        series = {run: [row[2] for row in json.loads(opener.open(
+            f"{url}/data/plugin/scalars/scalars?run={run}&tag=train/loss_g", timeout=5).read())] for run in listed}
+        return series
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_tensorboard_serves_local_and_gs_runs(tmp_path, offline_env, gcs_emulator):
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = tmp_path / "runs"
+    for name, slope in (("psnr", 1.0), ("gan", 2.0)):
+        with SummaryWriter(str(runs / name / "tb")) as writer:
+            for step in range(5):
+                writer.add_scalar("train/loss_g", slope * step, step)
+    expected = {"gan/tb": [0.0, 2.0, 4.0, 6.0, 8.0], "psnr/tb": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    assert _serve_and_read(str(runs), offline_env) == expected
+    # The same event files in a bucket (the emulator on loopback; google-auth's metadata
+    # server pointed at a closed loopback port, so nothing else can be asked).
+    bucket = gcs_emulator.make_bucket()
+    gcs_emulator.fs().put(str(runs), f"{bucket[5:]}/runs", recursive=True)
+    env = dict(os.environ, GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9", NO_GCE_CHECK="True")
+    assert _serve_and_read(f"{bucket}/runs", env) == expected
+
+
+def test_tensorboard_target_resolution(tmp_path, gcs_emulator):
+    from infra.tensorboard import resolve_logdir
+
+    run = tmp_path / "runs" / "r1"
+    (run / "tb").mkdir(parents=True)
+    assert resolve_logdir(str(run)) == str(run)
+    output = tmp_path / "out"
+    (output / "_sr_batch" / "20261202-0100").mkdir(parents=True)
+    (output / "photo.png").write_bytes(b"x")
+    assert resolve_logdir(str(output)) == str(output / "_sr_batch")  # not the images
+    with pytest.raises(FileNotFoundError):
+        resolve_logdir(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError):
+        resolve_logdir(str(output / "photo.png"))
+    bucket = gcs_emulator.make_bucket()
+    fs = gcs_emulator.fs()
+    fs.pipe(f"{bucket[5:]}/out/_sr_batch/run1/summary.json", b"{}")
+    fs.pipe(f"{bucket[5:]}/runs/r1/tb/events.out.tfevents.1", b"")
+    assert resolve_logdir(f"{bucket}/out") == f"{bucket}/out/_sr_batch"
+    assert resolve_logdir(f"{bucket}/runs") == f"{bucket}/runs"
+
+
+
+def test_help_lists_cloud_commands_and_imports_no_engine():
+    code = ("import sys\nfrom sr_core.main import build_parser\ntext = build_parser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'ray', 'sky', 'tensorboard', 'yaml') if m in sys.modules))\n"
+            "print(text)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    heavy, _, text = done.stdout.partition("\n")
+    assert heavy == "[]" and "cloud" in text and "tensorboard" in text
+
+
+def test_ray_config_project_defaults_to_gclouds(tmp_path, offline_env, sr):
+    done = sr(["cloud", "ray-config"])
+    assert done.returncode == 2 and "gcloud config set project" in done.stderr
+    gcloud = Path(os.environ["CLOUDSDK_CONFIG"])
+    (gcloud / "configurations").mkdir(parents=True)
+    (gcloud / "active_config").write_text("work")
+    (gcloud / "configurations" / "config_work").write_text("[core]\nproject = from-gcloud\naccount = a@b.c\n")
+    done = sr(["cloud", "ray-config", "--gpu", "nvidia-tesla-v100", "--gpus-per-worker", "2", "--max-workers", "2"])
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["provider"]["project_id"] == "from-gcloud"
+
+
+# --- the documentation ------------------------------------------------------------------------
+
+
+def _doc_commands() -> list[str]:
+    text = (ROOT / "docs" / "CLOUD.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("sr "):
+                commands.append(line)
+    return commands
+
+
+def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_env, sr, monkeypatch):
+    from sr_core.main import build_parser
+
+    commands = _doc_commands()
+    cloud = [c for c in commands if c.startswith("sr cloud ")]
+    assert len(cloud) >= 8 and {c.split()[2] for c in cloud} >= {
+        "train", "status", "logs", "stop", "ray-config", "batch"}
+    parser = build_parser()
+    monkeypatch.chdir(tmp_path)  # the doc's relative files (cluster.yaml) land here
+    for i, command in enumerate(commands):
+        command, _, redirect = command.partition(">")
+        argv = shlex.split(command)
+        parser.parse_args(argv[1:])  # every sr line of the doc is a valid invocation
+        if argv[1] != "cloud":
+            continue
+        if argv[2] != "ray-config":  # it only prints; the others get --dry-run
+            argv[3:3] = ["--dry-run", "--out", str(tmp_path / f"out{i}")]
+        done = sr(argv[1:])
+        assert done.returncode == 0, (command, done.stderr)
+        if redirect:
+            Path(redirect.strip()).write_text(done.stdout)
+
+
+# --- the rehearsal: the generated run script on two "nodes" of this host ----------------------
+
+
+def _start_node(run_sh: Path, rank: int, port: int, home: Path, ssd: Path, log: Path) -> subprocess.Popen:
+    """One "VM": the run script with the variables SkyPilot sets on node ``rank`` of 2
+    (rank 0's address first in SKYPILOT_NODE_IPS, here loopback), one "GPU" per node
+    (CPU and gloo here), its own HOME (with the config file mount) and "local SSD"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "ACCELERATE_", "RANK",
+                                                                        "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NUM_NODES="2", SKYPILOT_NODE_IPS="127.0.0.1\n127.0.0.1",
+               SKYPILOT_NUM_GPUS_PER_NODE="1", SR_VENV=sys.prefix, SR_LOCAL_DISK=str(ssd),
+               SR_MAIN_PROCESS_PORT=str(port), HOME=str(home), OMP_NUM_THREADS="1")
+    with open(log, "ab") as out:
+        return subprocess.Popen(["bash", str(run_sh)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the node's whole process tree (the launcher's workers may have their own
+    process groups), as a vanished VM would take them all."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid)
+        victims = [tree, *tree.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        victims = []
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
+
+
+def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gcs_emulator, offline_env, sr):
+    from jobs import checkpoint as ckpt
+    from jobs.prepare import PrepareSettings, prepare
+
+    bucket = gcs_emulator.make_bucket("rehearsal")
+    prepare(str(ROOT / "assets" / "images"), f"{bucket}/shards",
+            PrepareSettings(size=96, step=96, images_per_shard=1), progress=False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("train:\n  max_steps: 24\n  checkpoint_every: 4\n  log_every: 4\n  progress: false\n"
+                      "data:\n  num_workers: 0\n")
+    gen = tmp_path / "gen"
+    done = sr(["cloud", "train", "--preset", "tiny", str(config), f"data.train_shards={bucket}/shards",
+               "--name", "rehearsal", "--bucket", bucket, "--nodes", "2", "--gpus", "V100:1",
+               "--dry-run", "--out", str(gen)])
+    assert done.returncode == 0, done.stderr
+    run_sh = gen / "run.sh"
+    run_dir = f"{bucket}/runs/rehearsal"
+
+    homes, ssds, logs = [], [], []
+    for rank in range(2):
+        home = tmp_path / f"node{rank}" / "home"
+        (home / "sr-job").mkdir(parents=True)
+        (home / "sr-job" / "config.yaml").write_text(config.read_text())  # SkyPilot's file mount
+        homes.append(home)
+        ssds.append(tmp_path / f"node{rank}" / "ssd")
+        ssds[-1].mkdir()
+        logs.append(tmp_path / f"node{rank}.log")
+
+    def complete_steps():
+        gcs_emulator.fs().clear_instance_cache()  # gcsfs caches listings
+        return ckpt.complete_steps(run_dir)
+
+    def digests(step):
+        """Each rank's SHA-256 of its networks, saved in its part of the checkpoint."""
+        folder = ckpt.step_dir(run_dir, step)
+        return [ckpt.load_torch(f"{folder}/rank_{r}.pt")["digest"] for r in range(2)]
+
+    # First launch; once a checkpoint is complete, node 1 vanishes (SIGKILL, as a preempted
+    # VM without notice) and node 0 is stopped too, as SkyPilot tears down the cluster.
+    port = _free_port()
+    nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not complete_steps():
+            assert all(n.poll() is None for n in nodes), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+            assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        _kill(nodes[1])
+    finally:
+        for n in nodes:
+            _kill(n)
+    first = complete_steps()
+    assert first and first[-1] < 24, first
+    a, b = digests(first[0])
+    assert a == b  # both ranks held identical weights when they checkpointed
+
+    # Both nodes relaunched with the same script: they resume from the newest checkpoint.
+    port = _free_port()
+    nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
+    try:
+        for rank, node in enumerate(nodes):
+            assert node.wait(timeout=180) == 0, logs[rank].read_text()[-4000:]
+    finally:
+        for n in nodes:
+            _kill(n)
+    log0 = logs[0].read_text()
+    resumed = re.findall(r"resumed from \S+step_(\d+) at step (\d+)", log0)
+    assert resumed and int(resumed[-1][1]) == first[-1], log0[-3000:]
+    assert complete_steps()[-1] == 24
+    a, b = digests(24)
+    assert a == b
+    # Shards were read from the bucket into each node's "local SSD" cache.
+    for ssd in ssds:
+        assert any(p.is_file() for p in (ssd / "sr-shards").rglob("*")), list(ssd.rglob("*"))
