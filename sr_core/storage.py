@@ -107,11 +107,13 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
-def list_files(url: str, suffixes: Iterable[str] | None = None) -> list[str]:
+def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str] | None = None) -> list[str]:
     """All files below ``url`` (recursive), as full URLs in the same scheme, sorted.
 
     ``suffixes`` filters by lower-cased extension (e.g. ``{".png", ".jpg"}``).
-    Hidden files and our temporary files (``.tmp-*``) are skipped.
+    Hidden files and our temporary files (``.tmp-*``) are skipped; the hidden files
+    that pass the filter (not our temporary files) are appended to ``hidden`` if it is
+    given, so a caller can report them.
     """
     fs, root = get_fs(url)
     if not fs.exists(root):
@@ -125,11 +127,16 @@ def list_files(url: str, suffixes: Iterable[str] | None = None) -> list[str]:
     out = []
     for p in paths:
         name = posixpath.basename(p)
-        if name.startswith("."):
-            continue
         if wanted is not None and os.path.splitext(name)[1].lower() not in wanted:
             continue
-        out.append(prefix + p if prefix and not p.startswith(prefix) else p)
+        full = prefix + p if prefix and not p.startswith(prefix) else p
+        if name.startswith("."):
+            if hidden is not None and not name.startswith(".tmp-"):
+                hidden.append(full)
+            continue
+        out.append(full)
+    if hidden is not None:
+        hidden.sort()
     return sorted(out)
 
 
@@ -155,6 +162,17 @@ def safe_key(rel: str) -> str:
     if not rel or rel.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"unsafe relative path {rel!r}: it must stay below its prefix")
     return rel
+
+
+def link_out_of(root: str, url: str) -> str | None:
+    """Where a local file found below the folder ``root`` really is, if a symbolic link
+    takes it outside ``root`` (listings must not follow links out of the folder they
+    list); None for files inside it and for object stores (which have no links)."""
+    if not is_local(url):
+        return None
+    target = os.path.realpath(local_path(url))
+    real_root = os.path.realpath(local_path(root)).rstrip("/")
+    return None if target.startswith(real_root + "/") else target
 
 
 __all__ = [
