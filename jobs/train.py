@@ -746,7 +746,8 @@ def train_loop(job: Job) -> str:
                 new_best = scores["psnr"] > job.best_psnr
                 if new_best:
                     job.best_psnr = scores["psnr"]
-                log(job, f"step {step}: validation PSNR-Y {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
+                which = "EMA generator" if job.ema is not None else "generator"
+                log(job, f"step {step}: validation ({which}) PSNR-Y {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
                          f"(bicubic: {job.bicubic_scores['psnr_bicubic']:.2f} dB, "
                          f"{job.bicubic_scores['ssim_bicubic']:.4f})" + (" best" if new_best else ""))
             preempted = _any_rank(job, preemption.requested)

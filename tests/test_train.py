@@ -265,3 +265,20 @@ def test_two_machine_launch_on_one_host(data, tmp_path):
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "world size 2" in outputs[0]
     assert len(set(digests(run, 3, 2))) == 1
+
+
+def test_multihead_every_head_trained_and_validated(data, tmp_path):
+    run = str(tmp_path / "run")
+    assert train_main([*COMMON, f"data.train_shards={data['shards']}", f"data.val_folder={data['val']}",
+                       "model.generator=multihead_rrdbnet", "train.max_steps=2", "train.val_every=2",
+                       f"train.run_dir={run}"]) == 0
+    tb = scalars(f"{run}/tb")
+    for suffix in ("", "_head0", "_head1", "_head2"):
+        assert len(tb[f"val/psnr{suffix}"]) == 1 and len(tb[f"val/mse{suffix}"]) == 1, suffix
+    state = ckpt.load_torch(f"{ckpt.step_dir(run, 2)}/state.pt")
+    from sr_core import build_generator
+
+    torch.manual_seed(0)
+    fresh = build_generator("multihead_rrdbnet", "tiny", scale=2).state_dict()
+    for k in range(3):  # every head got gradients and moved
+        assert not torch.equal(state["g"][f"heads.{k}.{2 * k}.weight"], fresh[f"heads.{k}.{2 * k}.weight"])
