@@ -58,4 +58,6 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"  bad image {entry['source']}: {entry['reason']}", file=sys.stderr)
     for entry in index["skipped"]:
         print(f"  skipped {entry['source']}: {entry['reason']}", file=sys.stderr)
-    return 0
+    # Bad images make the exit code 1, as in `sr upscale` and `sr eval`: the shards are
+    # complete without them, but someone should look.
+    return 1 if index["bad"] else 0

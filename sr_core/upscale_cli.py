@@ -76,6 +76,8 @@ class Job:
 class Plan:
     jobs: list[Job] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    """Hidden images found by listing (names starting with '.'): reported, not upscaled."""
 
 
 def _has_glob(url: str) -> bool:
@@ -95,9 +97,9 @@ def _glob_root(url: str) -> str:
     return f"{scheme}://{root}" if scheme else root
 
 
-def _find_inputs(url: str) -> list[tuple[str, str, bool]]:
+def _find_inputs(url: str, hidden: list[str] | None = None) -> list[tuple[str, str, bool]]:
     """(root, file URL, found by listing a folder or glob) for one INPUT argument;
-    raises FileNotFoundError."""
+    raises FileNotFoundError. Hidden files a listing finds are appended to ``hidden``."""
     from sr_core import codecs, storage
 
     fs, path = storage.get_fs(url)
@@ -109,14 +111,18 @@ def _find_inputs(url: str) -> list[tuple[str, str, bool]]:
     # A name that exists is taken literally, so files and folders whose names hold
     # glob characters ("x[1].png") can be named.
     if _has_glob(url) and not fs.exists(path):
-        matches = [p for p in fs.glob(path) if fs.isfile(p) and not posixpath.basename(p).startswith(".")]
+        matches = [p for p in fs.glob(path) if fs.isfile(p)]
+        if hidden is not None:
+            hidden.extend(full(p) for p in matches if posixpath.basename(p).startswith(".")
+                          and not posixpath.basename(p).startswith(storage.TMP_PREFIX))
+        matches = [p for p in matches if not posixpath.basename(p).startswith(".")]
         if not matches:
             raise FileNotFoundError(f"{url}: the pattern matches no files")
         return [(_glob_root(url), full(p), True) for p in sorted(matches)]
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or folder")
     if fs.isdir(path):
-        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS)
+        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS, hidden=hidden)
         return [(url, f, True) for f in files]
     return [(full(posixpath.dirname(path)) if prefix else posixpath.dirname(path), url, False)]
 
@@ -147,7 +153,9 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
     found = []
     for url in inputs:
         try:
-            found.extend(_find_inputs(url))
+            found.extend(_find_inputs(url, plan.hidden))
+        except storage.StorageError:
+            raise  # storage unreachable: nothing else would work either
         except (FileNotFoundError, ValueError, OSError) as exc:
             plan.failures.append((url, _reason(exc, url)))
     candidates = []  # (input URL, its path, output URL, found by listing)
@@ -210,6 +218,9 @@ def run_upscale(args: argparse.Namespace) -> int:
     max_pixels = args.max_pixels if args.max_pixels is not None else codecs.DEFAULT_MAX_PIXELS
     plan = plan_outputs(args.inputs, args.output, args.suffix, options.extension)
     failures = list(plan.failures)
+    # Temporaries of earlier runs that were killed between writing and renaming; a
+    # live run's own are kept (their writer's process still exists).
+    storage.remove_stale_temporaries(args.output)
     todo, skipped = [], 0
     for job in plan.jobs:
         if not args.overwrite and storage.exists(job.output):
@@ -217,8 +228,10 @@ def run_upscale(args: argparse.Namespace) -> int:
         else:
             todo.append(job)
 
-    written, interrupted = 0, False
+    written, interrupted, stopped = 0, False, None
     if todo:
+        # A read-only, foreign or full OUT is refused before any image is computed.
+        storage.check_writable(args.output)
         settings = {k: v for k, v in (("overlap", args.overlap), ("tiles_per_batch", args.tiles_per_batch))
                     if v is not None}
         up = upscaler.Upscaler.from_file(args.model, device=args.device, precision=args.precision,
@@ -238,7 +251,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             pending = {}
 
             def collect(done) -> None:
-                nonlocal written, out_pixels
+                nonlocal written, out_pixels, stopped
                 for future in done:
                     job = pending.pop(future)
                     try:
@@ -246,15 +259,22 @@ def run_upscale(args: argparse.Namespace) -> int:
                         written += 1
                     except Exception as exc:  # a failed write is reported, the run goes on
                         failures.append((job.input, f"writing {job.output}: {_reason(exc, job.output)}"))
+                        if _out_unusable(exc):  # ... unless no other write could succeed
+                            stopped = stopped or f"writing {job.output}: {_reason(exc, job.output)}"
                     bar.update(1)
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{out_pixels / elapsed / 1e6:.2f} Mpx/s out")
 
             try:
                 for job in todo:
+                    if stopped:
+                        break
                     try:
                         image = codecs.read_image(job.input, max_pixels=max_pixels)
                         result = up(image, outscale=args.outscale)
+                    except storage.StorageError as exc:  # storage down past the retries: stop
+                        stopped = str(exc)
+                        break
                     except Exception as exc:  # a bad input is reported, the run goes on
                         failures.append((job.input, _reason(exc, job.input)))
                         bar.update(1)
@@ -273,15 +293,34 @@ def run_upscale(args: argparse.Namespace) -> int:
                 collect(done)
         bar.close()
 
-    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}")
+    hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""
+    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}")
+    for url in plan.hidden:
+        print(f"  SKIPPED {url}: hidden file (its name starts with '.'); name it as an INPUT to upscale it",
+              file=sys.stderr)
     for url, reason in failures:
         print(f"  FAILED {url}: {reason}", file=sys.stderr)
+    if stopped:
+        print(f"sr upscale: stopped ({stopped}); {len(todo) - bar.n} image(s) not done; run the same command "
+              "again to finish them (outputs that exist are skipped)", file=sys.stderr)
+        return 1
     if interrupted:
         left = len(todo) - bar.n
         print(f"sr upscale: interrupted with {left} image(s) not done; run the same command again to finish "
               "them (outputs that exist are skipped)", file=sys.stderr)
         return 130
     return 1 if failures else 0
+
+
+def _out_unusable(exc: Exception) -> bool:
+    """A write error that every later write would hit too: storage down past the
+    retries, or a full / read-only / over-quota output."""
+    import errno
+
+    from sr_core import storage
+
+    return isinstance(exc, storage.StorageError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 def _reason(exc: Exception, url: str) -> str:
