@@ -298,9 +298,13 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     # A read-only, foreign or full DST is refused before any image is cut.
     storage.check_writable(dst)
     old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
-    if old_plan is None:
-        storage.write_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode())
-    elif old_plan != plan:
+    # Created only if absent: of two runs starting at once into one DST, one creates the
+    # plan and the other compares with it. Runs of the same plan may then work side by
+    # side (a unit's bytes depend only on the plan; temporaries are per process);
+    # a run of another plan is refused instead of interleaving its shards.
+    if old_plan is None and not storage.create_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode()):
+        old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
+    if old_plan is not None and old_plan != plan:
         raise ValueError(f"{dst} holds an unfinished prepare of other images or settings; re-run it with "
                          "the same SRC and options to finish it, or choose another DST")
     # A killed local write leaves a temporary file behind; those of killed runs go,

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from fsspec.core import url_to_fs
 
@@ -149,10 +149,12 @@ def _describe_request(args: tuple, kwargs: dict) -> str:
     except (IndexError, KeyError):
         pass
     path = path.split("?", 1)[0]
-    name = kwargs.get("name")
     if path.startswith("http"):
         path = urlsplit(path).path
-    return f"{str(method).upper()} {path}" + (f" (object {name})" if name else "")
+    m = re.search(r"(?:^|/)b/([^/]+)/o(?:/(.*))?$", unquote(path))
+    if m:  # the JSON API's b/BUCKET/o/OBJECT, as the gs:// URL users know
+        path = f"gs://{m[1]}/{m[2] or ''}"
+    return f"{str(method).upper()} {path}"
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -243,8 +245,11 @@ _UMASK = _read_umask()
 
 def read_bytes(url: str) -> bytes:
     fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except StorageError as exc:
+        raise StorageError(f"reading {url}: {exc}") from None
 
 
 def exists(url: str) -> bool:
@@ -280,7 +285,48 @@ def write_bytes(url: str, data: bytes) -> None:
     # Object stores publish an object when its upload completes: one pipe_file call
     # uploads it whole or not at all. (Writing through fs.open would commit whatever
     # was uploaded if an exception interrupted the write: close() still runs.)
-    fs.pipe_file(path, data)
+    try:
+        fs.pipe_file(path, data)
+    except StorageError as exc:
+        raise StorageError(f"writing {url}: {exc}") from None
+
+
+def create_bytes(url: str, data: bytes) -> bool:
+    """Write ``data`` only if ``url`` does not exist yet, atomically; False if it did.
+
+    Two runs racing to create the same file: exactly one wins. Local folders use a
+    hard link (fails if the name exists); GCS uses the ``ifGenerationMatch=0``
+    precondition (the gcp-storage-emulator ignores preconditions, so there the race
+    is narrowed to the moment between a check and a write, not closed)."""
+    if is_local(url):
+        path = local_path(url)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.remove(tmp)
+    fs, path = get_fs(url)
+    if fs.exists(path):
+        return False
+    try:
+        if is_gcs(url):
+            fs.pipe_file(path, data, mode="create")
+        else:
+            fs.pipe_file(path, data)
+    except FileExistsError:
+        return False
+    except StorageError as exc:
+        raise StorageError(f"writing {url}: {exc}") from None
+    return True
 
 
 # Local temporary files are named .tmp-HOST-PID-RANDOM-NAME: a rerun can tell the
@@ -425,5 +471,5 @@ def safe_key(rel: str) -> str:
 
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
-    "write_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable",
+    "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable",
 ]

@@ -6,13 +6,18 @@ that a rerun finishes."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from faultproxy import FaultProxy, FaultRates
 
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 
@@ -56,3 +61,89 @@ def test_gs_without_credentials_or_network_fails_in_seconds_with_one_line(tmp_pa
     else:
         assert "cannot reach the storage endpoint 127.0.0.1" in err and "STORAGE_EMULATOR_HOST" in err
     assert took < 15, took
+
+
+# ---- through the fault-injecting proxy ------------------------------------------------
+
+# The CI run tries one seed per test; SR_FAULTS=full (./dev test -m faults_full) tries more.
+FULL = os.environ.get("SR_FAULTS") == "full"
+SEEDS = range(5) if FULL else range(1)
+FAULTY = FaultRates(drop_before=0.04, drop_after=0.04, status_429=0.04, status_500=0.04, status_503=0.04,
+                    delay=0.05, delay_seconds=0.1)
+
+
+def cut_photos(folder, n, size):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def photos_bucket(gcs_emulator, tmp_path_factory):
+    """A bucket with 12 photos under photos/ and a clean `sr prepare` of them in clean/."""
+    src = tmp_path_factory.mktemp("photos")
+    cut_photos(src, 12, 96)
+    bucket = gcs_emulator.make_bucket("faults")
+    fs = gcs_emulator.fs()
+    for p in sorted(src.iterdir()):
+        fs.put_file(str(p), f"{bucket[5:]}/photos/{p.name}")
+    clean = prepare_cmd(bucket, "clean", os.environ)
+    assert clean.returncode == 0, clean.stderr
+    return bucket
+
+
+def prepare_cmd(bucket, dst, env, timeout=300):
+    return subprocess.run([SR, "prepare", f"{bucket}/photos", f"{bucket}/{dst}", "--size", "48", "--step", "24",
+                           "--images-per-shard", "2", "-j", "2", "-q"],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def shards_of(fs, bucket, dst):
+    index = json.loads(fs.cat_file(f"{bucket[5:]}/{dst}/index.json"))
+    return index["shards"], {s["name"]: fs.cat_file(f"{bucket[5:]}/{dst}/{s['name']}") for s in index["shards"]}
+
+
+def proxy_env(proxy, attempts=10):
+    return {**os.environ, "STORAGE_EMULATOR_HOST": proxy.url, "SR_STORAGE_ATTEMPTS": str(attempts),
+            "SR_STORAGE_BACKOFF": "0.02"}
+
+
+FAULT_COUNTS: dict = {}  # test -> faults injected, for the record in docs/RELIABILITY.md
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_prepare_through_faults_gives_the_same_shards(gcs_emulator, photos_bucket, seed):
+    fs = gcs_emulator.fs()
+    with FaultProxy(gcs_emulator.url, FAULTY, seed=seed) as proxy:
+        proc = prepare_cmd(photos_bucket, f"faulty-{seed}", proxy_env(proxy))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proxy.faults >= 5, proxy.counts
+    # every retry was logged, on one line, naming the request
+    retries = [ln for ln in proc.stderr.splitlines() if ln.startswith("storage: ")]
+    assert retries and all("retry" in ln and f"{photos_bucket}/" in ln for ln in retries), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    clean_index, clean_bytes = shards_of(fs, photos_bucket, "clean")
+    index, data = shards_of(fs, photos_bucket, f"faulty-{seed}")
+    assert index == clean_index and data == clean_bytes
+    print(f"faults injected: {dict(proxy.counts)}")
+
+
+def test_an_outage_longer_than_the_retries_stops_naming_the_object_and_a_rerun_finishes(gcs_emulator, photos_bucket):
+    fs = gcs_emulator.fs()
+    with FaultProxy(gcs_emulator.url, seed=0) as proxy:
+        proxy.outage_after_uploads = 3  # the plan and a couple of shards get through
+        start = time.monotonic()
+        failed = prepare_cmd(photos_bucket, "outage", proxy_env(proxy, attempts=3))
+        took = time.monotonic() - start
+        assert failed.returncode == 75, failed.stderr[-3000:]
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("sr prepare: error: ") and f"{photos_bucket}/outage/" in last, last
+        assert "still failing after 3 attempts" in last and "rerun the same command" in last, last
+        assert "Traceback" not in failed.stderr
+        assert took < 60
+        assert not fs.exists(f"{photos_bucket[5:]}/outage/index.json")
+        proxy.lift_outage()
+        rerun = prepare_cmd(photos_bucket, "outage", proxy_env(proxy))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert shards_of(fs, photos_bucket, "outage") == shards_of(fs, photos_bucket, "clean")
