@@ -26,6 +26,7 @@ import os
 import sys
 import tarfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 from sr_core import storage
@@ -210,10 +211,14 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
     writer = _PartWriter(dst, unit, int(settings.max_shard_mb * 1024 * 1024))
     fs, root = storage.get_fs(src)
     src_is_one_file = fs.isfile(root)  # then its key is its basename
-    bad, skipped = [], []
+    bad, skipped, notes = [], [], []
     for rel in sources:
         try:
-            image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
+            # Decoder warnings (a corrupt EXIF block...) are kept as notes naming the file.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
+            notes.extend({"source": rel, "reason": str(w.message).strip()} for w in caught)
         except storage.StorageError:
             raise  # storage down past the retries: stop, a rerun resumes this unit
         except Exception as exc:  # any unreadable image is reported, the rest goes on
@@ -241,7 +246,8 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
                     data = encode_png(tile, settings.png_level)
                 writer.add(f"{rel}_s{k:03d}{SUBIMAGE_FORMATS[settings.format]}", data, *tile.shape[:2])
     writer.flush()
-    manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped}
+    manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped,
+                "warnings": notes}
     storage.write_bytes(storage.join(dst, "units", f"{unit:05d}.json"), json.dumps(manifest).encode())
     return manifest
 
@@ -364,6 +370,7 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
         "shards": shards,
         "bad": unsafe + [b for m in ordered for b in m["bad"]],
         "skipped": hidden + [s for m in ordered for s in m["skipped"]],
+        "warnings": [w for m in ordered for w in m.get("warnings", [])],
         "seconds_last_run": round(time.monotonic() - start, 3),
     }
     storage.write_bytes(storage.join(dst, INDEX_NAME), json.dumps(index).encode())

@@ -9,6 +9,7 @@ stores publish an object only when its upload completes, so a direct write is at
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import logging
@@ -250,6 +251,10 @@ def read_bytes(url: str) -> bytes:
             return f.read()
     except StorageError as exc:
         raise StorageError(f"reading {url}: {exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a broken input like any other, not a failing disk
+            raise ValueError(f"{url}: a loop of symbolic links, not a file") from None
+        raise
 
 
 def exists(url: str) -> bool:
@@ -392,8 +397,6 @@ def remove_stale_temporaries(url: str, recursive: bool = True) -> int:
 def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
     """Refuse, before any work, an output folder that cannot take files: read-only,
     not ours, full. Writes and removes a small probe object (local folders are created)."""
-    import errno
-
     probe = join(url, f"{TMP_PREFIX}{_HOST}-{os.getpid()}-write-check")
     try:
         if is_local(url):
@@ -445,6 +448,20 @@ def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str
     return sorted(out)
 
 
+def printable(text: str) -> str:
+    """``text`` safe for one report line: newlines and other control characters, and
+    the undecodable bytes of non-UTF-8 file names, are written as escapes."""
+    out = []
+    for c in text:
+        if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def relative_key(root: str, url: str) -> str:
     """The path of ``url`` below ``root``, with '/' separators, validated so it cannot
     escape a prefix it is later joined to (no '..', no absolute parts)."""
@@ -471,5 +488,5 @@ def safe_key(rel: str) -> str:
 
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
-    "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable",
+    "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",
 ]

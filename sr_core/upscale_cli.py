@@ -18,6 +18,7 @@ import os
 import posixpath
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 _GLOB_CHARS = "*?["
@@ -229,6 +230,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             todo.append(job)
 
     written, interrupted, stopped = 0, False, None
+    notes: list[tuple[str, str]] = []  # (input, decoder warning) of images that were processed
     if todo:
         # A read-only, foreign or full OUT is refused before any image is computed.
         storage.check_writable(args.output)
@@ -270,7 +272,12 @@ def run_upscale(args: argparse.Namespace) -> int:
                     if stopped:
                         break
                     try:
-                        image = codecs.read_image(job.input, max_pixels=max_pixels)
+                        # Decoder warnings (a corrupt EXIF block...) become one report
+                        # line naming the file instead of Python's two anonymous lines.
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            image = codecs.read_image(job.input, max_pixels=max_pixels)
+                        notes.extend((job.input, str(w.message).strip()) for w in caught)
                         result = up(image, outscale=args.outscale)
                     except storage.StorageError as exc:  # storage down past the retries: stop
                         stopped = str(exc)
@@ -295,11 +302,14 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""
     print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}")
+    show = storage.printable
+    for url, message in notes:
+        print(f"  WARNING {show(url)}: {show(message)}", file=sys.stderr)
     for url in plan.hidden:
-        print(f"  SKIPPED {url}: hidden file (its name starts with '.'); name it as an INPUT to upscale it",
+        print(f"  SKIPPED {show(url)}: hidden file (its name starts with '.'); name it as an INPUT to upscale it",
               file=sys.stderr)
     for url, reason in failures:
-        print(f"  FAILED {url}: {reason}", file=sys.stderr)
+        print(f"  FAILED {show(url)}: {show(reason)}", file=sys.stderr)
     if stopped:
         print(f"sr upscale: stopped ({stopped}); {len(todo) - bar.n} image(s) not done; run the same command "
               "again to finish them (outputs that exist are skipped)", file=sys.stderr)
