@@ -62,6 +62,9 @@ def add_upscale_parser(sub) -> None:
     p.add_argument("--webp-lossless", action="store_true", help="lossless WebP")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse inputs with more pixels (decompression-bomb guard; default: 100,000,000)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                   help="refuse, before decoding, an image whose input and assembled output would need more "
+                        "host memory than this (default: the memory available when the run starts)")
     p.set_defaults(func=run_upscale)
 
 
@@ -238,6 +241,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                     if v is not None}
         up = upscaler.Upscaler.from_file(args.model, device=args.device, precision=args.precision,
                                          tile=args.tile, alpha=args.alpha, **settings)
+        memory_limit = (args.memory_limit * 2**30 if args.memory_limit is not None else available_memory())
         out_pixels = 0
         start = time.perf_counter()
         bar = tqdm(total=len(todo), unit="img", desc="upscale", file=sys.stderr, dynamic_ncols=True)
@@ -276,7 +280,8 @@ def run_upscale(args: argparse.Namespace) -> int:
                         # line naming the file instead of Python's two anonymous lines.
                         with warnings.catch_warnings(record=True) as caught:
                             warnings.simplefilter("always")
-                            image = codecs.read_image(job.input, max_pixels=max_pixels)
+                            image = _read_within_memory(job.input, max_pixels, memory_limit, up.scale,
+                                                        args.outscale)
                         notes.extend((job.input, str(w.message).strip()) for w in caught)
                         result = up(image, outscale=args.outscale)
                     except storage.StorageError as exc:  # storage down past the retries: stop
@@ -320,6 +325,69 @@ def run_upscale(args: argparse.Namespace) -> int:
               "them (outputs that exist are skipped)", file=sys.stderr)
         return 130
     return 1 if failures else 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be used without swapping (None if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_needed(height: int, width: int, bands: int, sample_bytes: int, scale: int,
+                  outscale: float | None) -> int:
+    """Peak host bytes to upscale one image: the decoded input, the output the Upscaler
+    assembles at the network's scale (in the output's own dtype; it peaks under twice
+    that size), and, with another --outscale, the resized output (the banded resize
+    peaks at about 1.55x its size)."""
+    sample = bands * sample_bytes
+    need = height * width * sample + 2 * height * width * scale * scale * sample
+    if outscale is not None and outscale != scale:
+        need += int(1.55 * round(height * outscale) * round(width * outscale) * sample)
+    return need
+
+
+def _read_within_memory(url: str, max_pixels: int | None, limit: int | None, scale: int,
+                        outscale: float | None):
+    """Read and decode an image, refusing first, from its header, one that would need
+    more memory than ``limit`` (a 16K x 16K at x4 is 12 GiB of output alone)."""
+    import io
+
+    from PIL import Image
+
+    from sr_core import codecs, storage
+
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such image file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{url}: is a folder, not an image") from None
+    if limit is not None:
+        try:
+            header = Image.open(io.BytesIO(data), formats=codecs.DECODE_FORMATS)
+            (width, height), mode = header.size, header.mode
+        except Exception:  # not an image: decode_image says why
+            width = height = 0
+        if width and height and (max_pixels is None or width * height <= max_pixels):
+            bands = 4 if mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") else 1 if mode in ("1", "L") or mode.startswith("I") else 3
+            sixteen = mode.startswith("I") or (data[:4] == b"\x89PNG" and len(data) > 24 and data[24] == 16)
+            need = memory_needed(height, width, bands, 2 if sixteen else 1, scale, outscale)
+            if need > limit:
+                raise ValueError(
+                    f"{url}: {width}x{height} at x{outscale or scale} would need about {need / 2**30:.1f} GiB of "
+                    f"host memory (input and assembled output), more than the {limit / 2**30:.1f} GiB "
+                    "available; split it into parts (e.g. 4096x4096), use a machine with more memory, or "
+                    "raise --memory-limit")
+    return codecs.decode_image(data, name=url, max_pixels=max_pixels)
 
 
 def _out_unusable(exc: Exception) -> bool:

@@ -167,3 +167,34 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, model_file, kind
     why = "Read-only file system" if kind == "read-only" else "No space left on device"
     assert f"{mnt}/out: cannot write there ({why}" in lines[0], lines[0]
     assert f"{mnt}/dst: cannot write there ({why}" in lines[1], lines[1]
+
+
+# ---- load: a 16K x 16K input at x4 ---------------------------------------------------
+
+
+def test_16k_input_at_x4_is_refused_up_front_with_the_memory_it_would_need(tmp_path, capsys):
+    import resource
+
+    from hostile_corpus import png_bytes
+    from sr_core.upscale_cli import memory_needed
+
+    torch.manual_seed(0)
+    model = str(tmp_path / "x4.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=4), model)
+    # A real 16384 x 16384 PNG header (the refusal must come before any pixel is decoded)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "huge.png").write_bytes(png_bytes(16384, 16384, 8, 2))
+    Image.new("RGB", (16, 16)).save(tmp_path / "in" / "small.png")
+    # The output alone is 65536^2 x 3 bytes = 12 GiB; input + 2x output = 24.75 GiB.
+    need = memory_needed(16384, 16384, 3, 1, 4, None)
+    assert need == 16384**2 * 3 * 33
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    capsys.readouterr()
+    code = sr_main(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", model, "--tile", "256",
+                    "--max-pixels", "300000000", "--memory-limit", "16"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = next(ln for ln in err.splitlines() if "huge.png" in ln)
+    assert "16384x16384 at x4 would need about 24.8 GiB" in line and "16.0 GiB" in line, line
+    assert (tmp_path / "out" / "small_sr.png").exists()  # the others are still done
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000  # KiB: nothing decoded
