@@ -267,19 +267,28 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+def _local_temporary(path: str, data: bytes) -> str:
+    """``data`` in a temporary file beside ``path`` (named for remove_stale_temporaries),
+    with the permissions a plain open() would give (mkstemp makes owner-only files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` so that no reader ever sees a partial object."""
     if is_local(url):
         path = local_path(url)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path))
+        tmp = _local_temporary(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            # mkstemp makes owner-only files; give the published file the permissions a
-            # plain open() would (0666 less the umask).
-            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -305,13 +314,8 @@ def create_bytes(url: str, data: bytes) -> bool:
     is narrowed to the moment between a check and a write, not closed)."""
     if is_local(url):
         path = local_path(url)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path))
+        tmp = _local_temporary(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o666 & ~_UMASK)
             try:
                 os.link(tmp, path)
             except FileExistsError:

@@ -22,6 +22,13 @@ import pytest
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
+def pytest_configure(config):
+    # `-m faults_full` runs the reliability suite with its full seed and kill counts;
+    # the default run (CI) runs the same tests with fewer.
+    if "faults_full" in (config.option.markexpr or ""):
+        os.environ["SR_FAULTS"] = "full"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,8 @@ from hostile_corpus import make_corpus
 from sr_core import build_generator, codecs, save_generator
 from sr_core.storage import printable
 
+pytestmark = pytest.mark.faults_full
+
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 FULL = os.environ.get("SR_FAULTS") == "full"
 # A 65535-pixel strip costs ~25 s to upscale on this CPU: the CI run upscales a narrower

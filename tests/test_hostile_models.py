@@ -17,6 +17,8 @@ from sr_core import build_generator, load_generator, save_generator
 from sr_core.main import main as sr_main
 from sr_core.modelfile import ModelFileError, read_metadata
 
+pytestmark = pytest.mark.faults_full
+
 def tiny(scale=4, seed=0):
     torch.manual_seed(seed)
     return build_generator("rrdbnet", "tiny", scale=scale).eval()

@@ -20,6 +20,8 @@ from PIL import Image
 
 from sr_core import build_generator, codecs, save_generator
 
+pytestmark = pytest.mark.faults_full
+
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 FULL = os.environ.get("SR_FAULTS") == "full"
 NUM_KILLS = 5 if FULL else 2

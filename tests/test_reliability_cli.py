@@ -19,6 +19,8 @@ from jobs.prepare import PrepareSettings, prepare
 from sr_core import build_generator, save_generator, storage
 from sr_core.main import main as sr_main
 
+pytestmark = pytest.mark.faults_full
+
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 
 

@@ -19,6 +19,8 @@ from PIL import Image
 
 from faultproxy import FaultProxy, FaultRates
 
+pytestmark = pytest.mark.faults_full
+
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 
 
