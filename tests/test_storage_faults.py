@@ -145,6 +145,10 @@ def test_an_outage_longer_than_the_retries_stops_naming_the_object_and_a_rerun_f
         assert "Traceback" not in failed.stderr
         assert took < 60
         assert not fs.exists(f"{photos_bucket[5:]}/outage/index.json")
+        # Each request was tried 3 times, not 3 x gcsfs's own 6: at most two worker
+        # processes and the main one had a request in flight when storage went away.
+        print(f"outage: {dict(proxy.counts)}")
+        assert 3 <= proxy.counts["outage"] <= 3 * 3, proxy.counts
         proxy.lift_outage()
         rerun = prepare_cmd(photos_bucket, "outage", proxy_env(proxy))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
