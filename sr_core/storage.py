@@ -179,6 +179,11 @@ def _use_our_retries(fs) -> None:
         if raw is None:  # a gcsfs without its retry decorator: keep whatever it does
             continue
         setattr(fs, name, _retrying(policy, raw.__get__(fs)))
+    # gcsfs also retries whole downloads made of ranged reads that are requests of the
+    # kind above: without its decorator, so those retries do not multiply either.
+    raw = getattr(getattr(type(fs), "_get_file_concurrent", None), "__wrapped__", None)
+    if raw is not None:
+        fs._get_file_concurrent = raw.__get__(fs)
     fs._sr_retries = True
 
 

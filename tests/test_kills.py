@@ -137,12 +137,12 @@ def test_a_prepare_of_another_plan_into_a_busy_dst_is_refused(prepared, tmp_path
 def test_two_prepares_into_one_gcs_prefix_both_finish(gcs_emulator, prepared):
     bucket = gcs_emulator.make_bucket("conc")
     fs = gcs_emulator.fs()
-    for p in sorted((prepared / "src").iterdir())[:4]:
+    for p in sorted((prepared / "src").iterdir())[:3]:
         fs.put_file(str(p), f"{bucket[5:]}/src/{p.name}")
-    clean = subprocess.run(prepare_cmd(f"{bucket}/src", f"{bucket}/clean"), capture_output=True, text=True,
-                           timeout=300)
+    clean = subprocess.run(prepare_cmd(f"{bucket}/src", f"{bucket}/clean", "-j", "1"), capture_output=True,
+                           text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
-    procs = [subprocess.Popen(prepare_cmd(f"{bucket}/src", f"{bucket}/dst"), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(prepare_cmd(f"{bucket}/src", f"{bucket}/dst", "-j", "1"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
@@ -161,19 +161,19 @@ def test_upscale_killed_and_rerun_ends_with_every_output_decodable(tmp_path):
     torch.manual_seed(0)
     model = str(tmp_path / "m.safetensors")
     save_generator(build_generator("rrdbnet", "tiny", scale=2), model)
-    cut_photos(tmp_path / "in", 10, 64, seed=3)
+    cut_photos(tmp_path / "in", 6, 48, seed=3)
     out = tmp_path / "out"
     cmd = [SR, "upscale", str(tmp_path / "in"), "-o", str(out), "-m", model]
     rng = random.Random(0)
     kills = 0
-    for _ in range(NUM_KILLS):
+    for _ in range(NUM_KILLS if FULL else 1):  # each restart costs a torch import: one in CI
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        target = (len(list(out.glob("*.png"))) if out.exists() else 0) + rng.randint(1, 3)
+        target = (len(list(out.glob("*.png"))) if out.exists() else 0) + rng.randint(1, 2)
         kills += kill_when(proc, lambda: out.exists() and len(list(out.glob("*.png"))) >= target)
     final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     outputs = sorted(p.name for p in out.iterdir())
-    assert outputs == [f"img{i:03d}_sr.png" for i in range(10)]  # no temporaries, nothing twice
+    assert outputs == [f"img{i:03d}_sr.png" for i in range(6)]  # no temporaries, nothing twice
     for name in outputs:
-        assert codecs.read_image(str(out / name)).shape == (128, 128, 3)
+        assert codecs.read_image(str(out / name)).shape == (96, 96, 3)
     assert kills >= 1
