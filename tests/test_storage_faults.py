@@ -123,6 +123,8 @@ def test_prepare_through_faults_gives_the_same_shards(gcs_emulator, photos_bucke
     # every retry was logged, on one line, naming the request
     retries = [ln for ln in proc.stderr.splitlines() if ln.startswith("storage: ")]
     assert retries and all("retry" in ln and f"{photos_bucket}/" in ln for ln in retries), proc.stderr[-2000:]
+    # no query strings (resumable-upload session ids act as credentials), no headers
+    assert "?" not in proc.stderr and "upload_id" not in proc.stderr and "Authorization" not in proc.stderr
     assert "Traceback" not in proc.stderr
     clean_index, clean_bytes = shards_of(fs, photos_bucket, "clean")
     index, data = shards_of(fs, photos_bucket, f"faulty-{seed}")
