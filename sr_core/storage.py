@@ -414,14 +414,19 @@ def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
             if free < min_free_bytes:
                 raise OSError(errno.ENOSPC, f"No space left on device: {free} bytes free")
         write_bytes(probe, b"sr write check")
-        fs, path = get_fs(probe)
-        fs.rm(path)
     except StorageError:
         raise
     except OSError as exc:
         why = exc.strerror or " ".join(str(exc).split())[:200]
         raise ValueError(f"{url}: cannot write there ({why}); choose another output folder or fix its "
                          "permissions or free space") from None
+    try:
+        fs, path = get_fs(probe)
+        fs.rm(path)
+    except (OSError, StorageError):
+        # Allowed to create but not to delete (GCS's objectCreator role): writes work.
+        # The probe keeps a temporary's name, which listings skip.
+        pass
 
 
 def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str] | None = None) -> list[str]:
