@@ -342,14 +342,19 @@ def available_memory() -> int | None:
         return None
 
 
+WORKING_MEMORY = 256 * 2**20
+
+
 def memory_needed(height: int, width: int, bands: int, sample_bytes: int, scale: int,
                   outscale: float | None) -> int:
-    """Peak host bytes to upscale one image: the decoded input, the output the Upscaler
-    assembles at the network's scale (in the output's own dtype; it peaks under twice
-    that size), and, with another --outscale, the resized output (the banded resize
-    peaks at about 1.55x its size)."""
+    """Peak host bytes to upscale one image: the decoded input, three times the output
+    at the network's scale (the Upscaler's assembly peaks under twice it, the encoder
+    holds one more copy), 256 MiB of working memory (tiles, buffers), and, with another
+    --outscale, the resized output (the banded resize peaks at about 1.55x). Measured
+    by bench/bench_upscale_memory.py: a 2048x2048 input at x4 peaks 2.7x its output
+    above an idle run."""
     sample = bands * sample_bytes
-    need = height * width * sample + 2 * height * width * scale * scale * sample
+    need = height * width * sample + 3 * height * width * scale * scale * sample + WORKING_MEMORY
     if outscale is not None and outscale != scale:
         need += int(1.55 * round(height * outscale) * round(width * outscale) * sample)
     return need
