@@ -182,9 +182,19 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
     else:
         arch, hparams, state = infer_architecture(url, state)
         _check_shapes(url, arch, hparams, state)
+    _check_finite(url, state)
     model = build_generator(arch, **hparams)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _check_finite(url: str, state: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite weights (a diverged run, a damaged file) would turn every output
+    into noise or black: refuse the file, naming the first such tensor."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelFileError(f"{url}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+                             "the training run diverged or the file is damaged: use an earlier checkpoint")
 
 
 def _check_hparam_values(url: str, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:

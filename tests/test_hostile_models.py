@@ -166,3 +166,26 @@ def test_pickle_refusal_never_suggests_the_unsafe_option(tmp_path, monkeypatch, 
         assert "weights_only=False" not in err
         assert "posix.system" in err
     assert not (tmp_path / "PWNED").exists()
+
+
+# ---- weights that are not a generator, or not numbers ---------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_refused_naming_a_tensor(tmp_path, value):
+    model = tiny()
+    with torch.no_grad():
+        model.conv_body.weight[0, 0, 0, 0] = value
+    path = str(tmp_path / "diverged.safetensors")
+    save_generator(model, path)
+    with pytest.raises(ModelFileError, match=r"diverged.safetensors: 1 weight tensor\(s\) hold NaN .*conv_body.weight"):
+        load_generator(path)
+
+
+def test_a_discriminator_passed_as_a_generator_is_refused(tmp_path, capsys):
+    from sr_core import build_discriminator
+
+    path = tmp_path / "netD.pth"
+    torch.save({"params": build_discriminator("vgg_style", "tiny").state_dict()}, path)
+    one_line_error(run_sr(capsys, "convert", str(path), str(tmp_path / "g.safetensors")),
+                   "netD.pth", "unrecognized weight layout")
