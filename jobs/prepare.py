@@ -118,7 +118,7 @@ def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None 
     urls = storage.list_files(src, IMAGE_SUFFIXES, hidden=hidden_urls)
     keys = []
     root = storage.get_fs(src)[1].rstrip("/")
-    real_root = os.path.realpath(storage.local_path(src)) if storage.is_local(src) else None
+    src_is_folder = storage.is_local(src) and os.path.isdir(storage.local_path(src))
 
     def excluded(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, g) for g in settings.exclude)
@@ -136,15 +136,13 @@ def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None 
             if unsafe is not None and not excluded(name):
                 unsafe.append({"source": name, "reason": f"{exc}; rename the object or --exclude it"})
             continue
-        if real_root is not None and os.path.isdir(real_root):
-            target = os.path.realpath(storage.local_path(url))
-            if not target.startswith(real_root + os.sep):
-                # Training data is what is below SRC: a link out of it could pull in
-                # any file the user can read. Refused, as `sr upscale` does.
-                if unsafe is not None and not excluded(rel):
-                    unsafe.append({"source": rel, "reason": f"a symbolic link to {target}, outside {src}; not "
-                                                            "followed (copy the file into SRC, or --exclude it)"})
-                continue
+        if src_is_folder and (target := storage.link_out_of(src, url)):
+            # Training data is what is below SRC: a link out of it could pull in any
+            # file the user can read. Refused, as `sr upscale` does.
+            if unsafe is not None and not excluded(rel):
+                unsafe.append({"source": rel, "reason": f"a symbolic link to {target}, outside {src}; not "
+                                                        "followed (copy the file into SRC, or --exclude it)"})
+            continue
         if settings.include and not any(fnmatch.fnmatchcase(rel, g) for g in settings.include):
             continue
         if any(fnmatch.fnmatchcase(rel, g) for g in settings.exclude):

@@ -500,6 +500,17 @@ def safe_key(rel: str) -> str:
     return rel
 
 
+def link_out_of(root: str, url: str) -> str | None:
+    """Where a local file found below the folder ``root`` really is, if a symbolic link
+    takes it outside ``root`` (listings must not follow links out of the folder they
+    list); None for files inside it and for object stores (which have no links)."""
+    if not is_local(url):
+        return None
+    target = os.path.realpath(local_path(url))
+    real_root = os.path.realpath(local_path(root)).rstrip("/")
+    return None if target.startswith(real_root + "/") else target
+
+
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
     "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",

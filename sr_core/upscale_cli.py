@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import posixpath
 import sys
 import time
@@ -39,6 +38,18 @@ def add_upscale_parser(sub) -> None:
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image file, folder, glob or URL")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (path or fsspec URL)")
     p.add_argument("-m", "--model", required=True, help="generator file (.safetensors or .pth; path or URL)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
+    add_output_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                   help="refuse, before decoding, an image whose input and assembled output would need more "
+                        "host memory than this (default: the memory available when the run starts)")
+    p.set_defaults(func=run_upscale)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """The model, naming and encoding options, shared with ``sr batch`` so that one image
+    gives the same output file through either command."""
     p.add_argument("-s", "--outscale", "--scale", dest="outscale", type=float, default=None,
                    help="final scale factor; the network's output is resized with MATLAB bicubic "
                         "(default: the model's own scale)")
@@ -46,7 +57,6 @@ def add_upscale_parser(sub) -> None:
                    help="tile side in input pixels; 0 disables tiling (default: chosen from memory)")
     p.add_argument("--overlap", type=int, default=None, help="context pixels around each tile (default: 16)")
     p.add_argument("--tiles-per-batch", type=int, default=None, help="tiles per forward pass (default: 4 on GPUs, 1 on CPU)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on V100-class GPUs, bf16 on A100 and newer, fp32 on CPU")
     p.add_argument("--alpha", default="model", choices=["model", "bicubic"],
@@ -54,7 +64,6 @@ def add_upscale_parser(sub) -> None:
     p.add_argument("-f", "--format", default="png", choices=["png", "jpg", "jpeg", "webp"],
                    help="output format (default: png)")
     p.add_argument("--suffix", default="_sr", help="added to output file names (default: _sr)")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.add_argument("--png-compress-level", type=int, default=1,
                    help="PNG zlib level 0-9 (default 1: fast, slightly larger files)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
@@ -62,10 +71,36 @@ def add_upscale_parser(sub) -> None:
     p.add_argument("--webp-lossless", action="store_true", help="lossless WebP")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse inputs with more pixels (decompression-bomb guard; default: 100,000,000)")
-    p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
-                   help="refuse, before decoding, an image whose input and assembled output would need more "
-                        "host memory than this (default: the memory available when the run starts)")
-    p.set_defaults(func=run_upscale)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What the options of ``add_output_options`` ask for, checked."""
+
+    encode: "codecs.EncodeOptions"
+    """Output format and its quality settings."""
+    outscale: float | None
+    """Final scale factor (None: the model's own)."""
+    max_pixels: int
+    """Inputs with more pixels are refused (decompression-bomb guard)."""
+    upscaler: dict
+    """Keyword arguments for ``Upscaler`` (tile, overlap, tiles_per_batch, precision, alpha)."""
+
+
+def output_settings(args: argparse.Namespace) -> OutputSettings:
+    """Check the options of ``add_output_options``; ValueError names the wrong one."""
+    from sr_core import codecs
+
+    options = codecs.EncodeOptions(format=args.format, png_compress_level=args.png_compress_level,
+                                   jpeg_quality=args.jpeg_quality, webp_quality=args.webp_quality,
+                                   webp_lossless=args.webp_lossless)
+    if args.outscale is not None and not (math.isfinite(args.outscale) and args.outscale > 0):
+        raise ValueError(f"--outscale must be a positive number, got {args.outscale}")
+    max_pixels = args.max_pixels if args.max_pixels is not None else codecs.DEFAULT_MAX_PIXELS
+    upscaler = {"tile": args.tile, "precision": args.precision, "alpha": args.alpha}
+    upscaler.update({k: v for k, v in (("overlap", args.overlap), ("tiles_per_batch", args.tiles_per_batch))
+                     if v is not None})
+    return OutputSettings(options, args.outscale, max_pixels, upscaler)
 
 
 @dataclass
@@ -135,25 +170,12 @@ def _is_below(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip("/") + "/")
 
 
-def _link_out_of(root: str, url: str) -> str | None:
-    """Where a local file found below ``root`` really is, if that is outside ``root``."""
-    from sr_core import storage
-
-    if not storage.is_local(url):
-        return None
-    target = os.path.realpath(storage.local_path(url))
-    real_root = os.path.realpath(storage.local_path(root))
-    return None if _is_below(target, real_root) else target
-
-
 def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Plan:
     """Map every input file to its output URL; inputs that cannot be found, and outputs
     that would collide or replace an input, become failures."""
     from sr_core import storage
 
     plan = Plan()
-    taken: dict[str, str] = {}
-    out_prefix, out_path = storage.protocol_prefix(out), storage.get_fs(out)[1].rstrip("/")
     found = []
     for url in inputs:
         try:
@@ -162,6 +184,19 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
             raise  # storage unreachable: nothing else would work either
         except (FileNotFoundError, ValueError, OSError) as exc:
             plan.failures.append((url, _reason(exc, url)))
+    return assign_outputs(found, out, suffix, extension, plan)
+
+
+def assign_outputs(found: list[tuple[str, str, bool]], out: str, suffix: str, extension: str,
+                   plan: Plan | None = None) -> Plan:
+    """Map found inputs ``(root, file URL, found by listing a folder)`` to output URLs
+    (OUT/<path below root, new suffix and extension>) in ``plan``; outputs that would
+    escape OUT, collide or replace an input become failures."""
+    from sr_core import storage
+
+    plan = Plan() if plan is None else plan
+    taken: dict[str, str] = {}
+    out_prefix, out_path = storage.protocol_prefix(out), storage.get_fs(out)[1].rstrip("/")
     candidates = []  # (input URL, its path, output URL, found by listing)
     for root, url, listed in found:
         path = storage.get_fs(url)[1]
@@ -170,7 +205,7 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
             # must not upscale its own outputs).
             if _is_below(out_path, storage.get_fs(root)[1]) and _is_below(path, out_path):
                 continue
-        if listed and (target := _link_out_of(root, url)):
+        if listed and (target := storage.link_out_of(root, url)):
             plan.failures.append((url, f"a symbolic link to {target}, outside the folder {root}; not followed "
                                        "(name the file as an INPUT, or copy it into the folder)"))
             continue
@@ -211,15 +246,11 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     from sr_core import codecs, storage, upscaler
 
-    options = codecs.EncodeOptions(format=args.format, png_compress_level=args.png_compress_level,
-                                   jpeg_quality=args.jpeg_quality, webp_quality=args.webp_quality,
-                                   webp_lossless=args.webp_lossless)
-    if args.outscale is not None and not (math.isfinite(args.outscale) and args.outscale > 0):
-        raise ValueError(f"--outscale must be a positive number, got {args.outscale}")
+    settings = output_settings(args)
+    options, max_pixels = settings.encode, settings.max_pixels
     out_fs, out_path = storage.get_fs(args.output)
     if out_fs.isfile(out_path):
         raise ValueError(f"{args.output} is a file; OUT must be a folder (new or existing) to hold the outputs")
-    max_pixels = args.max_pixels if args.max_pixels is not None else codecs.DEFAULT_MAX_PIXELS
     plan = plan_outputs(args.inputs, args.output, args.suffix, options.extension)
     failures = list(plan.failures)
     # Temporaries of earlier runs that were killed between writing and renaming; a
@@ -237,10 +268,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     if todo:
         # A read-only, foreign or full OUT is refused before any image is computed.
         storage.check_writable(args.output)
-        settings = {k: v for k, v in (("overlap", args.overlap), ("tiles_per_batch", args.tiles_per_batch))
-                    if v is not None}
-        up = upscaler.Upscaler.from_file(args.model, device=args.device, precision=args.precision,
-                                         tile=args.tile, alpha=args.alpha, **settings)
+        up = upscaler.Upscaler.from_file(args.model, device=args.device, **settings.upscaler)
         memory_limit = (args.memory_limit * 2**30 if args.memory_limit is not None else available_memory())
         out_pixels = 0
         start = time.perf_counter()

@@ -19,7 +19,7 @@ def test_help_lists_every_package_and_imports_no_torch():
     assert done.returncode == 0, done.stderr
     heavy, _, help_text = done.stdout.partition("\n")
     assert heavy == "[]"
-    for command in ("convert", "interpolate", "upscale", "eval", "prepare"):
+    for command in ("convert", "interpolate", "upscale", "eval", "prepare", "batch"):
         assert command in help_text
 
 

@@ -1,0 +1,169 @@
+"""What ``sr batch`` works on: the images below a folder or prefix, or named by a
+manifest, each with its output URL, minus those whose output exists (resume).
+
+Outputs are named exactly as ``sr upscale`` names them (``assign_outputs`` from
+``sr_core.upscale_cli``): OUTPUT/<path below the input root, suffix, new extension>,
+refused when the key would escape OUTPUT, collide with another output or replace an
+input. A manifest is a text file (one URL per line, ``#`` comments), or a CSV or
+Parquet file with a ``path`` column; relative entries are taken relative to the
+manifest's folder, and the relative path of an entry is its path below the deepest
+folder common to all entries.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import posixpath
+from dataclasses import dataclass, field
+
+from sr_core import codecs, storage
+from sr_core.upscale_cli import assign_outputs
+
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+
+
+@dataclass
+class Task:
+    """One image to upscale."""
+
+    input: str
+    """Input URL."""
+    output: str
+    """Output URL (below OUTPUT)."""
+    reference: str
+    """The matching HR image below --reference, or '' (none asked for, or none found)."""
+
+
+@dataclass
+class Listing:
+    """The work of one run."""
+
+    todo: list[Task] = field(default_factory=list)
+    """Images to upscale in this run (after resume and --limit)."""
+    num_found: int = 0
+    """Images found (after --include/--exclude)."""
+    num_skipped: int = 0
+    """Images whose output exists (done by an earlier run)."""
+    num_left: int = 0
+    """Images left for a later run by --limit."""
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """(input, reason) of inputs refused before any work: unsafe or colliding names."""
+
+
+def is_manifest(url: str) -> bool:
+    if posixpath.splitext(url.lower())[1] not in MANIFEST_EXTENSIONS:
+        return False
+    fs, path = storage.get_fs(url)
+    return fs.isfile(path)
+
+
+def read_manifest(url: str) -> list[str]:
+    """The URLs a manifest names, in order, relative entries made absolute."""
+    data = storage.read_bytes(url)
+    ext = posixpath.splitext(url.lower())[1]
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        if "path" not in table.column_names:
+            raise ValueError(f"{url}: a Parquet manifest needs a 'path' column; it has {table.column_names}")
+        entries = [str(p) for p in table.column("path").to_pylist() if p]
+    elif ext == ".csv":
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        if "path" not in (reader.fieldnames or []):
+            raise ValueError(f"{url}: a CSV manifest needs a 'path' column; its header is {reader.fieldnames}")
+        entries = [row["path"].strip() for row in reader if (row["path"] or "").strip()]
+    else:
+        lines = (line.strip() for line in data.decode("utf-8-sig").splitlines())
+        entries = [line for line in lines if line and not line.startswith("#")]
+    folder = posixpath.dirname(storage.get_fs(url)[1]) or "."
+    prefix = storage.protocol_prefix(url)
+    out = []
+    for entry in entries:
+        if "://" in entry or entry.startswith("/"):
+            out.append(entry)
+        else:
+            out.append(prefix + posixpath.normpath(posixpath.join(folder, entry)))
+    return out
+
+
+def common_root(url_list: list[str], what: str) -> str:
+    """The deepest folder holding every URL (same scheme required)."""
+    prefixes = {storage.protocol_prefix(u) for u in url_list}
+    if len(prefixes) != 1:
+        raise ValueError(f"{what}: entries mix storage schemes ({', '.join(sorted(p or 'local' for p in prefixes))}); "
+                         "split it into one manifest per scheme")
+    prefix = prefixes.pop()
+    paths = [storage.get_fs(u)[1] for u in url_list]
+    if len({p.startswith("/") for p in paths}) != 1:
+        raise ValueError(f"{what}: entries mix absolute and relative paths; use one kind")
+    root = posixpath.commonpath([posixpath.dirname(p) or "." for p in paths])
+    if not root:
+        raise ValueError(f"{what}: the entries share no common folder (e.g. several buckets); "
+                         "split it into one manifest per bucket")
+    return prefix + root
+
+
+def _matches(rel: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, g) for g in globs)
+
+
+def list_work(input_url: str, output: str, suffix: str, extension: str, include: tuple[str, ...] = (),
+              exclude: tuple[str, ...] = (), overwrite: bool = False, limit: int | None = None,
+              reference: str | None = None) -> Listing:
+    """Everything a run must do; ValueError / FileNotFoundError for an INPUT that cannot be read."""
+    listing = Listing()
+    if is_manifest(input_url):
+        urls = read_manifest(input_url)
+        if not urls:
+            raise ValueError(f"{input_url}: the manifest names no images")
+        root, listed = common_root(urls, input_url), False
+    else:
+        urls = storage.list_files(input_url, suffixes=codecs.INPUT_EXTENSIONS)
+        root, listed = input_url, True
+    found = []
+    for url in urls:
+        try:
+            rel = storage.relative_key(root, url)
+        except ValueError:
+            rel = url  # assign_outputs reports it
+        if include and not _matches(rel, include):
+            continue
+        if exclude and _matches(rel, exclude):
+            continue
+        found.append((root, url, listed))
+    plan = assign_outputs(found, output, suffix, extension)
+    listing.failures = list(plan.failures)
+    listing.num_found = len(plan.jobs) + len(plan.failures)
+
+    # One listing of OUTPUT instead of one existence check per image: on an object store
+    # that is one request per 1,000 names instead of one per image.
+    done = set()
+    if not overwrite:
+        out_fs, out_path = storage.get_fs(output)
+        if out_fs.exists(out_path):
+            done = {storage.get_fs(u)[1] for u in storage.list_files(output)}
+    references = _reference_index(reference) if reference else {}
+    for job in plan.jobs:
+        if storage.get_fs(job.output)[1] in done:
+            listing.num_skipped += 1
+            continue
+        if limit is not None and len(listing.todo) >= limit:
+            listing.num_left += 1
+            continue
+        ref = ""
+        if reference:
+            ref = references.get(posixpath.splitext(storage.relative_key(root, job.input))[0], "")
+        listing.todo.append(Task(job.input, job.output, ref))
+    return listing
+
+
+def _reference_index(reference: str) -> dict[str, str]:
+    """HR images below ``reference`` by relative path without extension, so that
+    ``x.jpg`` finds its HR ``x.png``."""
+    index = {}
+    for url in storage.list_files(reference, suffixes=codecs.INPUT_EXTENSIONS):
+        index.setdefault(posixpath.splitext(storage.relative_key(reference, url))[0], url)
+    return index

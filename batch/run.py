@@ -1,0 +1,271 @@
+"""The driver of ``sr batch``: check the model, list the work, start (or join) Ray, run
+the pipeline with a progress bar, write the results. Everything that can be refused
+is refused before Ray starts (exit code 2, one line)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from sr_core import storage
+from sr_core.upscale_cli import OutputSettings
+
+from batch import inputs, pipeline
+from batch.results import RunResults
+
+# Failures printed at the end (all of them are in failures.parquet).
+MAX_PRINTED_FAILURES = 20
+
+
+@dataclass
+class BatchConfig:
+    """One ``sr batch`` run (the command-line options, checked)."""
+
+    input: str
+    """Folder/prefix or manifest."""
+    output: str
+    """Output folder/prefix."""
+    model: str
+    """Generator file URL."""
+    output_settings: OutputSettings
+    """Format, quality, outscale, max pixels and Upscaler settings (shared with ``sr upscale``)."""
+    suffix: str = "_sr"
+    """Added to output file names."""
+    include: tuple[str, ...] = ()
+    """Only inputs whose relative path matches one of these globs."""
+    exclude: tuple[str, ...] = ()
+    """Leave out inputs whose relative path matches one of these globs."""
+    overwrite: bool = False
+    """Redo outputs that exist."""
+    limit: int | None = None
+    """At most this many images in this run."""
+    reference: str | None = None
+    """HR images with the inputs' relative paths, for reference metrics."""
+    address: str | None = None
+    """Ray address (None: $RAY_ADDRESS, else a local Ray)."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (None: all)."""
+    actors: tuple[int, int] | None = None
+    """(min, max) actors (None: 1 and the GPU count)."""
+    num_gpus_per_actor: float | None = None
+    """GPUs per actor (None: 1 if the cluster has GPUs, else 0)."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor."""
+    encode_threads: int = 2
+    """Encoding threads per actor."""
+    batch_size: int = 4
+    """Images per actor call."""
+    run_id: str | None = None
+    """Results folder name (None: UTC time + random)."""
+    progress: bool = True
+    """Show a progress bar."""
+    encode_in_actor: bool = True
+    """False: encode in separate CPU tasks (only for the measurement in bench/)."""
+    command: dict = field(default_factory=dict)
+    """The command-line arguments, recorded in summary.json."""
+
+
+def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local Ray; a Ray
+    already initialized in this process is used as it is. Returns (started here, seconds)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, 0.0
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Workers on other hosts do not inherit this process's environment; only what points
+    # them at an emulator is sent (a job submitted with its own runtime_env keeps it).
+    env = {k: os.environ[k] for k in pipeline.FORWARDED_ENV if k in os.environ}
+    if "STORAGE_EMULATOR_HOST" not in env or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Nothing to point at, or a job submitted with `ray job submit`: its runtime_env
+        # already reaches every worker (Ray refuses the same variable set twice).
+        env = {}
+    options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    started = time.perf_counter()
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=num_cpus, **options)
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        where = address or "a local Ray"
+        raise ValueError(f"cannot start or reach Ray at {where}: {exc}") from None
+    return True, time.perf_counter() - started
+
+
+def pool_settings(config: BatchConfig, local: bool) -> pipeline.PoolSettings:
+    """The actor pool for this cluster: GPU actors where there are GPUs."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    num_gpus = config.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus >= 1 else 0.0
+    if local and num_gpus > gpus:
+        raise ValueError(f"--num-gpus-per-actor {num_gpus:g} but this machine's Ray has {gpus:g} GPUs; "
+                         "use 0 for CPU actors")
+    # On a cluster, GPUs that are not there yet may come: an autoscaling cluster adds
+    # GPU nodes while actors wait for them.
+    if config.actors is not None:
+        min_actors, max_actors = config.actors
+    elif num_gpus > 0:
+        min_actors, max_actors = 1, max(1, int(gpus // num_gpus))
+    else:
+        min_actors, max_actors = 1, 1
+    if local and min_actors * config.cpus_per_actor >= cpus:
+        raise ValueError(f"{min_actors} actor(s) x {config.cpus_per_actor:g} CPUs leave none of the {cpus:g} "
+                         "CPUs for reading and decoding; lower --cpus-per-actor or --actors")
+    return pipeline.PoolSettings(min_actors=min_actors, max_actors=max_actors, num_gpus=num_gpus,
+                                 cpus_per_actor=config.cpus_per_actor, encode_threads=config.encode_threads,
+                                 batch_size=config.batch_size, encode_in_actor=config.encode_in_actor)
+
+
+def _read_model(url: str) -> bytes:
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such model file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{url}: is a folder; --model takes a generator file") from None
+    except OSError as exc:
+        raise ValueError(f"{url}: cannot read the model file ({type(exc).__name__}: {exc})") from None
+
+
+def _plan(config: BatchConfig, extension: str) -> inputs.Listing:
+    out_fs, out_path = storage.get_fs(config.output)
+    try:
+        if out_fs.isfile(out_path):
+            raise ValueError(f"{config.output} is a file; OUTPUT must be a folder or prefix")
+        return inputs.list_work(config.input, config.output, config.suffix, extension, include=config.include,
+                                exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
+                                reference=config.reference)
+    except (ValueError, FileNotFoundError):
+        raise
+    except OSError as exc:  # unreachable or refusing storage: the job cannot run
+        raise ValueError(f"cannot list {config.input} or {config.output}: {type(exc).__name__}: {exc}") from None
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    # One bar of our own (images, rates, failures) instead of Ray's per operator.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def run_batch(config: BatchConfig) -> dict:
+    """Run one batch job; returns the summary (also in summary.json)."""
+    wall_start = time.perf_counter()
+    settings = config.output_settings
+    model_bytes = _read_model(config.model)
+    model_sha256 = hashlib.sha256(model_bytes).hexdigest()
+    model_name = posixpath.basename(config.model.rstrip("/"))
+    # Refuse an unreadable or unrunnable model here, in one line, before any worker starts.
+    stage_settings = pipeline.StageSettings(encode=settings.encode, outscale=settings.outscale,
+                                            max_pixels=settings.max_pixels, scale=1, upscaler=settings.upscaler)
+    checked = pipeline.load_upscaler(model_bytes, config.model, "cpu", stage_settings)
+    stage_settings = pipeline.StageSettings(encode=settings.encode, outscale=settings.outscale,
+                                            max_pixels=settings.max_pixels, scale=checked.scale,
+                                            upscaler=settings.upscaler)
+    model_info = {"url": config.model, "sha256": model_sha256, "bytes": len(model_bytes), "scale": checked.scale,
+                  "architecture": type(checked.model).__name__}
+    del checked
+
+    listing = _plan(config, settings.encode.extension)
+    run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    storage.safe_key(run_id)
+    results = RunResults(config.output, run_id)
+    for url, reason in listing.failures:
+        results.add_failure(url, "", "plan", reason)
+
+    ray_info: dict = {"started_here": False, "startup_seconds": 0.0}
+    interrupted, pipeline_error = False, ""
+    if listing.todo:
+        import ray
+
+        from tqdm import tqdm
+
+        started_here, startup = connect_ray(config.address, config.num_cpus)
+        ray_info.update(started_here=started_here, startup_seconds=startup)
+        try:
+            _quiet_ray_data()
+            pool = pool_settings(config, local=started_here and not (config.address or os.environ.get("RAY_ADDRESS")))
+            ray_info.update(pool=asdict(pool), cluster=ray.cluster_resources())
+            model_ref = ray.put(model_bytes)
+            tasks = [{"input": t.input, "output": t.output, "reference": t.reference} for t in listing.todo]
+            ds = pipeline.build_dataset(tasks, model_ref, model_name, stage_settings, pool)
+            results.start = time.perf_counter()  # throughput counts from here: Ray is up
+            bar = tqdm(total=len(tasks), unit="img", desc="sr batch", file=sys.stderr, dynamic_ncols=True,
+                       disable=not config.progress)
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    results.add_batch(batch)
+                    bar.update(len(batch["status"]))
+                    images_per_s, mpx_per_s = results.rates()
+                    bar.set_postfix_str(f"{images_per_s:.3g} img/s, {mpx_per_s:.3g} Mpx/s out, "
+                                        f"{results.num_failed} failed")
+            except KeyboardInterrupt:
+                interrupted = True
+            except Exception as exc:  # Ray gave up (e.g. actors that keep dying): keep what is done
+                pipeline_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            bar.close()
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    summary = results.finish({
+        "run_id": run_id,
+        "input": config.input,
+        "output": config.output,
+        "found": listing.num_found,
+        "skipped": listing.num_skipped,
+        "left_for_later": listing.num_left + len(listing.todo) - results.num_done
+                          - (results.num_failed - len(listing.failures)),
+        "interrupted": interrupted,
+        "pipeline_error": pipeline_error,
+        "total_seconds": time.perf_counter() - wall_start,
+        "model": model_info,
+        "settings": {k: v for k, v in config.command.items() if isinstance(v, (str, int, float, bool, list, tuple,
+                                                                               type(None)))},
+        "ray": ray_info,
+    })
+    _report(summary, results)
+    if pipeline_error:
+        raise ValueError(f"the pipeline stopped after {results.num_done} image(s) ({pipeline_error}); what was "
+                         f"written is kept (results in {results.url}; the workers' logs are in Ray's session "
+                         "folder, /tmp/ray/session_latest/logs on each node): run the same command again to finish")
+    return summary
+
+
+def _report(summary: dict, results: RunResults) -> None:
+    print(f"sr batch: done {summary['done']}, skipped {summary['skipped']} (output exists), "
+          f"failed {summary['failed']} in {summary['wall_seconds']:.1f} s "
+          f"({summary['images_per_second']:.3g} img/s, {summary['output_mpx_per_second']:.3g} Mpx/s out"
+          f"; Ray start {summary['ray']['startup_seconds']:.1f} s)")
+    lr = summary["metrics"]["lr_psnr"]
+    if lr.get("count"):
+        print(f"  LR consistency PSNR-Y: mean {lr['mean']:.2f} dB, p50 {lr['p50']:.2f}, min {lr['min']:.2f}")
+    ref = summary["metrics"]["ref_psnr"]
+    if ref.get("count"):
+        print(f"  vs reference PSNR-Y: mean {ref['mean']:.2f} dB over {ref['count']} images, "
+              f"SSIM {summary['metrics']['ref_ssim'].get('mean', float('nan')):.4f}")
+    print(f"  results: {results.url} (summary.json, metrics.parquet, failures.parquet, TensorBoard events)")
+    failures = results.failures
+    for i in range(min(len(failures["input"]), MAX_PRINTED_FAILURES)):
+        print(f"  FAILED {failures['input'][i]} ({failures['stage'][i]}): {failures['error'][i]}", file=sys.stderr)
+    if len(failures["input"]) > MAX_PRINTED_FAILURES:
+        print(f"  ... and {len(failures['input']) - MAX_PRINTED_FAILURES} more in failures.parquet", file=sys.stderr)
+    if summary["interrupted"]:
+        print("sr batch: interrupted; run the same command again to finish (outputs that exist are skipped)",
+              file=sys.stderr)
