@@ -105,12 +105,18 @@ def test_prepare_and_the_training_loader_handle_every_hostile_file(tmp_path):
             assert kinds[name].reason is None, name
 
 
-@pytest.mark.xfail(strict=True, reason="sr eval (owned by the eval work) stops at the first unsafe name with exit "
-                                       "2, gives a traceback on a symlink loop, repeats the name in its FAILED "
-                                       "line and prints newlines in names raw")
 def test_eval_reports_every_hostile_file_on_one_line(tmp_path):
     kinds = make_corpus(tmp_path / "hr")
+    # Scoring needs an image of at least the scale on each side after the MATLAB
+    # crop; eval writes nothing named after its inputs, so an odd name is no risk.
+    kinds["one-pixel.png"].reason = kinds["strip.png"].reason = "too small to score"
+    kinds["x\\..\\..\\escape.png"].reason = None
     proc = subprocess.run([SR, "eval", str(tmp_path / "hr"), "--bicubic", "2"], capture_output=True, text=True,
                           timeout=600, errors="surrogateescape")
     assert proc.returncode == 1, proc.stderr[-3000:]
     check_reports(proc, kinds)
+    assert "scored 14 image(s) in 1 set(s); failed 14" in proc.stdout
+    if "UserWarning" in proc.stderr:
+        # sr eval is another piece of work's: recorded here, not changed.
+        pytest.xfail("sr eval lets Pillow's 'Corrupt EXIF data' warning through as two lines that do not "
+                     "name the file")
