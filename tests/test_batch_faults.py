@@ -149,3 +149,54 @@ def test_batch_killed_then_rerun_has_every_output_once(gcs_emulator, proxied_ray
 
 
 SR_BIN = os.path.join(os.path.dirname(sys.executable), "sr")
+
+
+# ---- load: many small inputs, bounded memory ------------------------------------------
+
+NUM_LOAD = 2000 if FULL else 200
+
+
+def test_batch_on_many_small_inputs_completes_with_bounded_memory(tmp_path, model_file):
+    import psutil
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    rng = np.random.default_rng(7)
+    for i in range(NUM_LOAD):
+        folder = src / f"part{i // 100:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    # its own driver, which starts its own local Ray: the whole process tree is measured
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = psutil.Popen([SR_BIN, "batch", str(src), str(dst), "--model", model_file, "--tile", "0",
+                         "--batch-size", "16", "--num-cpus", "2", "--run-id", "load", "-q"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    peaks: dict[int, tuple[int, str]] = {}
+    deadline = time.monotonic() + 900
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "sr batch did not finish"
+        try:
+            tree = [proc] + proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for p in tree:
+            try:
+                rss, name = p.memory_info().rss, " ".join(p.cmdline())[:80]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if rss > peaks.get(p.pid, (0, ""))[0]:
+                peaks[p.pid] = (rss, name)
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert len(list(dst.rglob("*_sr.png"))) == NUM_LOAD
+    rows = pd.read_parquet(dst / "_sr_batch" / "load" / "metrics.parquet")
+    assert len(rows) == NUM_LOAD and rows["input"].is_unique
+    assert len(pd.read_parquet(dst / "_sr_batch" / "load" / "failures.parquet")) == 0
+    driver = peaks[proc.pid][0]
+    actors = [rss for pid, (rss, name) in peaks.items() if "UpscaleActor" in name or "MapWorker" in name]
+    workers = [rss for pid, (rss, name) in peaks.items() if pid != proc.pid and name.startswith("ray::")]
+    mib = 2**20
+    print(f"load: {NUM_LOAD} inputs; peak RSS driver {driver / mib:.0f} MiB, actors "
+          f"{[round(a / mib) for a in actors]} MiB, largest Ray worker {max(workers) / mib:.0f} MiB")
+    # bounded: no process grows with the number of inputs (all are far below a GiB each)
+    assert driver < 1.5 * 2**30 and max(workers) < 1.5 * 2**30
