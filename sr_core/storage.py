@@ -38,6 +38,9 @@ os.environ.setdefault("GCE_METADATA_TIMEOUT", "2")
 os.environ.setdefault("GCE_METADATA_DETECT_RETRIES", "2")
 
 logger = logging.getLogger("sr_core.storage")
+# fsspec's read-ahead logs each failed fetch at ERROR level (three lines, no names)
+# before it re-raises the error; ours names the object, so those lines are noise.
+logging.getLogger("fsspec.prefetcher").setLevel(logging.CRITICAL)
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 

@@ -154,3 +154,35 @@ def test_an_outage_longer_than_the_retries_stops_naming_the_object_and_a_rerun_f
         rerun = prepare_cmd(photos_bucket, "outage", proxy_env(proxy))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert shards_of(fs, photos_bucket, "outage") == shards_of(fs, photos_bucket, "clean")
+
+
+def test_upscale_stops_at_an_outage_naming_the_object_and_a_rerun_finishes(gcs_emulator, photos_bucket, tmp_path,
+                                                                            monkeypatch, capsys):
+    import torch
+
+    from sr_core import build_generator, save_generator
+    from sr_core.main import main as sr_main
+
+    torch.manual_seed(0)
+    model = str(tmp_path / "m.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=2), model)
+    fs = gcs_emulator.fs()
+    args = ["upscale", f"{photos_bucket}/photos", "-o", f"{photos_bucket}/up", "-m", model, "--tile", "0"]
+    with FaultProxy(gcs_emulator.url, seed=0) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        monkeypatch.setenv("SR_STORAGE_ATTEMPTS", "2")
+        monkeypatch.setenv("SR_STORAGE_BACKOFF", "0.01")
+        proxy.outage_after_uploads = 4  # the write check and three outputs get through
+        capsys.readouterr()
+        assert sr_main(args) == 1
+        err = capsys.readouterr().err
+        stop = next(ln for ln in err.splitlines() if ln.startswith("sr upscale: stopped"))
+        # the object whose read or write failed first (the two race) is named
+        assert f"{photos_bucket}/" in stop and "still failing after 2 attempts" in stop, stop
+        assert "run the same command again" in stop and "Traceback" not in err
+        proxy.lift_outage()
+        written = [p for p in fs.find(f"{photos_bucket[5:]}/up") if p.endswith("_sr.png")]
+        assert 3 <= len(written) < 12
+        assert sr_main(args) == 0, capsys.readouterr().err[-2000:]
+    fs.invalidate_cache()
+    assert len([p for p in fs.find(f"{photos_bucket[5:]}/up") if p.endswith("_sr.png")]) == 12
