@@ -1,5 +1,5 @@
-"""jobs' subcommands (prepare; a later issue adds train). Heavy imports stay inside
-the handlers so ``sr --help`` is instant."""
+"""jobs' subcommands: prepare and train. Heavy imports stay inside the handlers so
+``sr --help`` is instant."""
 
 from __future__ import annotations
 
@@ -40,6 +40,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 
+    p = sub.add_parser(
+        "train",
+        help="train a generator (stage psnr, then gan) on Accelerate: DDP or DeepSpeed, resumable",
+        description=(
+            "Train an ESRGAN/SRGAN generator. Values come from --preset, then the optional config file "
+            "(YAML or JSON), then section.field=value overrides. `sr train export RUN [--step N]` writes "
+            "RUN/model.safetensors and RUN/model_ema.safetensors from a checkpoint. Several machines: run "
+            "`accelerate launch --config_file jobs/launch/X.yaml -m jobs.train ...` on each."
+        ),
+        epilog="example: sr train --preset tiny data.train_shards=shards/ train.run_dir=runs/tiny --resume auto",
+    )
+    from jobs.train import add_arguments
+
+    add_arguments(p)
+    # Overrides and options may be intermixed (`sr train a=1 --resume auto b=2`):
+    # the handler parses what follows the first override itself.
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="start N local processes through Accelerate's launcher (one per GPU; gloo on CPU) "
+                        "(default: 1, in this process)")
+    p.add_argument("--step", type=int, default=None,
+                   help="with `export`: the checkpoint step to export (default: the newest)")
+    p.set_defaults(func=run_train)
+
 
 def run_prepare(args: argparse.Namespace) -> int:
     import sys
@@ -63,3 +87,76 @@ def run_prepare(args: argparse.Namespace) -> int:
     # Bad images make the exit code 1, as in `sr upscale` and `sr eval`: the shards are
     # complete without them, but someone should look.
     return 1 if index["bad"] else 0
+
+
+def _intermixed(args: argparse.Namespace) -> argparse.Namespace:
+    """Parse the arguments that followed the first override (options included)."""
+    if not args.rest:
+        return args
+    parser = argparse.ArgumentParser(prog="sr train")
+    parser.add_argument("args", nargs="*")
+    for option, default in (("--preset", args.preset), ("--resume", args.resume), ("--processes", args.processes),
+                            ("--step", args.step)):
+        parser.add_argument(option, default=default, type=type(default) if default is not None else int)
+    rest = parser.parse_intermixed_args(args.rest)
+    rest.args = args.args + rest.args
+    return rest
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from jobs import train
+
+    args = _intermixed(args)
+
+    if args.args[:1] == ["export"]:
+        if len(args.args) != 2:
+            raise ValueError("usage: sr train export RUN [--step N]")
+        for url in train.export_checkpoint(args.args[1], args.step):
+            print(url)
+        return 0
+    if args.step is not None:
+        raise ValueError("--step is for `sr train export RUN --step N`")
+    if args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    config = train.load_job_config(args)  # a bad config fails here, before any process starts
+    if args.processes == 1:
+        return train.run(config, args.resume)
+    return launch_local(args)
+
+
+def launch_local(args: argparse.Namespace) -> int:
+    """``--processes N``: the same job on N processes of this machine through Accelerate's
+    launcher. SIGTERM is passed on to them (each checkpoints and exits)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    from jobs.train import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(args.processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "-m", "jobs.train", "--preset", args.preset, *args.args]
+    if args.resume:
+        command += ["--resume", args.resume]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # gloo; without it Accelerate looks for GPUs
+    child = subprocess.Popen(command, env=env)
+    terminated = []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # After SIGTERM the launcher itself exits non-zero; the workers checkpointed.
+    return 0 if terminated else code

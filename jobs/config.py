@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -94,22 +95,349 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Which generator (and, for the GAN stage, discriminator) is trained."""
+
+    generator: str = "rrdbnet"
+    """Generator registry name (``sr_core.archs.GENERATORS``): ``rrdbnet``,
+    ``multihead_rrdbnet`` or ``srresnet``. Its scale is ``data.scale``."""
+
+    preset: str = "esrgan"
+    """Hyperparameter preset of the generator (``esrgan``, ``small``, ``tiny``, ``srgan``...)."""
+
+    generator_options: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
+    """Generator hyperparameters that override the preset (e.g. ``{num_block: 4}``)."""
+
+    discriminator: str = "vgg_style"
+    """Discriminator registry name (``sr_core.archs.DISCRIMINATORS``), used by the GAN
+    stage: ``vgg_style`` (128 px crops, ESRGAN's), ``vgg_style_any``, ``srgan``, ``unet_sn``."""
+
+    discriminator_preset: str = "esrgan"
+    """Hyperparameter preset of the discriminator."""
+
+    discriminator_options: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
+    """Discriminator hyperparameters that override its preset."""
+
+
+@dataclass
+class LossConfig:
+    """The generator's objective: ``pixel_weight * pixel + perceptual_weight * VGG +
+    gan_weight * adversarial`` (the last two in the GAN stage only)."""
+
+    pixel: str = "l1"
+    """Pixel loss: ``l1`` (ESRGAN), ``mse`` (SRResNet/SRGAN) or ``charbonnier``."""
+
+    pixel_weight: float = 1.0
+    """Weight of the pixel loss (ESRGAN's GAN stage: 1e-2)."""
+
+    perceptual_weight: float = 0.0
+    """Weight of the VGG19 perceptual loss; 0 turns it off (ESRGAN's GAN stage: 1.0)."""
+
+    perceptual_layers: dict[str, float] = field(default_factory=lambda: {"conv5_4": 1.0})
+    """VGG19 layers (before activation) and their weights; ESRGAN uses ``conv5_4``."""
+
+    perceptual_criterion: str = "l1"
+    """Distance between VGG features: ``l1`` (ESRGAN) or ``l2`` (SRGAN)."""
+
+    vgg_weights: str = ""
+    """Path or URL of torchvision's ImageNet VGG19 state dict (``vgg19-dcbb9e9d.pth``), needed
+    whenever ``perceptual_weight`` > 0."""
+
+    random_vgg: bool = False
+    """Use a randomly initialised VGG19 instead of ``vgg_weights``: only for tests and
+    demos (the perceptual loss then means nothing)."""
+
+    gan: str = "ragan"
+    """Adversarial loss: ``ragan`` (relativistic average, ESRGAN), ``vanilla`` (SRGAN),
+    ``lsgan`` or ``hinge``."""
+
+    gan_weight: float = 5e-3
+    """Weight of the adversarial term in the generator's loss (ESRGAN: 5e-3; SRGAN: 1e-3)."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam for both networks and a learning-rate schedule that is a function of the step
+    alone (so raising ``train.max_steps`` and resuming continues the same curve)."""
+
+    lr_g: float = 2e-4
+    """Generator learning rate."""
+
+    lr_d: float = 1e-4
+    """Discriminator learning rate (GAN stage)."""
+
+    betas_g: tuple[float, float] = (0.9, 0.99)
+    """Adam betas of the generator (BasicSR: 0.9, 0.99)."""
+
+    betas_d: tuple[float, float] = (0.9, 0.99)
+    """Adam betas of the discriminator."""
+
+    weight_decay_g: float = 0.0
+    """Adam weight decay of the generator."""
+
+    weight_decay_d: float = 0.0
+    """Adam weight decay of the discriminator."""
+
+    schedule: str = "multistep"
+    """``constant``, ``multistep`` (multiply by ``gamma`` at each of ``milestones``) or
+    ``cosine_restart`` (cosine from the lr to ``eta_min`` over each of ``periods``)."""
+
+    milestones: list[int] = field(default_factory=list)
+    """Steps at which ``multistep`` multiplies the learning rates by ``gamma``."""
+
+    gamma: float = 0.5
+    """Factor applied at each milestone."""
+
+    periods: list[int] = field(default_factory=list)
+    """Lengths of the ``cosine_restart`` cycles, in steps (after the last one the lr stays
+    at ``eta_min``)."""
+
+    eta_min: float = 1e-7
+    """Lowest learning rate of ``cosine_restart``."""
+
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many steps (0: none)."""
+
+    grad_clip: float = 0.0
+    """Clip each network's gradient norm to this value; 0 disables clipping (ESRGAN does not clip)."""
+
+
+@dataclass
+class TrainConfig:
+    """The run: where it lives, how long it is, how it is distributed and checkpointed."""
+
+    run_dir: str = ""
+    """Folder of the run (any fsspec URL, e.g. ``gs://bucket/runs/esrgan-psnr``): config.yaml,
+    checkpoints/, tb/ and the exported models go there."""
+
+    stage: str = "psnr"
+    """``psnr`` (generator only, pixel loss) or ``gan`` (generator + discriminator)."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train (raise it and resume to continue a finished run)."""
+
+    pretrained: str = ""
+    """Generator file the run starts from (the GAN stage starts from the PSNR stage's
+    ``model.safetensors``); empty starts from random weights."""
+
+    grad_accum_steps: int = 1
+    """Batches whose gradients are accumulated per optimizer step (effective batch =
+    ``data.batch_size`` x world size x this)."""
+
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the generator (BasicSR: 0.999); 0 turns
+    the EMA off."""
+
+    seed: int = 0
+    """Seed of the networks' initialisation (``data.seed`` seeds the data)."""
+
+    checkpoint_every: int = 5000
+    """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)."""
+
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept (the best by validation PSNR is kept as well)."""
+
+    val_every: int = 5000
+    """Steps between validations on ``data.val_folder`` (and at the end)."""
+
+    log_every: int = 100
+    """Steps between TensorBoard scalar logs."""
+
+    num_val_images_logged: int = 3
+    """Validation images shown in TensorBoard as bicubic | SR | HR grids."""
+
+    sync_tensorboard_seconds: float = 60.0
+    """How often TensorBoard files written locally are copied to ``RUN/tb`` on remote storage."""
+
+    backend: str = "ddp"
+    """``ddp`` (PyTorch DistributedDataParallel) or ``deepspeed`` (ZeRO, see ``zero_stage``)."""
+
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0, 1 or 2) when ``backend`` is ``deepspeed``."""
+
+    deepspeed_config: str = ""
+    """A DeepSpeed JSON file used for both networks (overrides ``zero_stage``; batch sizes,
+    accumulation, clipping and precision are filled in from this config)."""
+
+    precision: str = "auto"
+    """``auto`` (fp16 with dynamic loss scaling on V100 / compute capability 7.x, bf16 on 8.0+,
+    fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``. Losses and metrics run in fp32."""
+
+    progress: bool = True
+    """Show a progress bar with ETA on rank 0."""
+
+
+@dataclass
 class Config:
-    """The training job's configuration (later issues add model, optimizer, train)."""
+    """The training job's configuration."""
 
     data: DataConfig = field(default_factory=DataConfig)
     """Training and validation data."""
 
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Generator and discriminator."""
 
-# Presets are plain override dicts applied before the YAML file; "tiny" runs on a CPU.
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and weights."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizers and learning-rate schedules."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The run itself."""
+
+
+# Presets are plain override dicts applied before the config file. The published ones
+# carry the papers' and BasicSR's reference values (options/train/ESRGAN/*.yml,
+# options/train/SRResNet_SRGAN/*.yml).
+_ESRGAN_GAN = {
+    # ESRGAN (Wang et al. 2018), section 4.1, and BasicSR train_ESRGAN_x4.yml: 400k
+    # iterations from the PSNR-oriented weights, Adam lr 1e-4 for G and D, betas
+    # (0.9, 0.99), lr halved at 50k/100k/200k/300k.
+    "train.stage": "gan",
+    "train.max_steps": 400_000,
+    "train.ema_decay": 0.999,
+    "data.gt_size": 128,
+    "data.batch_size": 16,
+    "model.generator": "rrdbnet",
+    "model.preset": "esrgan",
+    # VGG-style discriminator on 128 px crops (BasicSR VGGStyleDiscriminator, num_feat 64).
+    "model.discriminator": "vgg_style",
+    "model.discriminator_preset": "esrgan",
+    "optim.lr_g": 1e-4,
+    "optim.lr_d": 1e-4,
+    "optim.betas_g": [0.9, 0.99],
+    "optim.betas_d": [0.9, 0.99],
+    "optim.schedule": "multistep",
+    "optim.milestones": [50_000, 100_000, 200_000, 300_000],
+    "optim.gamma": 0.5,
+    # L = L_percep + lambda * L_G^Ra + eta * L_1 with lambda = 5e-3, eta = 1e-2; the
+    # perceptual loss on VGG19 conv5_4 before activation, L1 distance, weight 1.
+    "loss.pixel": "l1",
+    "loss.pixel_weight": 1e-2,
+    "loss.perceptual_weight": 1.0,
+    "loss.perceptual_layers": {"conv5_4": 1.0},
+    "loss.perceptual_criterion": "l1",
+    "loss.gan": "ragan",
+    "loss.gan_weight": 5e-3,
+    "train.checkpoint_every": 5000,
+    "train.val_every": 5000,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
+    # Seconds per step on a CPU: a tiny RRDBNet x2 on 64 px crops, both stages offline
+    # (the GAN stage uses a random VGG, so nothing is downloaded).
     "tiny": {
         "data.gt_size": 64,
         "data.scale": 2,
         "data.batch_size": 4,
         "data.num_workers": 2,
         "data.cache_max_gb": 1.0,
+        "model.preset": "tiny",
+        "model.discriminator": "vgg_style_any",
+        "model.discriminator_preset": "tiny",
+        "optim.lr_g": 1e-3,
+        "optim.lr_d": 1e-3,
+        "loss.random_vgg": True,
+        # The GAN stage's perceptual term on an early VGG layer: the published code path
+        # at a fraction of conv5_4's cost.
+        "loss.perceptual_weight": 1.0,
+        "loss.perceptual_layers": {"conv2_2": 1.0},
+        "train.max_steps": 200,
+        "train.checkpoint_every": 100,
+        "train.val_every": 100,
+        "train.log_every": 10,
+        "train.ema_decay": 0.99,
+    },
+    # ESRGAN's PSNR-oriented RRDB (BasicSR train_RRDBNet_PSNR_x4.yml): L1, Adam 2e-4
+    # betas (0.9, 0.99), batch 16 of 128 px GT crops, 1M iterations; the paper halves the
+    # lr every 200k iterations (BasicSR's file uses cosine restarts of 250k instead).
+    "esrgan_psnr_x4": {
+        "train.stage": "psnr",
+        "train.max_steps": 1_000_000,
+        "data.gt_size": 128,
+        "data.scale": 4,
+        "data.batch_size": 16,
+        "model.generator": "rrdbnet",
+        "model.preset": "esrgan",
+        "optim.lr_g": 2e-4,
+        "optim.betas_g": [0.9, 0.99],
+        "optim.schedule": "multistep",
+        "optim.milestones": [200_000, 400_000, 600_000, 800_000],
+        "optim.gamma": 0.5,
+        "loss.pixel": "l1",
+        "loss.pixel_weight": 1.0,
+        "train.checkpoint_every": 5000,
+        "train.val_every": 5000,
+    },
+    "esrgan_gan_x4": {**_ESRGAN_GAN, "data.scale": 4},
+    # The same recipe at x2 / x8 (the generator's x2 input is pixel-unshuffled, BasicSR's
+    # RRDBNet convention); GT crops stay 128 px for the 128 px discriminator.
+    "esrgan_gan_x2": {**_ESRGAN_GAN, "data.scale": 2},
+    "esrgan_gan_x8": {**_ESRGAN_GAN, "data.scale": 8},
+    # SRResNet MSE pre-training (Ledig et al. 2017, section 3.2): 1e6 iterations at lr
+    # 1e-4, batch 16 of 96 px HR crops, Adam beta1 0.9.
+    "srresnet_mse_x4": {
+        "train.stage": "psnr",
+        "train.max_steps": 1_000_000,
+        "data.gt_size": 96,
+        "data.scale": 4,
+        "data.batch_size": 16,
+        "model.generator": "srresnet",
+        "model.preset": "srgan",
+        "optim.lr_g": 1e-4,
+        "optim.betas_g": [0.9, 0.999],
+        "optim.schedule": "constant",
+        "loss.pixel": "mse",
+        "loss.pixel_weight": 1.0,
+        "train.ema_decay": 0.0,
+    },
+    # SRGAN from the SRResNet MSE weights: VGG54 content loss (MSE of features rescaled by
+    # 1/12.75, i.e. a weight of 12.75^-2) + 1e-3 vanilla adversarial loss; 1e5 iterations
+    # at lr 1e-4 then 1e5 at 1e-5; SRGAN's own discriminator.
+    "srgan_x4": {
+        "train.stage": "gan",
+        "train.max_steps": 200_000,
+        "data.gt_size": 96,
+        "data.scale": 4,
+        "data.batch_size": 16,
+        "model.generator": "srresnet",
+        "model.preset": "srgan",
+        "model.discriminator": "srgan",
+        "model.discriminator_preset": "srgan",
+        "optim.lr_g": 1e-4,
+        "optim.lr_d": 1e-4,
+        "optim.betas_g": [0.9, 0.999],
+        "optim.betas_d": [0.9, 0.999],
+        "optim.schedule": "multistep",
+        "optim.milestones": [100_000],
+        "optim.gamma": 0.1,
+        "loss.pixel": "mse",
+        "loss.pixel_weight": 0.0,
+        "loss.perceptual_weight": 1 / 12.75**2,
+        "loss.perceptual_layers": {"conv5_4": 1.0},
+        "loss.perceptual_criterion": "l2",
+        "loss.gan": "vanilla",
+        "loss.gan_weight": 1e-3,
+        "train.ema_decay": 0.0,
+    },
+    # The multi-head RRDBNet, PSNR stage with ESRGAN's settings: every head gets the L1
+    # loss; validation reports each head and the mean of the heads.
+    "multihead_x4": {
+        "train.stage": "psnr",
+        "train.max_steps": 1_000_000,
+        "data.gt_size": 128,
+        "data.scale": 4,
+        "data.batch_size": 16,
+        "model.generator": "multihead_rrdbnet",
+        "model.preset": "esrgan",
+        "optim.lr_g": 2e-4,
+        "optim.betas_g": [0.9, 0.99],
+        "optim.schedule": "multistep",
+        "optim.milestones": [200_000, 400_000, 600_000, 800_000],
+        "optim.gamma": 0.5,
+        "loss.pixel": "l1",
     },
 }
 
@@ -125,6 +453,9 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value.value, str)):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_value(value: Any, hint: Any, name: str) -> Any:
@@ -153,12 +484,24 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
             raise ValueError(f"{name}: expected a mapping, got {value!r}")
         return {_check_value(k, key_type, f"{name} key"): _check_value(v, value_type, f"{name}.{k}")
                 for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(value) != len(args):
+            raise ValueError(f"{name}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_check_value(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ValueError(f"{name}: expected a list, got {value!r}")
         return [_check_value(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float:
+        # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string.
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}: expected a number, got {value!r}")
         return float(value)
@@ -200,11 +543,17 @@ def _nest(flat: dict[str, Any], name_for_errors: str) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], update: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``update`` over ``base`` for dataclass ``cls``: a section (a dataclass-typed field)
+    is merged field by field; every other value, mappings and lists included, is replaced
+    whole (a file's ``degradation_probs: {jpeg: 0.3}`` means exactly that mapping)."""
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "degradation_probs":
-            out[key] = _merge(out[key], value)
+        hint = hints.get(key)  # unknown keys pass through: _build names them
+        if (hint is not None and dataclasses.is_dataclass(hint) and isinstance(value, dict)
+                and isinstance(out.get(key), dict)):
+            out[key] = _merge(out[key], value, hint)
         else:
             out[key] = value
     return out
@@ -225,33 +574,77 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default",
-                cls: type = Config):
-    """Build ``cls`` from ``preset``, then the YAML file at ``path`` (any fsspec URL),
-    then ``overrides`` (``section.field=value`` strings)."""
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON (``.json``) file, any fsspec URL."""
+    import json
+
     import yaml
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-    values = _nest(PRESETS[preset], f"preset {preset}")
-    if path:
-        from sr_core import storage
+    from sr_core import storage
 
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    if path.lower().endswith(".json"):
         try:
-            loaded = yaml.safe_load(storage.read_bytes(path)) or {}
+            loaded = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    else:
+        try:
+            loaded = yaml.safe_load(data) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
-        values = _merge(values, loaded)
-    values = _merge(values, _nest(dict(parse_override(o) for o in overrides), "overrides"))
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default",
+                cls: type = Config):
+    """Build ``cls`` from ``preset``, then the YAML or JSON file at ``path`` (any fsspec
+    URL), then ``overrides`` (``section.field=value`` strings)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    values = _merge({}, _nest(PRESETS[preset], f"preset {preset}"), cls)
+    if path:
+        values = _merge(values, read_config_file(path), cls)
+    values = _merge(values, _nest(dict(parse_override(o) for o in overrides), "overrides"), cls)
     config = _build(cls, values)
     validate(config)
     return config
 
 
-def validate(config: Config) -> None:
-    """Checks that involve several fields or value ranges."""
+def to_dict(config) -> dict[str, Any]:
+    """A config as plain YAML/JSON-safe data (tuples become lists); ``_build`` reads it back."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def from_dict(values: dict[str, Any], cls: type = Config):
+    """Inverse of :func:`to_dict` (validated)."""
+    config = _build(cls, values)
+    validate(config)
+    return config
+
+
+def validate(config) -> None:
+    """Checks that involve several fields or value ranges, section by section (a config
+    class without some section, e.g. a test's data-only config, skips its checks)."""
+    for name, check in (("data", validate_data), ("model", validate_model), ("loss", validate_loss),
+                        ("optim", validate_optim), ("train", validate_train)):
+        if hasattr(config, name):
+            check(config)
+
+
+def validate_data(config) -> None:
     d = config.data
     if d.scale < 1:
         raise ValueError(f"data.scale must be >= 1, got {d.scale}")
@@ -282,3 +675,162 @@ def validate(config: Config) -> None:
         raise ValueError("set either data.train_shards or data.train_hr + data.train_lr, not both")
     if bool(d.train_hr) != bool(d.train_lr):
         raise ValueError("paired training needs both data.train_hr and data.train_lr")
+
+
+def validate_model(config) -> None:
+    from sr_core.archs import DISCRIMINATORS, GENERATORS, PRESETS as ARCH_PRESETS
+
+    m = config.model
+    for kind, name, preset, registry in (("generator", m.generator, m.preset, GENERATORS),
+                                         ("discriminator", m.discriminator, m.discriminator_preset, DISCRIMINATORS)):
+        if kind == "discriminator" and config.train.stage != "gan":
+            continue
+        if not name:
+            who = "the GAN stage needs a" if kind == "discriminator" else "the run needs a"
+            raise ValueError(f"model.{kind} is empty; {who} {kind}: one of {', '.join(sorted(registry))}")
+        if name not in registry:
+            raise ValueError(f"model.{kind}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+        field_name = "preset" if kind == "generator" else "discriminator_preset"
+        if preset and preset not in ARCH_PRESETS.get(name, {}):
+            raise ValueError(f"model.{field_name}: {name} has no preset {preset!r}; known: "
+                             f"{', '.join(sorted(ARCH_PRESETS.get(name, {})))}")
+    if "scale" in m.generator_options:
+        raise ValueError("model.generator_options.scale: the scale is data.scale")
+    if config.train.stage == "gan":
+        d_hparams = {**ARCH_PRESETS.get(m.discriminator, {}).get(m.discriminator_preset, {}), **m.discriminator_options}
+        input_size = d_hparams.get("input_size")
+        if input_size is not None and input_size != config.data.gt_size:
+            raise ValueError(f"model.discriminator {m.discriminator!r} ({m.discriminator_preset}) takes "
+                             f"{input_size} px crops but data.gt_size is {config.data.gt_size}; use vgg_style_any "
+                             "or a matching gt_size")
+
+
+def validate_loss(config) -> None:
+    from sr_core.archs.vgg19 import LAYER_INDEX
+    from sr_core.losses import GAN_LOSSES, PIXEL_LOSSES
+
+    lo = config.loss
+    if lo.pixel not in PIXEL_LOSSES:
+        raise ValueError(f"loss.pixel: unknown pixel loss {lo.pixel!r}; known: {', '.join(sorted(PIXEL_LOSSES))}")
+    if lo.gan not in GAN_LOSSES:
+        raise ValueError(f"loss.gan: unknown GAN loss {lo.gan!r}; known: {', '.join(sorted(GAN_LOSSES))}")
+    for name in ("pixel_weight", "perceptual_weight", "gan_weight"):
+        if getattr(lo, name) < 0:
+            raise ValueError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    if lo.perceptual_criterion not in ("l1", "l2"):
+        raise ValueError(f"loss.perceptual_criterion must be l1 or l2, got {lo.perceptual_criterion!r}")
+    unknown = sorted(set(lo.perceptual_layers) - set(LAYER_INDEX))
+    if unknown:
+        raise ValueError(f"loss.perceptual_layers: unknown VGG19 layer(s) {unknown} (e.g. conv5_4)")
+    gan = config.train.stage == "gan"
+    if gan and lo.perceptual_weight > 0:
+        if not lo.perceptual_layers:
+            raise ValueError("loss.perceptual_layers is empty but loss.perceptual_weight > 0")
+        if not lo.vgg_weights and not lo.random_vgg:
+            raise ValueError("loss.vgg_weights: the perceptual loss needs torchvision's ImageNet VGG19 weights "
+                             "(a path or URL of vgg19-dcbb9e9d.pth); set loss.random_vgg=true only for tests")
+    if not gan and lo.pixel_weight <= 0:
+        raise ValueError("loss.pixel_weight must be > 0 in the psnr stage (it is the only loss there)")
+
+
+SCHEDULES = ("constant", "multistep", "cosine_restart")
+
+
+def validate_optim(config) -> None:
+    o = config.optim
+    for name in ("lr_g", "lr_d"):
+        if not getattr(o, name) > 0:
+            raise ValueError(f"optim.{name} must be > 0, got {getattr(o, name)}")
+    for name in ("betas_g", "betas_d"):
+        if not all(0.0 <= b < 1.0 for b in getattr(o, name)):
+            raise ValueError(f"optim.{name} must be two numbers in [0, 1), got {list(getattr(o, name))}")
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    if sorted(o.milestones) != list(o.milestones) or any(m <= 0 for m in o.milestones):
+        raise ValueError(f"optim.milestones must be increasing positive steps, got {o.milestones}")
+    if o.schedule == "cosine_restart" and (not o.periods or any(p <= 0 for p in o.periods)):
+        raise ValueError(f"optim.periods must be positive cycle lengths for cosine_restart, got {o.periods}")
+    if not o.gamma > 0:
+        raise ValueError(f"optim.gamma must be > 0, got {o.gamma}")
+    for name in ("warmup_steps", "grad_clip", "eta_min", "weight_decay_g", "weight_decay_d"):
+        if getattr(o, name) < 0:
+            raise ValueError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
+
+
+STAGES = ("psnr", "gan")
+BACKENDS = ("ddp", "deepspeed")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def validate_train(config) -> None:
+    t = config.train
+    if t.stage not in STAGES:
+        raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {t.stage!r}")
+    if t.stage == "gan" and not t.pretrained:
+        raise ValueError("train.pretrained: the GAN stage starts from the PSNR stage's generator; set it to "
+                         "that run's model.safetensors")
+    if t.backend not in BACKENDS:
+        raise ValueError(f"train.backend must be one of {', '.join(BACKENDS)}, got {t.backend!r}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.zero_stage not in (0, 1, 2):
+        raise ValueError(f"train.zero_stage must be 0, 1 or 2 (ZeRO-3 shards parameters; the EMA and "
+                         f"validation need them whole), got {t.zero_stage}")
+    for name in ("max_steps", "grad_accum_steps", "checkpoint_every", "val_every", "log_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.seed < 0:
+        raise ValueError(f"train.seed must be >= 0, got {t.seed}")
+    if t.num_val_images_logged < 0 or t.sync_tensorboard_seconds <= 0:
+        raise ValueError("train.num_val_images_logged must be >= 0 and train.sync_tensorboard_seconds > 0")
+
+
+def check_inputs(config) -> None:
+    """Checks that read storage: the training data, validation folder, pretrained file and
+    VGG weights exist (run before any training process starts)."""
+    from sr_core import storage
+
+    d, t, lo = config.data, config.train, config.loss
+    if not t.run_dir:
+        raise ValueError("train.run_dir is required (a folder or URL such as gs://bucket/runs/NAME)")
+    if not d.train_shards and not d.train_hr:
+        raise ValueError("data.train_shards is empty: point it at the output of `sr prepare` "
+                         "(or set data.train_hr + data.train_lr)")
+    if d.train_shards:
+        index = d.train_shards if d.train_shards.endswith("index.json") else storage.join(d.train_shards, "index.json")
+        if not storage.exists(index):
+            raise ValueError(f"data.train_shards: {index} does not exist; run `sr prepare SRC {d.train_shards}` first")
+    for name, url in (("data.train_hr", d.train_hr), ("data.train_lr", d.train_lr), ("data.val_folder", d.val_folder),
+                      ("train.pretrained", t.pretrained),
+                      ("loss.vgg_weights", lo.vgg_weights if t.stage == "gan" and lo.perceptual_weight > 0
+                       and not lo.random_vgg else "")):
+        if url and not storage.exists(url):
+            raise ValueError(f"{name}: {url} does not exist")
+
+
+def reference_markdown() -> str:
+    """The config reference (every section's fields, types, defaults and docstrings) as
+    Markdown, for docs/TRAINING.md: ``python -m jobs.config``."""
+    lines = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines += [f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}", "",
+                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, section.name), f.name)
+            default = repr(list(value) if isinstance(value, tuple) else value).replace("|", "\\|")
+            hint = (getattr(hints[f.name], "__name__", None) if not typing.get_args(hints[f.name])
+                    else str(hints[f.name]).replace("typing.", ""))
+            lines.append(f"| `{section.name}.{f.name}` | {str(hint).replace('|', 'or')} | `{default}` | "
+                         f"{docs.get(f.name, '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -23,6 +23,8 @@ un-normalized trunks), fp32 elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -194,6 +196,24 @@ def activation_bytes_per_pixel(model: nn.Module, num_channels: int, multiple: in
 # ---------------------------------------------------------------- the Upscaler
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode inside, each module's own mode restored after (a no-op for a model
+    already in eval mode, which is what keeps calls on an owned model thread-safe)."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 class Upscaler:
     """Upscale images of any size with one generator.
 
@@ -216,6 +236,7 @@ class Upscaler:
         tiles_per_batch: int | None = None,
         alpha: str = "model",
         memory_budget: int | None = None,
+        owns_model: bool = False,
     ):
         """
         device: ``auto`` (CUDA, else MPS, else CPU) or a torch device string.
@@ -229,6 +250,12 @@ class Upscaler:
             ``bicubic`` (MATLAB bicubic; cheaper, softer edges).
         memory_budget: activation bytes a batch of tiles may use when ``tile`` is None
             (default: half the free GPU memory, or 256 MiB on CPU).
+        owns_model: the model is the Upscaler's alone (``from_file``, batch workers that
+            load their own): it is moved to the device, switched to eval mode, frozen and
+            made channels_last in place. Otherwise the caller's model is left as it was
+            found: used as is when it is already on ``device`` (calls switch it to eval
+            mode and back, so such an Upscaler is not for concurrent threads while the
+            model is in train mode), else copied to the device.
         """
         if tile is not None and tile < 0:
             raise ValueError(f"tile must be >= 0 (0 disables tiling) or None (automatic), got {tile}")
@@ -263,12 +290,26 @@ class Upscaler:
         self.tiles_per_batch = tiles_per_batch
         self.alpha = alpha
         self.memory_budget = memory_budget
-        # channels_last: cuDNN's and oneDNN's fast convolution layout (NHWC); the
-        # windows are built NHWC on the host already, so it costs no transposes.
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.bytes_per_pixel = activation_bytes_per_pixel(self.model, self.num_channels, self.size_multiple, self.device)
+        tensors = list(model.parameters()) + list(model.buffers())
+        if owns_model or not all(_same_device(t.device, self.device) for t in tensors):
+            if not owns_model:
+                # The caller's model stays where it is: we run a copy on our device.
+                model = copy.deepcopy(model)
+            # channels_last: cuDNN's and oneDNN's fast convolution layout (NHWC); the
+            # windows are built NHWC on the host already, so it costs no transposes.
+            model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        # Otherwise the caller's model is used as it is (e.g. a generator being trained,
+        # validated between steps): calls run under inference_mode in eval mode and then
+        # give every module back its train/eval mode; parameters are never touched.
+        self.model = model
+        # Feed the layout the weights have: mixing layouts costs conversions (and rounds
+        # differently from a plain run of the caller's model).
+        self.memory_format = (torch.channels_last if any(
+            p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in model.parameters()) else torch.contiguous_format)
+        with _eval_mode(self.model):
+            self.bytes_per_pixel = activation_bytes_per_pixel(self.model, self.num_channels, self.size_multiple,
+                                                              self.device)
 
     @classmethod
     def from_file(
@@ -288,7 +329,8 @@ class Upscaler:
         model = load_generator(url)
         try:
             return cls(model, device=device, precision=precision, tile=tile, overlap=overlap,
-                       tiles_per_batch=tiles_per_batch, alpha=alpha, memory_budget=memory_budget)
+                       tiles_per_batch=tiles_per_batch, alpha=alpha, memory_budget=memory_budget,
+                       owns_model=True)
         except ValueError as exc:
             raise ValueError(f"{url}: {exc}") from None
 
@@ -472,8 +514,8 @@ class Upscaler:
             model_in = x.reshape(batch * 3, 1, height, width)
         else:
             raise ValueError(f"cannot run a {channels}-channel image through a {self.num_channels}-channel model")
-        model_in = model_in.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        model_in = model_in.contiguous(memory_format=self.memory_format)
+        with torch.inference_mode(), _eval_mode(self.model):
             if self.precision in _AUTOCAST_DTYPES:
                 with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
                     y = self.model(model_in)

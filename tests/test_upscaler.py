@@ -316,3 +316,35 @@ def test_models_it_cannot_run_are_refused_up_front_naming_the_file(tmp_path):
     save_generator(four, path)
     with pytest.raises(ValueError, match=r"^.*rgba-model\.safetensors: .*4 input channels"):
         Upscaler.from_file(path, device="cpu")
+
+
+def test_a_callers_model_is_left_as_it_was_found():
+    """Validating a generator being trained must not freeze it, move it, change its
+    memory format or its BatchNorm statistics; a model on another device is copied."""
+    torch.manual_seed(0)
+    model = build_generator("srresnet", "tiny", scale=2).train()  # BatchNorm: train mode matters
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    image = photo("camera.png", "RGB")[:40, :48]
+    out = Upscaler(model, device="cpu", tile=0)(image)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.is_contiguous() for p in model.parameters())  # not made channels_last
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # ... and the result is the eval-mode model's, not the train-mode one's.
+    reference = Upscaler(build_generator("srresnet", "tiny", scale=2), device="cpu", tile=0)
+    reference.model.load_state_dict(before)
+    assert np.array_equal(out, reference(image))
+    # Training goes on: a backward pass reaches every parameter.
+    model(torch.rand(2, 3, 8, 8)).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_owned_model_is_prepared_once(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / "m.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
+    up = Upscaler.from_file(path, device="cpu")
+    assert not up.model.training and not any(p.requires_grad for p in up.model.parameters())
+    assert up.model.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
