@@ -23,8 +23,8 @@ from test_train import COMMON, _env, assert_same_state, data, scalars  # noqa: F
 pytestmark = pytest.mark.faults_full
 
 FULL = os.environ.get("SR_FAULTS") == "full"
-NUM_KILLS = 5 if FULL else 2
-STEPS = 10 if FULL else 6
+NUM_KILLS = 5 if FULL else 1
+STEPS = 10 if FULL else 4
 
 
 def test_training_killed_at_seeded_points_resumes_to_identical_weights(data, tmp_path):
