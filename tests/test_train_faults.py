@@ -50,7 +50,7 @@ def test_training_killed_at_seeded_points_resumes_to_identical_weights(data, tmp
             process.kill()
             kills += 1
         process.wait()
-    assert kills >= NUM_KILLS - 1
+    assert kills >= max(1, NUM_KILLS - 1)
     assert train_main([*args, f"train.run_dir={broken}", "--resume", "auto"]) == 0
     assert_same_state(ckpt.load_torch(f"{ckpt.step_dir(straight, STEPS)}/state.pt"),
                       ckpt.load_torch(f"{ckpt.step_dir(broken, STEPS)}/state.pt"))
