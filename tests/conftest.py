@@ -103,3 +103,16 @@ def _fresh_gcsfs_instances():
     clear()
     yield
     clear()
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> str:
+    """A tiny random x2 RRDBNet file (seed 0), for commands that need some model."""
+    import torch
+
+    from sr_core import build_generator, save_generator
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
+    return path

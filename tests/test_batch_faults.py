@@ -15,11 +15,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from faultproxy import FaultProxy, FaultRates
-from sr_core import build_generator, codecs, save_generator
+from sr_core import codecs
 from sr_core.main import main
 from sr_core.upscaler import Upscaler
 
@@ -47,14 +46,6 @@ def proxied_ray(gcs_emulator):
             yield context.address_info["address"], proxy
         finally:
             ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
-    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
-    return path
 
 
 def upload_photos(gcs_emulator, bucket, n, size=40):

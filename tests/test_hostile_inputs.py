@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from hostile_corpus import make_corpus
-from sr_core import build_generator, codecs, save_generator
+from sr_core import codecs
 from sr_core.storage import printable
 
 pytestmark = pytest.mark.faults_full
@@ -23,14 +22,6 @@ FULL = os.environ.get("SR_FAULTS") == "full"
 # A 65535-pixel strip costs ~25 s to upscale on this CPU: the CI run upscales a narrower
 # one (prepare, eval and the loader always get the full width).
 UPSCALE_STRIP = 65535 if FULL else 4096
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
-    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
-    return path
 
 
 def report_lines(stderr: str, name: str) -> list[str]:

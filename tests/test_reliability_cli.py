@@ -24,14 +24,6 @@ pytestmark = pytest.mark.faults_full
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
-    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
-    return path
-
-
 def photos(folder, n=2, size=40):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
