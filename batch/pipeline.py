@@ -35,7 +35,8 @@ from sr_core import codecs, storage
 
 # Environment that workers on other processes and hosts need to reach the same
 # storage as the driver (never credentials: workers use their own).
-FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+                 "SR_STORAGE_ATTEMPTS", "SR_STORAGE_BACKOFF", "SR_GCS_ANON")
 
 
 @dataclass(frozen=True)

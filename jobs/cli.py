@@ -78,11 +78,15 @@ def run_prepare(args: argparse.Namespace) -> int:
     index = prepare(args.src, args.dst, settings, num_workers=args.workers, progress=not args.quiet)
     print(f"{args.dst}: {index['num_subimages']} sub-images from {index['num_sources']} images "
           f"in {index['num_shards']} shards ({index['total_bytes'] / 1e6:.1f} MB)")
-    for entry in index["bad"]:
-        print(f"  bad image {entry['source']}: {entry['reason']}", file=sys.stderr)
-    for entry in index["skipped"]:
-        print(f"  skipped {entry['source']}: {entry['reason']}", file=sys.stderr)
-    return 0
+    from sr_core.storage import printable
+
+    for kind, entries in (("warning", index.get("warnings", [])), ("bad image", index["bad"]),
+                          ("skipped", index["skipped"])):
+        for entry in entries:
+            print(f"  {kind} {printable(entry['source'])}: {printable(entry['reason'])}", file=sys.stderr)
+    # Bad images make the exit code 1, as in `sr upscale` and `sr eval`: the shards are
+    # complete without them, but someone should look.
+    return 1 if index["bad"] else 0
 
 
 def _intermixed(args: argparse.Namespace) -> argparse.Namespace:

@@ -26,6 +26,7 @@ import os
 import sys
 import tarfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 from sr_core import storage
@@ -104,22 +105,43 @@ def tile_starts(length: int, size: int, step: int, min_size: int) -> list[int]:
     return starts
 
 
-def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None = None) -> list[str]:
+def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None = None,
+                 hidden: list[dict] | None = None) -> list[str]:
     """Sorted paths below ``src`` of the images to prepare. Object names that would
-    escape DST as member names (``..`` segments) are left out and, when ``unsafe`` is
-    given, appended to it as bad-image entries."""
+    escape DST as member names (``..`` segments) and local symbolic links to files
+    outside ``src`` are left out and, when ``unsafe`` is given, appended to it as
+    bad-image entries; hidden images (names starting with '.') are left out and, when
+    ``hidden`` is given, appended to it as skipped entries."""
     from jobs.imageio import IMAGE_SUFFIXES
 
-    urls = storage.list_files(src, IMAGE_SUFFIXES)
+    hidden_urls: list[str] = []
+    urls = storage.list_files(src, IMAGE_SUFFIXES, hidden=hidden_urls)
     keys = []
     root = storage.get_fs(src)[1].rstrip("/")
+    src_is_folder = storage.is_local(src) and os.path.isdir(storage.local_path(src))
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in settings.exclude)
+
+    for url in hidden_urls:
+        name = storage.get_fs(url)[1][len(root) + 1:]
+        if hidden is not None and not excluded(name):
+            hidden.append({"source": name, "reason": "hidden file (its name starts with '.'); rename it to "
+                                                     "include it, or --exclude it"})
     for url in urls:
         try:
             rel = storage.relative_key(src, url)
         except ValueError as exc:
             name = storage.get_fs(url)[1][len(root) + 1:]
-            if unsafe is not None and not any(fnmatch.fnmatchcase(name, g) for g in settings.exclude):
+            if unsafe is not None and not excluded(name):
                 unsafe.append({"source": name, "reason": f"{exc}; rename the object or --exclude it"})
+            continue
+        if src_is_folder and (target := storage.link_out_of(src, url)):
+            # Training data is what is below SRC: a link out of it could pull in any
+            # file the user can read. Refused, as `sr upscale` does.
+            if unsafe is not None and not excluded(rel):
+                unsafe.append({"source": rel, "reason": f"a symbolic link to {target}, outside {src}; not "
+                                                        "followed (copy the file into SRC, or --exclude it)"})
             continue
         if settings.include and not any(fnmatch.fnmatchcase(rel, g) for g in settings.include):
             continue
@@ -187,13 +209,21 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
     writer = _PartWriter(dst, unit, int(settings.max_shard_mb * 1024 * 1024))
     fs, root = storage.get_fs(src)
     src_is_one_file = fs.isfile(root)  # then its key is its basename
-    bad, skipped = [], []
+    bad, skipped, notes = [], [], []
     for rel in sources:
         try:
-            image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
+            # Decoder warnings (a corrupt EXIF block...) are kept as notes naming the file.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
+            notes.extend({"source": rel, "reason": str(w.message).strip()} for w in caught)
+        except storage.StorageError:
+            raise  # storage down past the retries: stop, a rerun resumes this unit
         except Exception as exc:  # any unreadable image is reported, the rest goes on
-            # Our decode errors already name the file and say why; others get their type.
+            # The entry names the file: drop the name our decode errors start with;
+            # errors that are not ours keep their type.
             reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            reason = reason[len(rel) + 2:] if reason.startswith(rel + ": ") else reason
             bad.append({"source": rel, "reason": reason})
             continue
         h, w = image.shape[:2]
@@ -214,7 +244,8 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
                     data = encode_png(tile, settings.png_level)
                 writer.add(f"{rel}_s{k:03d}{SUBIMAGE_FORMATS[settings.format]}", data, *tile.shape[:2])
     writer.flush()
-    manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped}
+    manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped,
+                "warnings": notes}
     storage.write_bytes(storage.join(dst, "units", f"{unit:05d}.json"), json.dumps(manifest).encode())
     return manifest
 
@@ -239,18 +270,6 @@ def _read_json(url: str, what: str, fix: str = "choose another DST for `sr prepa
     return value
 
 
-def _remove_local_temporaries(dst: str) -> None:
-    """A killed local write leaves a ``.tmp-*`` file behind; a re-run removes them."""
-    if not storage.is_local(dst):
-        return
-    for folder in ("shards", "units", ""):
-        path = os.path.join(storage.local_path(dst), folder)
-        if os.path.isdir(path):
-            for name in os.listdir(path):
-                if name.startswith(".tmp-"):
-                    os.remove(os.path.join(path, name))
-
-
 def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
             progress: bool = True) -> dict:
     """Prepare (or finish preparing) sub-image shards of ``src`` in ``dst``; returns the index."""
@@ -258,7 +277,8 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     if num_workers < 1:
         raise ValueError(f"--workers must be >= 1, got {num_workers}")
     unsafe: list[dict] = []
-    sources = list_sources(src, settings, unsafe)
+    hidden: list[dict] = []
+    sources = list_sources(src, settings, unsafe, hidden)
     if not sources:
         from jobs.imageio import IMAGE_SUFFIXES
 
@@ -279,13 +299,21 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
                                   "settings; choose another DST (or delete it)")
         print(f"{dst}: already prepared ({index['num_subimages']} sub-images); nothing to do", file=sys.stderr)
         return index
+    # A read-only, foreign or full DST is refused before any image is cut.
+    storage.check_writable(dst)
     old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
-    if old_plan is None:
-        storage.write_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode())
-    elif old_plan != plan:
+    # Created only if absent: of two runs starting at once into one DST, one creates the
+    # plan and the other compares with it. Runs of the same plan may then work side by
+    # side (a unit's bytes depend only on the plan; temporaries are per process);
+    # a run of another plan is refused instead of interleaving its shards.
+    if old_plan is None and not storage.create_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode()):
+        old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
+    if old_plan is not None and old_plan != plan:
         raise ValueError(f"{dst} holds an unfinished prepare of other images or settings; re-run it with "
                          "the same SRC and options to finish it, or choose another DST")
-    _remove_local_temporaries(dst)
+    # A killed local write leaves a temporary file behind; those of killed runs go,
+    # those of a run still writing into the same DST stay.
+    storage.remove_stale_temporaries(dst)
 
     per = settings.images_per_shard
     units = [sources[i:i + per] for i in range(0, len(sources), per)]
@@ -339,7 +367,8 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
         "total_bytes": sum(s["bytes"] for s in shards),
         "shards": shards,
         "bad": unsafe + [b for m in ordered for b in m["bad"]],
-        "skipped": [s for m in ordered for s in m["skipped"]],
+        "skipped": hidden + [s for m in ordered for s in m["skipped"]],
+        "warnings": [w for m in ordered for w in m.get("warnings", [])],
         "seconds_last_run": round(time.monotonic() - start, 3),
     }
     storage.write_bytes(storage.join(dst, INDEX_NAME), json.dumps(index).encode())

@@ -49,10 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _refuse_existing(url: str, overwrite: bool) -> None:
+    """Checked before any model is loaded, so a bad OUT costs nothing."""
     from sr_core import storage
 
-    if not overwrite and storage.exists(url):
-        raise FileExistsError(f"{url} exists; pass --overwrite to replace it")
+    fs, path = storage.get_fs(url)
+    if fs.isdir(path):
+        raise ValueError(f"{url} is a folder; OUT must be a file name (e.g. {storage.join(url, 'model.safetensors')})")
+    if not overwrite and fs.exists(path):
+        raise FileExistsError(f"{url}: the file exists; pass --overwrite to replace it")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -65,7 +69,7 @@ def run_convert(args: argparse.Namespace) -> int:
         modelfile.save_basicsr_pth(model, args.output)
     else:
         meta = modelfile.read_metadata(args.input)
-        provenance = dict(meta.get("provenance", {}))
+        provenance = dict(meta.get("provenance") or {})
         provenance.setdefault("converted_from", args.input)
         modelfile.save_generator(model, args.output, **provenance)
     print(f"wrote {args.output}: {model.arch_name} x{model.scale} {model.hparams} ({target} format)")

@@ -9,6 +9,8 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
+EXIT_TEMPFAIL = 75
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         # Users' mistakes: a clear one-line message naming the input, no traceback.
         print(f"sr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:
+        # Storage unreachable or still failing after bounded retries (the message names
+        # the object). 75 is sysexits' EX_TEMPFAIL: try again later; reruns resume.
+        print(f"sr {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ For foreign files, num_feat / num_block / num_grow_ch / scale come from tensor s
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import re
@@ -49,7 +50,7 @@ class ModelFileError(ValueError):
 # ---------------------------------------------------------------- saving
 
 
-def generator_metadata(model: nn.Module, **provenance) -> dict[str, str]:
+def generator_metadata(model: nn.Module, /, **provenance) -> dict[str, str]:
     if getattr(model, "arch_name", None) not in GENERATORS or not hasattr(model, "hparams"):
         raise ValueError(f"{type(model).__name__} is not a registered generator; "
                          f"model files hold one of: {', '.join(sorted(GENERATORS))}")
@@ -70,10 +71,11 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_generator(model: nn.Module, url: str, **provenance) -> None:
+def save_generator(model: nn.Module, url: str, /, **provenance) -> None:
     """Write ``model`` to ``url`` as self-describing ``.safetensors`` (atomically).
 
-    Keyword arguments are recorded as provenance (e.g. ``run="exp1", step=40000``).
+    Keyword arguments are recorded as provenance (e.g. ``run="exp1", step=40000``; any
+    name, ``url`` and ``model`` included, since the first two are positional-only).
     """
     data = safetensors_save(_plain_state_dict(model), metadata=generator_metadata(model, **provenance))
     storage.write_bytes(url, data)
@@ -130,10 +132,16 @@ def _read_torch_file(url: str, data: bytes) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        # weights_only=True refuses anything that would execute code on unpickling.
+        # weights_only=True refuses anything that would execute code on unpickling. Its
+        # message suggests weights_only=False, which would run the file's code: never
+        # pass that on; name what the file wanted and the safe way to convert it.
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it needs the Python object {wanted[1]}" if wanted else "it is corrupt or holds more than tensors"
         raise ModelFileError(
-            f"{url}: cannot read as a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            "Only plain tensors are accepted; files needing arbitrary unpickling are refused."
+            f"{url}: refused as a PyTorch weights file ({what}); only plain tensors are read, unpickling "
+            "code is never run. To convert it safely, load it where its code is trusted and save just the "
+            "tensors (torch.save(model.state_dict(), 'weights.pth') or safetensors' save_file), then "
+            "`sr convert weights.pth model.safetensors`"
         ) from None
     return _unwrap_state_dict(url, obj)
 
@@ -174,17 +182,63 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
     else:
         arch, hparams, state = infer_architecture(url, state)
         _check_shapes(url, arch, hparams, state)
+    _check_finite(url, state)
     model = build_generator(arch, **hparams)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 
+def _check_finite(url: str, state: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite weights (a diverged run, a damaged file) would turn every output
+    into noise or black: refuse the file, naming the first such tensor."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelFileError(f"{url}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+                             "the training run diverged or the file is damaged: use an earlier checkpoint")
+
+
+def _check_hparam_values(url: str, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:
+    """Refuse hyperparameters that no file of this size could hold, before building even
+    a shape-only skeleton: the meta device holds no data, but a claimed ``num_block`` of
+    10^8 still builds 10^8 modules (minutes and gigabytes). Every count a generator has
+    (blocks, heads) gives it at least one tensor each, and every width (features,
+    channels) is a dimension of some tensor, so no honest integer hyperparameter exceeds
+    the larger of the file's tensor count and its largest dimension."""
+    if arch not in GENERATORS:
+        return  # build_generator names the known ones
+    defaults = {name: p.default for name, p in inspect.signature(GENERATORS[arch].__init__).parameters.items()
+                if name != "self"}
+    bound = max([len(state)] + [d for t in state.values() for d in t.shape])
+    for name, value in hparams.items():
+        if name not in defaults:
+            continue  # build_generator names unknown hyperparameters
+        default = defaults[name]
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelFileError(f"{url}: metadata hyperparameter {name} must be an integer, "
+                                     f"got {value!r}; the file is damaged or was not written by sr-cloud")
+            if abs(value) > bound:
+                raise ModelFileError(f"{url}: metadata claims {name}={value}, but the file holds "
+                                     f"{len(state)} tensors (largest dimension {bound}); the metadata "
+                                     "does not describe these weights")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ModelFileError(f"{url}: metadata hyperparameter {name} must be a string, got {value!r}")
+
+
 def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:
     """Compare the file's tensors with the architecture before allocating anything:
     metadata claiming a huge model must not make us allocate it (the skeleton is built
-    on the meta device, which holds shapes only)."""
-    with torch.device("meta"):
-        skeleton = build_generator(arch, **hparams)
+    on the meta device, which holds shapes only, after the claimed values were checked
+    against the file's size)."""
+    _check_hparam_values(url, arch, hparams, state)
+    try:
+        with torch.device("meta"):
+            skeleton = build_generator(arch, **hparams)
+    except ValueError:
+        raise  # the registry's and the architectures' own messages
+    except Exception as exc:  # negative widths and the like fail inside torch.nn
+        raise ModelFileError(f"{url}: the metadata's hyperparameters {hparams} do not build a {arch} "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected == found:
@@ -204,12 +258,24 @@ def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Ten
 
 
 def read_metadata(url: str) -> dict:
-    """Metadata of one of our files, with ``hparams``/``provenance`` decoded ({} for foreign files)."""
+    """Metadata of one of our files, with ``hparams``/``provenance`` decoded ({} for foreign files).
+
+    Provenance is informational: when it is not a JSON object (another tool's file, or
+    an edited one), it is returned as ``{"original_provenance": <the text>}`` rather than
+    refusing a model whose weights load fine."""
     _, meta = read_model_file(url)
     out = dict(meta)
-    for key in ("hparams", "provenance"):
-        if key in out:
-            out[key] = json.loads(out[key])
+    if "hparams" in out:
+        try:
+            out["hparams"] = json.loads(out["hparams"])
+        except ValueError:
+            raise ModelFileError(f"{url}: bad sr-cloud metadata (hparams is not JSON)") from None
+    if "provenance" in out:
+        try:
+            provenance = json.loads(out["provenance"])
+        except ValueError:
+            provenance = None
+        out["provenance"] = provenance if isinstance(provenance, dict) else {"original_provenance": out["provenance"]}
     return out
 
 

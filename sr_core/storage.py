@@ -8,10 +8,22 @@ stores publish an object only when its upload completes, so a direct write is at
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
+import hashlib
+import logging
 import os
 import posixpath
+import random
+import re
+import shutil
+import socket
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import Iterable
+from urllib.parse import unquote, urlsplit
 
 from fsspec.core import url_to_fs
 
@@ -19,15 +31,190 @@ from fsspec.core import url_to_fs
 # told not to, which hangs for a minute per operation against the emulator and on
 # networks without gRPC egress. It must be set before gcsfs is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# google-auth asks the GCE metadata server whether it runs on GCE: 3 attempts of 3 s
+# each by default, read when google.auth is imported. On GCE the server answers in
+# milliseconds; elsewhere those seconds are pure waiting.
+os.environ.setdefault("GCE_METADATA_TIMEOUT", "2")
+os.environ.setdefault("GCE_METADATA_DETECT_RETRIES", "2")
+
+logger = logging.getLogger("sr_core.storage")
+# fsspec's read-ahead logs each failed fetch at ERROR level (three lines, no names)
+# before it re-raises the error; ours names the object, so those lines are noise.
+logging.getLogger("fsspec.prefetcher").setLevel(logging.CRITICAL)
+
+GCS_ENDPOINT = "https://storage.googleapis.com"
+
+
+class StorageError(ConnectionError):
+    """Object storage could not be reached or kept failing after bounded retries. The
+    message names the object and what was tried; ``sr`` prints it as one line. Work
+    already published stays: rerunning the same command resumes."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff for object-store requests."""
+
+    attempts: int = 6
+    """Tries per request, the first included (env ``SR_STORAGE_ATTEMPTS``)."""
+
+    initial_backoff: float = 1.0
+    """Seconds before the first retry; doubled each time, with up to 50% jitter (env
+    ``SR_STORAGE_BACKOFF``)."""
+
+    max_backoff: float = 16.0
+    """Longest single wait in seconds."""
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        try:
+            policy = cls(attempts=int(os.environ.get("SR_STORAGE_ATTEMPTS", cls.attempts)),
+                         initial_backoff=float(os.environ.get("SR_STORAGE_BACKOFF", cls.initial_backoff)))
+        except ValueError:
+            raise ValueError("SR_STORAGE_ATTEMPTS must be an integer and SR_STORAGE_BACKOFF a number of "
+                             "seconds") from None
+        if policy.attempts < 1 or policy.initial_backoff < 0:
+            raise ValueError("SR_STORAGE_ATTEMPTS must be >= 1 and SR_STORAGE_BACKOFF >= 0")
+        return policy
+
+    def delay(self, retry: int) -> float:
+        base = min(self.initial_backoff * 2 ** (retry - 1), self.max_backoff)
+        return base * (1 + 0.5 * random.random())
 
 
 def get_fs(url: str):
     """Return ``(filesystem, path)`` for a URL. gs:// uses anonymous access against an
-    emulator (``STORAGE_EMULATOR_HOST``), default credentials otherwise."""
-    options = {}
-    if is_gcs(url) and os.environ.get("STORAGE_EMULATOR_HOST"):
+    emulator (``STORAGE_EMULATOR_HOST``), Google's default credentials otherwise; it is
+    refused in seconds, with one line saying what to set, when there are none or the
+    endpoint cannot be reached."""
+    if not is_gcs(url):
+        return url_to_fs(url)
+    try:
+        options = _gcs_options(os.environ.get("STORAGE_EMULATOR_HOST", ""), os.environ.get("SR_GCS_ANON", ""))
+    except StorageError as exc:
+        raise StorageError(f"{url}: {exc}") from None
+    fs, path = url_to_fs(url, **options)
+    _use_our_retries(fs)
+    return fs, path
+
+
+@functools.lru_cache(maxsize=None)
+def _gcs_options(emulator: str, anon: str) -> dict:
+    """Credentials for gcsfs, decided once per process (per emulator setting).
+
+    gcsfs on its own tries every credential source in turn, falls back to anonymous
+    access, then retries each request for ~30 s before a long traceback; without a
+    network that took a minute and more. Here: the credential search of google-auth
+    (key file, gcloud login, GCE metadata server with a short timeout), then one TCP
+    connection to the endpoint with a short timeout."""
+    endpoint = emulator or GCS_ENDPOINT
+    options: dict = {}
+    if emulator or anon == "1":
         options["token"] = "anon"
-    return url_to_fs(url, **options)
+    else:
+        import google.auth
+        import google.auth.exceptions
+
+        try:
+            credentials, project = google.auth.default(
+                scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise StorageError(
+                "no Google Cloud credentials found (tried GOOGLE_APPLICATION_CREDENTIALS, gcloud's "
+                "application-default login and the GCE metadata server); run `gcloud auth application-default "
+                "login`, set GOOGLE_APPLICATION_CREDENTIALS=/path/to/key.json, SR_GCS_ANON=1 for public "
+                "buckets, or STORAGE_EMULATOR_HOST for an emulator") from None
+        options["token"] = credentials
+        if project:
+            options["project"] = project
+    _check_reachable(endpoint)
+    return options
+
+
+def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
+    parts = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        hint = ("check STORAGE_EMULATOR_HOST" if endpoint != GCS_ENDPOINT
+                else "check the network (or set STORAGE_EMULATOR_HOST for an emulator)")
+        raise StorageError(f"cannot reach the storage endpoint {host}:{port} "
+                           f"({exc.strerror or type(exc).__name__}); {hint}") from None
+
+
+def _describe_request(args: tuple, kwargs: dict) -> str:
+    """``METHOD object`` for messages: the path with its arguments, never a query string
+    (upload session URLs act as credentials) nor headers."""
+    method, path, *rest = args
+    try:
+        path = path.format(*rest) if rest and not path.startswith("http") else path
+    except (IndexError, KeyError):
+        pass
+    path = path.split("?", 1)[0]
+    if path.startswith("http"):
+        path = urlsplit(path).path
+    m = re.search(r"(?:^|/)b/([^/]+)/o(?:/(.*))?$", unquote(path))
+    if m:  # the JSON API's b/BUCKET/o/OBJECT, as the gs:// URL users know
+        path = f"gs://{m[1]}/{m[2] or ''}"
+    return f"{str(method).upper()} {path}"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    import aiohttp
+    from gcsfs.retry import is_retriable
+
+    return isinstance(exc, (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError)) or is_retriable(exc)
+
+
+def _use_our_retries(fs) -> None:
+    """Replace gcsfs's per-request retry (6 tries, up to ~33 s, silent until it logs a
+    traceback) by ours on this instance: bounded by ``RetryPolicy``, one log line per
+    retry, and a one-line ``StorageError`` naming the request at the end. Only the
+    undecorated request is called, so retries never multiply."""
+    if getattr(fs, "_sr_retries", False):
+        return
+    policy = RetryPolicy.from_env()
+    for name in ("_request", "_get_file_request"):
+        method = getattr(type(fs), name, None)
+        raw = getattr(method, "__wrapped__", None)
+        if raw is None:  # a gcsfs without its retry decorator: keep whatever it does
+            continue
+        setattr(fs, name, _retrying(policy, raw.__get__(fs)))
+    # gcsfs also retries whole downloads made of ranged reads that are requests of the
+    # kind above: without its decorator, so those retries do not multiply either.
+    raw = getattr(getattr(type(fs), "_get_file_concurrent", None), "__wrapped__", None)
+    if raw is not None:
+        fs._get_file_concurrent = raw.__get__(fs)
+    fs._sr_retries = True
+
+
+def _retrying(policy: RetryPolicy, call):
+    async def run(*args, **kwargs):
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                return await call(*args, **kwargs)
+            except (FileNotFoundError, FileExistsError, ValueError):
+                raise  # answers, not faults
+            except Exception as exc:
+                what = _describe_request(args, kwargs)
+                reason = _short_reason(exc)
+                if not _is_transient(exc):
+                    raise StorageError(f"{what}: {reason}") from None
+                if attempt == policy.attempts:
+                    raise StorageError(f"{what}: still failing after {policy.attempts} attempts ({reason}); "
+                                       "rerun the same command to resume") from None
+                delay = policy.delay(attempt)
+                logger.warning("storage: %s failed (%s); retry %d of %d in %.1f s",
+                               what, reason, attempt, policy.attempts - 1, delay)
+                await asyncio.sleep(delay)
+    return run
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def is_gcs(url: str) -> bool:
@@ -67,8 +254,15 @@ _UMASK = _read_umask()
 
 def read_bytes(url: str) -> bytes:
     fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except StorageError as exc:
+        raise StorageError(f"reading {url}: {exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a broken input like any other, not a failing disk
+            raise ValueError(f"{url}: a loop of symbolic links, not a file") from None
+        raise
 
 
 def exists(url: str) -> bool:
@@ -81,19 +275,28 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+def _local_temporary(path: str, data: bytes) -> str:
+    """``data`` in a temporary file beside ``path`` (named for remove_stale_temporaries),
+    with the permissions a plain open() would give (mkstemp makes owner-only files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` so that no reader ever sees a partial object."""
     if is_local(url):
         path = local_path(url)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        tmp = _local_temporary(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            # mkstemp makes owner-only files; give the published file the permissions a
-            # plain open() would (0666 less the umask).
-            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -104,16 +307,138 @@ def write_bytes(url: str, data: bytes) -> None:
     # Object stores publish an object when its upload completes: one pipe_file call
     # uploads it whole or not at all. (Writing through fs.open would commit whatever
     # was uploaded if an exception interrupted the write: close() still runs.)
-    fs.pipe_file(path, data)
+    try:
+        fs.pipe_file(path, data)
+    except StorageError as exc:
+        raise StorageError(f"writing {url}: {exc}") from None
+
+
+def create_bytes(url: str, data: bytes) -> bool:
+    """Write ``data`` only if ``url`` does not exist yet, atomically; False if it did.
+
+    Two runs racing to create the same file: exactly one wins. Local folders use a
+    hard link (fails if the name exists); GCS uses the ``ifGenerationMatch=0``
+    precondition (the gcp-storage-emulator ignores preconditions, so there the race
+    is narrowed to the moment between a check and a write, not closed)."""
+    if is_local(url):
+        path = local_path(url)
+        tmp = _local_temporary(path, data)
+        try:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.remove(tmp)
+    fs, path = get_fs(url)
+    if fs.exists(path):
+        return False
+    try:
+        if is_gcs(url):
+            fs.pipe_file(path, data, mode="create")
+        else:
+            fs.pipe_file(path, data)
+    except FileExistsError:
+        return False
+    except StorageError as exc:
+        raise StorageError(f"writing {url}: {exc}") from None
+    return True
+
+
+# Local temporary files are named .tmp-HOST-PID-RANDOM-NAME: a rerun can tell the
+# leftovers of a killed writer (same host, process gone) from a live run's files.
+TMP_PREFIX = ".tmp-"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TMP_NAME = re.compile(r"^\.tmp-([0-9a-f]{8})-(\d+)-")
+# Temporaries we cannot attribute (another host, an older naming) are removed only when
+# no write can still be going on.
+_FOREIGN_TMP_AGE = 24 * 3600
+
+
+def _tmp_prefix() -> str:
+    return f"{TMP_PREFIX}{_HOST}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    try:
+        # A killed process that nobody reaped yet (a zombie) writes nothing any more.
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temporaries(url: str, recursive: bool = True) -> int:
+    """Remove the temporary files that killed writers left below a local folder (a
+    SIGKILL between writing and renaming), never those of a live run. Returns how
+    many were removed. Object stores have no temporaries: nothing to do there."""
+    if not is_local(url) or not os.path.isdir(local_path(url)):
+        return 0
+    removed, now = 0, time.time()
+    for folder, dirs, names in os.walk(local_path(url)):
+        if not recursive:
+            dirs.clear()
+        for name in names:
+            if not name.startswith(TMP_PREFIX):
+                continue
+            path = os.path.join(folder, name)
+            m = _TMP_NAME.match(name)
+            if m and m[1] == _HOST:
+                stale = not _pid_alive(int(m[2]))
+            else:
+                try:
+                    stale = now - os.path.getmtime(path) > _FOREIGN_TMP_AGE
+                except FileNotFoundError:
+                    continue
+            if stale:
+                try:
+                    os.remove(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
+    """Refuse, before any work, an output folder that cannot take files: read-only,
+    not ours, full. Writes and removes a small probe object (local folders are created)."""
+    probe = join(url, f"{TMP_PREFIX}{_HOST}-{os.getpid()}-write-check")
+    try:
+        if is_local(url):
+            os.makedirs(local_path(url), exist_ok=True)
+            free = shutil.disk_usage(local_path(url)).free
+            if free < min_free_bytes:
+                raise OSError(errno.ENOSPC, f"No space left on device: {free} bytes free")
+        write_bytes(probe, b"sr write check")
+    except StorageError:
+        raise
+    except OSError as exc:
+        why = exc.strerror or " ".join(str(exc).split())[:200]
+        raise ValueError(f"{url}: cannot write there ({why}); choose another output folder or fix its "
+                         "permissions or free space") from None
+    try:
+        fs, path = get_fs(probe)
+        fs.rm(path)
+    except (OSError, StorageError):
+        # Allowed to create but not to delete (GCS's objectCreator role): writes work.
+        # The probe keeps a temporary's name, which listings skip.
+        pass
 
 
 def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str] | None = None) -> list[str]:
     """All files below ``url`` (recursive), as full URLs in the same scheme, sorted.
 
     ``suffixes`` filters by lower-cased extension (e.g. ``{".png", ".jpg"}``).
-    Hidden files and our temporary files (``.tmp-*``) are skipped; the hidden files
-    that pass the filter (not our temporary files) are appended to ``hidden`` if it is
-    given, so a caller can report them.
+    Hidden files and our temporary files (``.tmp-*``) are skipped; when ``hidden`` is
+    given, the hidden files that pass the filter (not our temporaries) are appended to
+    it, so callers can report them instead of skipping them silently.
     """
     fs, root = get_fs(url)
     if not fs.exists(root):
@@ -131,13 +456,27 @@ def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str
             continue
         full = prefix + p if prefix and not p.startswith(prefix) else p
         if name.startswith("."):
-            if hidden is not None and not name.startswith(".tmp-"):
+            if hidden is not None and not name.startswith(TMP_PREFIX):
                 hidden.append(full)
             continue
         out.append(full)
     if hidden is not None:
         hidden.sort()
     return sorted(out)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one report line: newlines and other control characters, and
+    the undecodable bytes of non-UTF-8 file names, are written as escapes."""
+    out = []
+    for c in text:
+        if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def relative_key(root: str, url: str) -> str:
@@ -176,6 +515,6 @@ def link_out_of(root: str, url: str) -> str | None:
 
 
 __all__ = [
-    "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
-    "write_bytes", "list_files", "relative_key", "safe_key",
+    "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
+    "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",
 ]

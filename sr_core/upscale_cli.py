@@ -17,6 +17,7 @@ import math
 import posixpath
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 _GLOB_CHARS = "*?["
@@ -40,6 +41,9 @@ def add_upscale_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     add_output_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                   help="refuse, before decoding, an image whose input and assembled output would need more "
+                        "host memory than this (default: the memory available when the run starts)")
     p.set_defaults(func=run_upscale)
 
 
@@ -111,6 +115,8 @@ class Job:
 class Plan:
     jobs: list[Job] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    """Hidden images found by listing (names starting with '.'): reported, not upscaled."""
 
 
 def _has_glob(url: str) -> bool:
@@ -130,9 +136,9 @@ def _glob_root(url: str) -> str:
     return f"{scheme}://{root}" if scheme else root
 
 
-def _find_inputs(url: str) -> list[tuple[str, str, bool]]:
+def _find_inputs(url: str, hidden: list[str] | None = None) -> list[tuple[str, str, bool]]:
     """(root, file URL, found by listing a folder or glob) for one INPUT argument;
-    raises FileNotFoundError."""
+    raises FileNotFoundError. Hidden files a listing finds are appended to ``hidden``."""
     from sr_core import codecs, storage
 
     fs, path = storage.get_fs(url)
@@ -144,14 +150,18 @@ def _find_inputs(url: str) -> list[tuple[str, str, bool]]:
     # A name that exists is taken literally, so files and folders whose names hold
     # glob characters ("x[1].png") can be named.
     if _has_glob(url) and not fs.exists(path):
-        matches = [p for p in fs.glob(path) if fs.isfile(p) and not posixpath.basename(p).startswith(".")]
+        matches = [p for p in fs.glob(path) if fs.isfile(p)]
+        if hidden is not None:
+            hidden.extend(full(p) for p in matches if posixpath.basename(p).startswith(".")
+                          and not posixpath.basename(p).startswith(storage.TMP_PREFIX))
+        matches = [p for p in matches if not posixpath.basename(p).startswith(".")]
         if not matches:
             raise FileNotFoundError(f"{url}: the pattern matches no files")
         return [(_glob_root(url), full(p), True) for p in sorted(matches)]
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or folder")
     if fs.isdir(path):
-        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS)
+        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS, hidden=hidden)
         return [(url, f, True) for f in files]
     return [(full(posixpath.dirname(path)) if prefix else posixpath.dirname(path), url, False)]
 
@@ -169,7 +179,9 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
     found = []
     for url in inputs:
         try:
-            found.extend(_find_inputs(url))
+            found.extend(_find_inputs(url, plan.hidden))
+        except storage.StorageError:
+            raise  # storage unreachable: nothing else would work either
         except (FileNotFoundError, ValueError, OSError) as exc:
             plan.failures.append((url, _reason(exc, url)))
     return assign_outputs(found, out, suffix, extension, plan)
@@ -241,6 +253,9 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.output} is a file; OUT must be a folder (new or existing) to hold the outputs")
     plan = plan_outputs(args.inputs, args.output, args.suffix, options.extension)
     failures = list(plan.failures)
+    # Temporaries of earlier runs that were killed between writing and renaming; a
+    # live run's own are kept (their writer's process still exists).
+    storage.remove_stale_temporaries(args.output)
     todo, skipped = [], 0
     for job in plan.jobs:
         if not args.overwrite and storage.exists(job.output):
@@ -248,9 +263,13 @@ def run_upscale(args: argparse.Namespace) -> int:
         else:
             todo.append(job)
 
-    written, interrupted = 0, False
+    written, interrupted, stopped = 0, False, None
+    notes: list[tuple[str, str]] = []  # (input, decoder warning) of images that were processed
     if todo:
+        # A read-only, foreign or full OUT is refused before any image is computed.
+        storage.check_writable(args.output)
         up = upscaler.Upscaler.from_file(args.model, device=args.device, **settings.upscaler)
+        memory_limit = (args.memory_limit * 2**30 if args.memory_limit is not None else available_memory())
         out_pixels = 0
         start = time.perf_counter()
         bar = tqdm(total=len(todo), unit="img", desc="upscale", file=sys.stderr, dynamic_ncols=True)
@@ -266,7 +285,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             pending = {}
 
             def collect(done) -> None:
-                nonlocal written, out_pixels
+                nonlocal written, out_pixels, stopped
                 for future in done:
                     job = pending.pop(future)
                     try:
@@ -274,15 +293,28 @@ def run_upscale(args: argparse.Namespace) -> int:
                         written += 1
                     except Exception as exc:  # a failed write is reported, the run goes on
                         failures.append((job.input, f"writing {job.output}: {_reason(exc, job.output)}"))
+                        if _out_unusable(exc):  # ... unless no other write could succeed
+                            stopped = stopped or f"writing {job.output}: {_reason(exc, job.output)}"
                     bar.update(1)
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{out_pixels / elapsed / 1e6:.2f} Mpx/s out")
 
             try:
                 for job in todo:
+                    if stopped:
+                        break
                     try:
-                        image = codecs.read_image(job.input, max_pixels=max_pixels)
+                        # Decoder warnings (a corrupt EXIF block...) become one report
+                        # line naming the file instead of Python's two anonymous lines.
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            image = _read_within_memory(job.input, max_pixels, memory_limit, up.scale,
+                                                        args.outscale)
+                        notes.extend((job.input, str(w.message).strip()) for w in caught)
                         result = up(image, outscale=args.outscale)
+                    except storage.StorageError as exc:  # storage down past the retries: stop
+                        stopped = str(exc)
+                        break
                     except Exception as exc:  # a bad input is reported, the run goes on
                         failures.append((job.input, _reason(exc, job.input)))
                         bar.update(1)
@@ -301,15 +333,105 @@ def run_upscale(args: argparse.Namespace) -> int:
                 collect(done)
         bar.close()
 
-    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}")
+    hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""
+    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}")
+    show = storage.printable
+    for url, message in notes:
+        print(f"  WARNING {show(url)}: {show(message)}", file=sys.stderr)
+    for url in plan.hidden:
+        print(f"  SKIPPED {show(url)}: hidden file (its name starts with '.'); name it as an INPUT to upscale it",
+              file=sys.stderr)
     for url, reason in failures:
-        print(f"  FAILED {url}: {reason}", file=sys.stderr)
+        print(f"  FAILED {show(url)}: {show(reason)}", file=sys.stderr)
+    if stopped:
+        print(f"sr upscale: stopped ({stopped}); {len(todo) - bar.n} image(s) not done; run the same command "
+              "again to finish them (outputs that exist are skipped)", file=sys.stderr)
+        return 1
     if interrupted:
         left = len(todo) - bar.n
         print(f"sr upscale: interrupted with {left} image(s) not done; run the same command again to finish "
               "them (outputs that exist are skipped)", file=sys.stderr)
         return 130
     return 1 if failures else 0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be used without swapping (None if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+WORKING_MEMORY = 256 * 2**20
+
+
+def memory_needed(height: int, width: int, bands: int, sample_bytes: int, scale: int,
+                  outscale: float | None) -> int:
+    """Peak host bytes to upscale one image: the decoded input, three times the output
+    at the network's scale (the Upscaler's assembly peaks under twice it, the encoder
+    holds one more copy), 256 MiB of working memory (tiles, buffers), and, with another
+    --outscale, the resized output (the banded resize peaks at about 1.55x). Measured
+    by bench/bench_upscale_memory.py: a 2048x2048 input at x4 peaks 2.7x its output
+    above an idle run."""
+    sample = bands * sample_bytes
+    need = height * width * sample + 3 * height * width * scale * scale * sample + WORKING_MEMORY
+    if outscale is not None and outscale != scale:
+        need += int(1.55 * round(height * outscale) * round(width * outscale) * sample)
+    return need
+
+
+def _read_within_memory(url: str, max_pixels: int | None, limit: int | None, scale: int,
+                        outscale: float | None):
+    """Read and decode an image, refusing first, from its header, one that would need
+    more memory than ``limit`` (a 16K x 16K at x4 is 12 GiB of output alone)."""
+    import io
+
+    from PIL import Image
+
+    from sr_core import codecs, storage
+
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such image file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{url}: is a folder, not an image") from None
+    if limit is not None:
+        try:
+            header = Image.open(io.BytesIO(data), formats=codecs.DECODE_FORMATS)
+            (width, height), mode = header.size, header.mode
+        except Exception:  # not an image: decode_image says why
+            width = height = 0
+        if width and height and (max_pixels is None or width * height <= max_pixels):
+            bands = 4 if mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") else 1 if mode in ("1", "L") or mode.startswith("I") else 3
+            sixteen = mode.startswith("I") or (data[:4] == b"\x89PNG" and len(data) > 24 and data[24] == 16)
+            need = memory_needed(height, width, bands, 2 if sixteen else 1, scale, outscale)
+            if need > limit:
+                raise ValueError(
+                    f"{url}: {width}x{height} at x{outscale or scale} would need about {need / 2**30:.1f} GiB of "
+                    f"host memory (input and assembled output), more than the {limit / 2**30:.1f} GiB "
+                    "available; split it into parts (e.g. 4096x4096), use a machine with more memory, or "
+                    "raise --memory-limit")
+    return codecs.decode_image(data, name=url, max_pixels=max_pixels)
+
+
+def _out_unusable(exc: Exception) -> bool:
+    """A write error that every later write would hit too: storage down past the
+    retries, or a full / read-only / over-quota output."""
+    import errno
+
+    from sr_core import storage
+
+    return isinstance(exc, storage.StorageError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 def _reason(exc: Exception, url: str) -> str:

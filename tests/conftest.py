@@ -22,6 +22,13 @@ import pytest
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
+def pytest_configure(config):
+    # `-m faults_full` runs the reliability suite with its full seed and kill counts;
+    # the default run (CI) runs the same tests with fewer.
+    if "faults_full" in (config.option.markexpr or ""):
+        os.environ["SR_FAULTS"] = "full"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -96,3 +103,16 @@ def _fresh_gcsfs_instances():
     clear()
     yield
     clear()
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> str:
+    """A tiny random x2 RRDBNet file (seed 0), for commands that need some model."""
+    import torch
+
+    from sr_core import build_generator, save_generator
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
+    return path

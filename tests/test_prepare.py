@@ -68,7 +68,7 @@ def test_prepare_local_subimages_are_exact_and_bad_images_are_listed(tmp_path):
 
     assert index["sources"] == ["broken.png"] + sorted(images)  # .txt and the excluded glob left out
     assert [b["source"] for b in index["bad"]] == ["broken.png"]
-    assert index["bad"][0]["reason"] == "broken.png: truncated or corrupt PNG file (19 bytes)"
+    assert index["bad"][0]["reason"] == "truncated or corrupt PNG file (19 bytes)"
     # 150 px, size 64, step 32: starts 0, 32, 64 and a 22-px leftover >= min_size -> edge tile at 86
     per_image = len(tile_starts(150, 64, 32, 10)) ** 2
     assert per_image == 16
@@ -154,7 +154,7 @@ def test_prepare_gs_to_gs_matches_local(gcs_emulator, tmp_path):
 
     result = run_sr("prepare", f"{bucket}/photos", f"{bucket}/sub", "--size", "64", "--step", "32",
                     "--images-per-shard", "2", "-j", "2", "-q")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # a bad image: the set is complete without it, exit 1 says so
     assert "bad image truncated.png" in result.stderr
     index = read_index(f"{bucket}/sub")
     assert [b["source"] for b in index["bad"]] == ["truncated.png"]
