@@ -1,5 +1,5 @@
-"""PSNR / SSIM / MSE with the super-resolution literature's conventions (DESIGN.md
-contract 5), so our numbers can be put next to published tables.
+"""PSNR / SSIM / MSE with the super-resolution literature's conventions, so our numbers
+can be put next to published tables.
 
 Conventions (those of BasicSR's ``calculate_psnr``/``calculate_ssim`` and the MATLAB
 scripts before it):

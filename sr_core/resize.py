@@ -2,7 +2,7 @@
 
 The SR literature makes its low-resolution images with MATLAB's ``imresize(img, 1/s,
 'bicubic')`` and publishes numbers measured on them, so our LR images must come from
-the same operator or the numbers are not comparable (DESIGN.md contract 5):
+the same operator or the numbers are not comparable:
 
 - cubic convolution kernel with a = -0.5 (Keys);
 - when downscaling with antialiasing, the kernel is stretched by 1/scale (a low-pass

@@ -1,4 +1,4 @@
-"""The one inference path (DESIGN.md contract 4): ``Upscaler`` owns pad -> run -> clamp
+"""The one inference path: ``Upscaler`` owns pad -> run -> clamp
 -> crop, tiling with overlap, precision, grayscale, alpha and 16-bit.
 
 How a frame of any size is processed
