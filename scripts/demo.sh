@@ -19,8 +19,8 @@ rm -rf "$OUT/val"
 mkdir -p "$OUT/val"
 cp "$IMAGES/coffee.png" "$OUT/val/"
 
-step "1. Cut the training photographs into sub-image shards (resumable; works gs:// to gs:// too)"
-run sr prepare "$IMAGES" "$OUT/shards" --size 128 --step 64 --exclude coffee.png --quiet
+step "1. Cut the training photographs into sub-image shards (raw RGB: no decoding per crop; resumable; gs:// too)"
+run sr prepare "$IMAGES" "$OUT/shards" --size 128 --step 64 --format raw --exclude coffee.png --quiet
 
 step "2. Train the tiny x2 generator, PSNR stage (L1), validating on the held-out photograph"
 echo "(A few minutes of CPU: the validation PSNR rises, and is printed beside plain bicubic's"
