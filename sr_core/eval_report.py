@@ -124,13 +124,14 @@ def text_tables(report: Report) -> str:
 
 
 def problem_lines(report: Report) -> list[str]:
-    """One line per set or image that failed or was skipped."""
+    """One line per set or image that failed, was skipped or warned while decoding."""
     lines = [f"  FAILED set {visible(source)}: {visible(reason)}" for source, reason in report.set_errors]
     for result in report.sets:
         set_label = visible(result.image_set.name)
         lines += [f"  FAILED {set_label}/{visible(name)}: {visible(reason)}" for name, reason in result.all_failures]
         lines += [f"  skipped {set_label}/{visible(name)}: {visible(reason)}"
                   for name, reason in result.image_set.skipped]
+        lines += [f"  warning {set_label}/{visible(name)}: {visible(message)}" for name, message in result.warnings]
     return lines
 
 

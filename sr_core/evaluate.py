@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import posixpath
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -306,6 +307,8 @@ class SetResult:
     failures: list[tuple[str, str]] = field(default_factory=list)
     kept: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = field(default_factory=dict)
     """name -> (HR, outputs per method) for images kept in memory for the figures."""
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    """(name, message) of decoder warnings (a corrupt EXIF block...) on images still scored."""
 
     @property
     def all_failures(self) -> list[tuple[str, str]]:
@@ -379,7 +382,12 @@ def evaluate_set(image_set: ImageSet, methods: list[Method], scale: int, crop_bo
         outputs: dict[str, np.ndarray] = {}
         scores: dict[str, Score] = {}
         try:
-            hr, lr = read_pair(item, scale)
+            # Decoder warnings become a report line naming the image, not Python's two
+            # anonymous lines on stderr.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                hr, lr = read_pair(item, scale)
+            result.warnings.extend((item.name, " ".join(str(w.message).split())) for w in caught)
             for method in methods:
                 outputs[method.name] = _upscale(method, lr, hr)
                 scores[method.name] = score(outputs[method.name], hr, border, y_channel, lpips)
