@@ -212,6 +212,29 @@ def test_gcs_end_to_end_outputs_metrics_failures_summary_and_tensorboard(gcs_emu
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"done 0, skipped {len(good)} (output exists), failed 0" in out.out
+    assert json.loads(storage.read_bytes(f"{bucket}/out/_sr_batch/run2/summary.json"))["recovered"] == 0
+
+    # A run killed after writing its outputs but before recording their rows: the next
+    # run measures them from the outputs (no model) and records what run1 recorded.
+    fs.rm(f"{run[5:]}/metrics.parquet")
+    code = main(["batch", f"{bucket}/in", f"{bucket}/out", "--model", f"{bucket}/models/x2.safetensors",
+                 "--tile", str(TILE), "--max-pixels", str(MAX_PIXELS), "--run-id", "run3", "--exclude", "bad/*",
+                 "-q"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"done 0, skipped {len(good)} (output exists) ({len(good)} of them measured" in out.out
+    recovered = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{bucket}/out/_sr_batch/run3/metrics.parquet")))
+    summary3 = json.loads(storage.read_bytes(f"{bucket}/out/_sr_batch/run3/summary.json"))
+    assert (summary3["done"], summary3["recovered"], summary3["failed"]) == (0, len(good), 0)
+    assert recovered["recovered"].all() and not rows["recovered"].any()
+    recovered = recovered.set_index("input").loc[by_input.index]
+    for column in ("output", "in_width", "in_height", "channels", "bits", "out_width", "out_height", "in_bytes",
+                   "out_bytes", "reference", "reference_error"):
+        assert recovered[column].tolist() == by_input[column].tolist(), column
+    for column in ("lr_psnr", "lr_ssim"):
+        np.testing.assert_allclose(recovered[column], by_input[column], rtol=1e-12, err_msg=column)
+    for column in ("read_s", "decode_s", "model_s", "encode_s", "write_s", "metrics_s", "finished_at"):
+        assert recovered[column].isna().all(), column
 
 
 def test_sigkill_midway_then_rerun_finishes_only_what_is_missing(ray_address, model_file, tmp_path, capsys):
@@ -257,11 +280,19 @@ def test_sigkill_midway_then_rerun_finishes_only_what_is_missing(ray_address, mo
     code = main(["batch", str(src), str(dst), "--model", model_file, "--tile", "8", "--run-id", "rerun", "-q"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    rows = pd.read_parquet(dst / "_sr_batch" / "rerun" / "metrics.parquet")
+    table = pd.read_parquet(dst / "_sr_batch" / "rerun" / "metrics.parquet")
+    rows = table[~table["recovered"]]
     assert len(rows) == len(names) - len(done_before)
     assert not set(rows["output"]) & done_before
+    # The killed run's rows not checkpointed yet are measured by the rerun: one row per
+    # input over both runs' tables.
+    killed_table = dst / "_sr_batch" / "killed" / "metrics.parquet"
+    killed = pd.read_parquet(killed_table) if killed_table.exists() else table.iloc[:0]
+    assert set(table[table["recovered"]]["output"]) == done_before - set(killed["output"])
+    assert sorted(pd.concat([killed, table])["input"]) == sorted(str(src / rel) for rel in names)
     summary = json.loads((dst / "_sr_batch" / "rerun" / "summary.json").read_text())
     assert (summary["done"], summary["skipped"], summary["failed"]) == (len(rows), len(done_before), 0)
+    assert summary["recovered"] == len(table) - len(rows)
     up = Upscaler.from_file(model_file, tile=8)
     for rel, path in zip(names, outputs):
         np.testing.assert_array_equal(codecs.read_image(str(path)), up(codecs.read_image(str(src / rel))))
