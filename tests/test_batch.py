@@ -341,6 +341,19 @@ def test_reference_metrics_equal_sr_core_metrics_from_a_manifest(ray_address, mo
     assert summary["metrics"]["ref_psnr"]["count"] == 3
     assert summary["metrics"]["ref_psnr"]["mean"] == pytest.approx(rows["ref_psnr"].dropna().mean())
 
+    # The rows of a killed run (its table lost): measured again from the outputs, with
+    # the same reference metrics and reasons.
+    (out_dir / "_sr_batch" / "ref" / "metrics.parquet").unlink()
+    code = main(["batch", str(manifest), str(out_dir), "--model", model_file, "--reference", str(hr_dir),
+                 "--run-id", "ref2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    again = pd.read_parquet(out_dir / "_sr_batch" / "ref2" / "metrics.parquet").set_index("input").loc[rows.index]
+    assert again["recovered"].all()
+    for column in ("reference", "reference_error"):
+        assert again[column].tolist() == rows[column].tolist(), column
+    for column in ("ref_psnr", "ref_ssim", "ref_mse", "lr_psnr", "lr_ssim"):
+        np.testing.assert_allclose(again[column], rows[column], rtol=1e-12, err_msg=column)
+
 
 def test_what_cannot_run_exits_2_with_one_line_before_ray(tmp_path, capsys):
     (tmp_path / "in").mkdir()
