@@ -118,8 +118,10 @@ def _matches(rel: str, globs: tuple[str, ...]) -> bool:
 
 def list_work(input_url: str, output: str, suffix: str, extension: str, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = (), overwrite: bool = False, limit: int | None = None,
-              reference: str | None = None) -> Listing:
-    """Everything a run must do; ValueError / FileNotFoundError for an INPUT that cannot be read."""
+              reference: str | None = None, run_id: str = "") -> Listing:
+    """Everything a run must do; ValueError / FileNotFoundError for an INPUT that cannot be read.
+    ``run_id``'s own table (a reused --run-id) is about to be replaced, so its rows do
+    not count as recorded: the run records them again."""
     listing = Listing()
     if is_manifest(input_url):
         urls = read_manifest(input_url)
@@ -152,7 +154,7 @@ def list_work(input_url: str, output: str, suffix: str, extension: str, include:
         if out_fs.exists(out_path):
             listed_outputs = storage.list_files(output)
             done = {storage.get_fs(u)[1] for u in listed_outputs}
-            tables = [u for u in listed_outputs if _is_metrics_table(output, u)]
+            tables = [u for u in listed_outputs if _is_metrics_table(output, u, run_id)]
     # Which skipped images have a row already: one column of each earlier run's table.
     recorded = results.recorded_inputs(tables) if done else set()
     references = _reference_index(reference) if reference else {}
@@ -175,13 +177,14 @@ def list_work(input_url: str, output: str, suffix: str, extension: str, include:
     return listing
 
 
-def _is_metrics_table(output: str, url: str) -> bool:
-    """OUTPUT/_sr_batch/<run-id>/metrics.parquet."""
+def _is_metrics_table(output: str, url: str, except_run: str) -> bool:
+    """OUTPUT/_sr_batch/<run-id>/metrics.parquet of a run other than ``except_run``."""
     try:
         parts = storage.relative_key(output, url).split("/")
     except ValueError:
         return False
-    return len(parts) == 3 and parts[0] == results.RESULTS_FOLDER and parts[2] == "metrics.parquet"
+    return (len(parts) == 3 and parts[0] == results.RESULTS_FOLDER and parts[1] != except_run
+            and parts[2] == "metrics.parquet")
 
 
 def _reference_index(reference: str) -> dict[str, str]:

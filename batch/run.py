@@ -140,14 +140,14 @@ def _read_model(url: str) -> bytes:
         raise ValueError(f"{url}: cannot read the model file ({type(exc).__name__}: {exc})") from None
 
 
-def _plan(config: BatchConfig, extension: str) -> inputs.Listing:
+def _plan(config: BatchConfig, extension: str, run_id: str) -> inputs.Listing:
     out_fs, out_path = storage.get_fs(config.output)
     try:
         if out_fs.isfile(out_path):
             raise ValueError(f"{config.output} is a file; OUTPUT must be a folder or prefix")
         return inputs.list_work(config.input, config.output, config.suffix, extension, include=config.include,
                                 exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
-                                reference=config.reference)
+                                reference=config.reference, run_id=run_id)
     except (ValueError, FileNotFoundError):
         raise
     except OSError as exc:  # unreachable or refusing storage: the job cannot run
@@ -182,9 +182,9 @@ def run_batch(config: BatchConfig) -> dict:
                   "architecture": type(checked.model).__name__}
     del checked
 
-    listing = _plan(config, settings.encode.extension)
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     storage.safe_key(run_id)
+    listing = _plan(config, settings.encode.extension, run_id)
     results = RunResults(config.output, run_id)
     for url, reason in listing.failures:
         results.add_failure(url, "", "plan", reason)

@@ -353,6 +353,10 @@ def test_reference_metrics_equal_sr_core_metrics_from_a_manifest(ray_address, mo
         assert again[column].tolist() == rows[column].tolist(), column
     for column in ("ref_psnr", "ref_ssim", "ref_mse", "lr_psnr", "lr_ssim"):
         np.testing.assert_allclose(again[column], rows[column], rtol=1e-12, err_msg=column)
+    # A reused --run-id replaces its table, so that table's rows are made again in it.
+    code = main(["batch", str(manifest), str(out_dir), "--model", model_file, "--run-id", "ref2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(pd.read_parquet(out_dir / "_sr_batch" / "ref2" / "metrics.parquet")["input"]) == sorted(rows.index)
 
 
 def test_what_cannot_run_exits_2_with_one_line_before_ray(tmp_path, capsys):
