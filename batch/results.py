@@ -240,7 +240,8 @@ class RunResults:
 
 def recorded_inputs(tables: list[str]) -> set[str]:
     """The inputs that have a row in any of these metrics tables (earlier runs'): one
-    read of one column per table, so it stays cheap however many rows there are."""
+    read per table (through ``storage``, with its retries), decoding only the
+    ``input`` column."""
     import pyarrow.parquet as pq
 
     found: set[str] = set()
