@@ -26,7 +26,9 @@ exit codes:
 results: OUTPUT/_sr_batch/<run-id>/ holds metrics.parquet (one row per image),
 failures.parquet, summary.json (written last) and TensorBoard events
 (tensorboard --logdir OUTPUT/_sr_batch). Rerun the same command to finish what a
-killed or failed run left: outputs that exist are skipped.
+killed or failed run left: outputs that exist are skipped, and those a killed
+run wrote without recording their rows get them now (measured from the output, no
+model run; column `recovered`), so the runs' tables hold one row per input.
 """
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from sr_core import codecs, storage
 from sr_core.upscale_cli import assign_outputs
 
+from batch import results
+
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 
 
@@ -50,6 +52,10 @@ class Listing:
     """Images left for a later run by --limit."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     """(input, reason) of inputs refused before any work: unsafe or colliding names."""
+    orphans: list[Task] = field(default_factory=list)
+    """Skipped images (output exists) that have no row in any earlier run's metrics
+    table: a run killed between writing the output and checkpointing its row. This run
+    measures them from the output instead of upscaling them again."""
 
 
 def is_manifest(url: str) -> bool:
@@ -112,8 +118,10 @@ def _matches(rel: str, globs: tuple[str, ...]) -> bool:
 
 def list_work(input_url: str, output: str, suffix: str, extension: str, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = (), overwrite: bool = False, limit: int | None = None,
-              reference: str | None = None) -> Listing:
-    """Everything a run must do; ValueError / FileNotFoundError for an INPUT that cannot be read."""
+              reference: str | None = None, run_id: str = "") -> Listing:
+    """Everything a run must do; ValueError / FileNotFoundError for an INPUT that cannot be read.
+    ``run_id``'s own table (a reused --run-id) is about to be replaced, so its rows do
+    not count as recorded: the run records them again."""
     listing = Listing()
     if is_manifest(input_url):
         urls = read_manifest(input_url)
@@ -140,24 +148,43 @@ def list_work(input_url: str, output: str, suffix: str, extension: str, include:
 
     # One listing of OUTPUT instead of one existence check per image: on an object store
     # that is one request per 1,000 names instead of one per image.
-    done = set()
+    done, tables = set(), []
     if not overwrite:
         out_fs, out_path = storage.get_fs(output)
         if out_fs.exists(out_path):
-            done = {storage.get_fs(u)[1] for u in storage.list_files(output)}
+            listed_outputs = storage.list_files(output)
+            done = {storage.get_fs(u)[1] for u in listed_outputs}
+            tables = [u for u in listed_outputs if _is_metrics_table(output, u, run_id)]
+    # Which skipped images have a row already: one column of each earlier run's table.
+    recorded = results.recorded_inputs(tables) if done else set()
     references = _reference_index(reference) if reference else {}
+
+    def reference_of(job) -> str:
+        if not reference:
+            return ""
+        return references.get(posixpath.splitext(storage.relative_key(root, job.input))[0], "")
+
     for job in plan.jobs:
         if storage.get_fs(job.output)[1] in done:
             listing.num_skipped += 1
+            if job.input not in recorded:
+                listing.orphans.append(Task(job.input, job.output, reference_of(job)))
             continue
         if limit is not None and len(listing.todo) >= limit:
             listing.num_left += 1
             continue
-        ref = ""
-        if reference:
-            ref = references.get(posixpath.splitext(storage.relative_key(root, job.input))[0], "")
-        listing.todo.append(Task(job.input, job.output, ref))
+        listing.todo.append(Task(job.input, job.output, reference_of(job)))
     return listing
+
+
+def _is_metrics_table(output: str, url: str, except_run: str) -> bool:
+    """OUTPUT/_sr_batch/<run-id>/metrics.parquet of a run other than ``except_run``."""
+    try:
+        parts = storage.relative_key(output, url).split("/")
+    except ValueError:
+        return False
+    return (len(parts) == 3 and parts[0] == results.RESULTS_FOLDER and parts[1] != except_run
+            and parts[2] == "metrics.parquet")
 
 
 def _reference_index(reference: str) -> dict[str, str]:

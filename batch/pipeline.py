@@ -23,6 +23,7 @@ run without Ray.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -63,6 +64,7 @@ def _empty_row(task: dict) -> dict:
     for name in ("read_s", "decode_s", "model_s", "encode_s", "write_s", "metrics_s", "lr_psnr", "lr_ssim",
                  "ref_psnr", "ref_ssim", "ref_mse", "finished_at"):
         row[name] = float("nan")
+    row["recovered"] = False
     return row
 
 
@@ -197,6 +199,35 @@ def finish_image(row: dict, image: np.ndarray, result: np.ndarray, settings: Sta
         return _fail(row, "write", exc, row["output"])
     row.update(encode_s=write_start - encode_start, write_s=time.perf_counter() - write_start, out_bytes=len(data),
                finished_at=time.time())
+    return row
+
+
+def recover_row(task: dict, settings: StageSettings) -> dict:
+    """The result row of an output an earlier run wrote but never recorded (it was
+    killed first): the same measurements as ``finish_image``, of the input and the
+    output as written, without running the model. Timings, worker and finished_at stay
+    empty (NaN, ''): nothing was timed. A lossless output (PNG) decodes to exactly the
+    array the earlier run measured, so the metrics are the ones it would have recorded;
+    a JPEG or WebP output is measured as written, within its compression error of them.
+    Failures become rows with status 'failed' and stage 'recover'."""
+    row = _empty_row(task)
+    row["recovered"] = True
+    try:
+        data = storage.read_bytes(task["input"])
+        image = codecs.decode_image(data, name=task["input"], max_pixels=settings.max_pixels)
+        out_data = storage.read_bytes(task["output"])
+        # The output of an image within max_pixels has up to outscale^2 times as many.
+        factor = math.ceil(settings.outscale or settings.scale) ** 2
+        result = codecs.decode_image(out_data, name=task["output"], max_pixels=settings.max_pixels * factor)
+    except Exception as exc:
+        return _fail(row, "recover", exc, task["input"])
+    row.update(in_height=image.shape[0], in_width=image.shape[1], channels=1 if image.ndim == 2 else image.shape[2],
+               bits=8 * image.dtype.itemsize, in_bytes=len(data), out_bytes=len(out_data),
+               out_height=result.shape[0], out_width=result.shape[1])
+    try:
+        _quality(image, result, row["reference"], settings, row)
+    except Exception as exc:  # as in finish_image: the row is kept, saying why a score is missing
+        row["reference_error"] = f"metrics failed: {type(exc).__name__}: {exc}"
     return row
 
 

@@ -9,13 +9,16 @@
 
 Every file is written whole (``storage.write_bytes``: never a partial object), and
 the tables are rewritten every ``checkpoint_seconds`` while the run goes on, so a
-killed run leaves the rows of what it finished. TensorBoard's writer appends to its
+killed run leaves the rows of what it had finished at its last checkpoint. The rows
+of outputs it wrote after that are made by the next run (``recorded_inputs`` finds
+them missing; their rows say ``recovered``). TensorBoard's writer appends to its
 file, which object stores cannot do (a writer pointed at gs:// loses data): it writes
 to a local folder whose files are uploaded whole with each checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -57,6 +60,8 @@ METRIC_COLUMNS = [
     ("reference_error", "string", "why the reference metrics are missing, or ''"),
     ("worker", "string", "host:pid of the actor that upscaled the image"),
     ("finished_at", "float64", "UNIX time the output was written"),
+    ("recovered", "bool", "measured by a later run from the written output (its run was killed before "
+                          "recording the row): timings, worker and finished_at are empty"),
 ]
 FAILURE_COLUMNS = [
     ("input", "string", "input URL"),
@@ -73,7 +78,7 @@ PERCENTILES = (50, 90, 99)
 def _schema(columns):
     import pyarrow as pa
 
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind, _ in columns])
+    return pa.schema([(name, pa.bool_() if kind == "bool" else getattr(pa, kind)()) for name, kind, _ in columns])
 
 
 def _table_bytes(rows: dict[str, list], columns) -> bytes:
@@ -102,7 +107,7 @@ def describe(values) -> dict:
 class RunResults:
     """Collects result rows on the driver and writes the run directory."""
 
-    def __init__(self, output: str, run_id: str, checkpoint_seconds: float = 60.0):
+    def __init__(self, output: str, run_id: str, checkpoint_seconds: float = 15.0):
         self.url = storage.join(output, RESULTS_FOLDER, run_id)
         self.rows: dict[str, list] = {name: [] for name, _, _ in METRIC_COLUMNS}
         self.failures: dict[str, list] = {name: [] for name, _, _ in FAILURE_COLUMNS}
@@ -112,6 +117,8 @@ class RunResults:
         self.first_result_seconds: float | None = None
         """Seconds from the start to the first result: actor start-up (model load) + one batch."""
         self.first_result_rows = 0
+        self.num_recovered = 0
+        """Rows of outputs an earlier, killed run wrote (measured, not upscaled, here)."""
         self._last_checkpoint = time.perf_counter()
         self._last_scalars = 0.0
         self._tb_dir = tempfile.mkdtemp(prefix="sr-batch-tb-")
@@ -121,7 +128,8 @@ class RunResults:
 
     @property
     def num_done(self) -> int:
-        return len(self.rows["input"])
+        """Images upscaled in this run (recovered rows are not)."""
+        return len(self.rows["input"]) - self.num_recovered
 
     @property
     def num_failed(self) -> int:
@@ -134,6 +142,19 @@ class RunResults:
         for name, value in (("input", input_url), ("output", output), ("stage", stage), ("error", error)):
             self.failures[name].append(value)
 
+    def _add_row(self, row: dict) -> None:
+        for name, kind, _ in METRIC_COLUMNS:
+            value = row[name]
+            self.rows[name].append(str(value) if kind == "string" else int(value) if kind == "int64" else
+                                   bool(value) if kind == "bool" else float(value))
+
+    def add_recovered(self, row: dict) -> None:
+        """The row of an output an earlier run wrote but did not record (``recovered``
+        True); it counts in the table and the metrics, not in this run's throughput."""
+        assert row["recovered"]
+        self._add_row(row)
+        self.num_recovered += 1
+
     def add_batch(self, batch: dict) -> None:
         """One batch of result rows from the pipeline (``status`` 'ok' or a failure)."""
         if self.first_result_seconds is None:
@@ -144,10 +165,7 @@ class RunResults:
                 self.add_failure(str(batch["input"][i]), str(batch["output"][i]), str(batch["stage"][i]),
                                  str(batch["error"][i]))
                 continue
-            for name, kind, _ in METRIC_COLUMNS:
-                value = batch[name][i]
-                self.rows[name].append(str(value) if kind == "string" else
-                                       int(value) if kind == "int64" else float(value))
+            self._add_row({name: batch[name][i] for name, _, _ in METRIC_COLUMNS})
             self.out_pixels += int(batch["out_width"][i]) * int(batch["out_height"][i])
         now = time.perf_counter()
         if now - self._last_scalars >= 5.0:
@@ -188,6 +206,7 @@ class RunResults:
         images_per_s, mpx_per_s = self.rates()
         summary.update({
             "done": self.num_done,
+            "recovered": self.num_recovered,
             "failed": self.num_failed,
             "wall_seconds": self.elapsed(),
             "images_per_second": images_per_s,
@@ -197,7 +216,7 @@ class RunResults:
             "first_result_images": self.first_result_rows,
             # The rate once the actors are up (start-up excluded), from when the outputs
             # were written: what a long run approaches.
-            "steady_images_per_second": _steady_rate(self.rows["finished_at"]),
+            "steady_images_per_second": _steady_rate([t for t in self.rows["finished_at"] if math.isfinite(t)]),
             "failures_by_stage": _count(self.failures["stage"]),
             "metrics": {name: describe(self.rows[name]) for name in SUMMARY_COLUMNS},
             "files": {"metrics": storage.join(self.url, "metrics.parquet"),
@@ -217,6 +236,25 @@ class RunResults:
         storage.write_bytes(summary["files"]["summary"], (json.dumps(_finite(summary), indent=2) + "\n").encode())
         shutil.rmtree(self._tb_dir, ignore_errors=True)
         return summary
+
+
+def recorded_inputs(tables: list[str]) -> set[str]:
+    """The inputs that have a row in any of these metrics tables (earlier runs'): one
+    read per table (through ``storage``, with its retries), decoding only the
+    ``input`` column."""
+    import pyarrow.parquet as pq
+
+    found: set[str] = set()
+    for url in tables:
+        try:
+            column = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["input"]).column("input")
+        except FileNotFoundError:
+            continue  # a run directory removed while we listed
+        except Exception as exc:  # an unreadable table would make its images' rows again
+            raise ValueError(f"{url}: cannot read this earlier run's metrics table ({type(exc).__name__}: "
+                             f"{exc}); move its run folder out of {RESULTS_FOLDER}/ and run again") from None
+        found.update(column.to_pylist())
+    return found
 
 
 def _steady_rate(finished_at: list[float]) -> float | None:

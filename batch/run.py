@@ -140,14 +140,14 @@ def _read_model(url: str) -> bytes:
         raise ValueError(f"{url}: cannot read the model file ({type(exc).__name__}: {exc})") from None
 
 
-def _plan(config: BatchConfig, extension: str) -> inputs.Listing:
+def _plan(config: BatchConfig, extension: str, run_id: str) -> inputs.Listing:
     out_fs, out_path = storage.get_fs(config.output)
     try:
         if out_fs.isfile(out_path):
             raise ValueError(f"{config.output} is a file; OUTPUT must be a folder or prefix")
         return inputs.list_work(config.input, config.output, config.suffix, extension, include=config.include,
                                 exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
-                                reference=config.reference)
+                                reference=config.reference, run_id=run_id)
     except (ValueError, FileNotFoundError):
         raise
     except OSError as exc:  # unreachable or refusing storage: the job cannot run
@@ -182,12 +182,15 @@ def run_batch(config: BatchConfig) -> dict:
                   "architecture": type(checked.model).__name__}
     del checked
 
-    listing = _plan(config, settings.encode.extension)
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     storage.safe_key(run_id)
+    listing = _plan(config, settings.encode.extension, run_id)
     results = RunResults(config.output, run_id)
     for url, reason in listing.failures:
         results.add_failure(url, "", "plan", reason)
+    planned_failures = len(listing.failures)
+    if listing.orphans:
+        planned_failures += _recover(listing.orphans, stage_settings, results, config.progress)
 
     ray_info: dict = {"started_here": False, "startup_seconds": 0.0}
     interrupted, pipeline_error = False, ""
@@ -231,7 +234,7 @@ def run_batch(config: BatchConfig) -> dict:
         "found": listing.num_found,
         "skipped": listing.num_skipped,
         "left_for_later": listing.num_left + len(listing.todo) - results.num_done
-                          - (results.num_failed - len(listing.failures)),
+                          - (results.num_failed - planned_failures),
         "interrupted": interrupted,
         "pipeline_error": pipeline_error,
         "total_seconds": time.perf_counter() - wall_start,
@@ -248,8 +251,32 @@ def run_batch(config: BatchConfig) -> dict:
     return summary
 
 
+def _recover(orphans: list[inputs.Task], settings: pipeline.StageSettings, results: RunResults,
+             progress: bool) -> int:
+    """Rows for outputs that an earlier, killed run wrote after its last checkpoint:
+    measured here on the driver (no model), then checkpointed at once, so a kill of this
+    run does not lose them again. They are the few images of a checkpoint interval per
+    kill, so they need no cluster. Returns how many could not be measured."""
+    from tqdm import tqdm
+
+    failed = 0
+    for task in tqdm(orphans, unit="img", desc="sr batch: rows of a killed run", file=sys.stderr,
+                     dynamic_ncols=True, disable=not progress):
+        row = pipeline.recover_row({"input": task.input, "output": task.output, "reference": task.reference},
+                                   settings)
+        if row["status"] == "ok":
+            results.add_recovered(row)
+        else:
+            results.add_failure(row["input"], row["output"], row["stage"], row["error"])
+            failed += 1
+    results.checkpoint()
+    return failed
+
+
 def _report(summary: dict, results: RunResults) -> None:
-    print(f"sr batch: done {summary['done']}, skipped {summary['skipped']} (output exists), "
+    recovered = f" ({summary['recovered']} of them measured for a killed run's missing rows)" \
+        if summary["recovered"] else ""
+    print(f"sr batch: done {summary['done']}, skipped {summary['skipped']} (output exists){recovered}, "
           f"failed {summary['failed']} in {summary['wall_seconds']:.1f} s "
           f"({summary['images_per_second']:.3g} img/s, {summary['output_mpx_per_second']:.3g} Mpx/s out"
           f"; Ray start {summary['ray']['startup_seconds']:.1f} s)")

@@ -212,6 +212,29 @@ def test_gcs_end_to_end_outputs_metrics_failures_summary_and_tensorboard(gcs_emu
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"done 0, skipped {len(good)} (output exists), failed 0" in out.out
+    assert json.loads(storage.read_bytes(f"{bucket}/out/_sr_batch/run2/summary.json"))["recovered"] == 0
+
+    # A run killed after writing its outputs but before recording their rows: the next
+    # run measures them from the outputs (no model) and records what run1 recorded.
+    fs.rm(f"{run[5:]}/metrics.parquet")
+    code = main(["batch", f"{bucket}/in", f"{bucket}/out", "--model", f"{bucket}/models/x2.safetensors",
+                 "--tile", str(TILE), "--max-pixels", str(MAX_PIXELS), "--run-id", "run3", "--exclude", "bad/*",
+                 "-q"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert f"done 0, skipped {len(good)} (output exists) ({len(good)} of them measured" in out.out
+    recovered = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{bucket}/out/_sr_batch/run3/metrics.parquet")))
+    summary3 = json.loads(storage.read_bytes(f"{bucket}/out/_sr_batch/run3/summary.json"))
+    assert (summary3["done"], summary3["recovered"], summary3["failed"]) == (0, len(good), 0)
+    assert recovered["recovered"].all() and not rows["recovered"].any()
+    recovered = recovered.set_index("input").loc[by_input.index]
+    for column in ("output", "in_width", "in_height", "channels", "bits", "out_width", "out_height", "in_bytes",
+                   "out_bytes", "reference", "reference_error"):
+        assert recovered[column].tolist() == by_input[column].tolist(), column
+    for column in ("lr_psnr", "lr_ssim"):
+        np.testing.assert_allclose(recovered[column], by_input[column], rtol=1e-12, err_msg=column)
+    for column in ("read_s", "decode_s", "model_s", "encode_s", "write_s", "metrics_s", "finished_at"):
+        assert recovered[column].isna().all(), column
 
 
 def test_sigkill_midway_then_rerun_finishes_only_what_is_missing(ray_address, model_file, tmp_path, capsys):
@@ -257,11 +280,19 @@ def test_sigkill_midway_then_rerun_finishes_only_what_is_missing(ray_address, mo
     code = main(["batch", str(src), str(dst), "--model", model_file, "--tile", "8", "--run-id", "rerun", "-q"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    rows = pd.read_parquet(dst / "_sr_batch" / "rerun" / "metrics.parquet")
+    table = pd.read_parquet(dst / "_sr_batch" / "rerun" / "metrics.parquet")
+    rows = table[~table["recovered"]]
     assert len(rows) == len(names) - len(done_before)
     assert not set(rows["output"]) & done_before
+    # The killed run's rows not checkpointed yet are measured by the rerun: one row per
+    # input over both runs' tables.
+    killed_table = dst / "_sr_batch" / "killed" / "metrics.parquet"
+    killed = pd.read_parquet(killed_table) if killed_table.exists() else table.iloc[:0]
+    assert set(table[table["recovered"]]["output"]) == done_before - set(killed["output"])
+    assert sorted(pd.concat([killed, table])["input"]) == sorted(str(src / rel) for rel in names)
     summary = json.loads((dst / "_sr_batch" / "rerun" / "summary.json").read_text())
     assert (summary["done"], summary["skipped"], summary["failed"]) == (len(rows), len(done_before), 0)
+    assert summary["recovered"] == len(table) - len(rows)
     up = Upscaler.from_file(model_file, tile=8)
     for rel, path in zip(names, outputs):
         np.testing.assert_array_equal(codecs.read_image(str(path)), up(codecs.read_image(str(src / rel))))
@@ -309,6 +340,23 @@ def test_reference_metrics_equal_sr_core_metrics_from_a_manifest(ray_address, mo
     summary = json.loads((out_dir / "_sr_batch" / "ref" / "summary.json").read_text())
     assert summary["metrics"]["ref_psnr"]["count"] == 3
     assert summary["metrics"]["ref_psnr"]["mean"] == pytest.approx(rows["ref_psnr"].dropna().mean())
+
+    # The rows of a killed run (its table lost): measured again from the outputs, with
+    # the same reference metrics and reasons.
+    (out_dir / "_sr_batch" / "ref" / "metrics.parquet").unlink()
+    code = main(["batch", str(manifest), str(out_dir), "--model", model_file, "--reference", str(hr_dir),
+                 "--run-id", "ref2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    again = pd.read_parquet(out_dir / "_sr_batch" / "ref2" / "metrics.parquet").set_index("input").loc[rows.index]
+    assert again["recovered"].all()
+    for column in ("reference", "reference_error"):
+        assert again[column].tolist() == rows[column].tolist(), column
+    for column in ("ref_psnr", "ref_ssim", "ref_mse", "lr_psnr", "lr_ssim"):
+        np.testing.assert_allclose(again[column], rows[column], rtol=1e-12, err_msg=column)
+    # A reused --run-id replaces its table, so that table's rows are made again in it.
+    code = main(["batch", str(manifest), str(out_dir), "--model", model_file, "--run-id", "ref2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(pd.read_parquet(out_dir / "_sr_batch" / "ref2" / "metrics.parquet")["input"]) == sorted(rows.index)
 
 
 def test_what_cannot_run_exits_2_with_one_line_before_ray(tmp_path, capsys):
