@@ -56,6 +56,11 @@ lines = [
 if provenance:
     lines += ["", "Its provenance, from the file's own metadata: "
               + "; ".join(f"{k}: {v}" for k, v in sorted(provenance.items())) + "."]
+if model == "demo-out/train/model_ema.safetensors":
+    lines += ["", "This is the README demo's model: the `tiny` x2 preset (8 features, 1 block) trained "
+              "for a few minutes on a CPU on three of these four photographs (`coffee.png` is held out "
+              "for validation). It shows the pipeline end to end, not what the recipe reaches: such a "
+              "model does not beat bicubic. A longer run is in PERFORMANCE.md (learning curve)."]
 lines += ["", "Test photographs: the four in `assets/images` (see its SOURCES.md). The tables below are "
           "`sr eval`'s own `results.md`; all its outputs (CSV, JSON, every figure) are in "
           f"`{out}/` after a run.", ""]
