@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from sr_core import build_generator, codecs, metrics, save_generator, storage
+from sr_core import codecs, metrics, storage
 from sr_core.main import main
 from sr_core.resize import imresize
 from sr_core.upscaler import Upscaler
@@ -46,14 +45,6 @@ def ray_address(gcs_emulator):
                        log_to_driver=False)
     yield context.address_info["address"]
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
-    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
-    return path
 
 
 def photo(name: str, size: tuple[int, int], mode: str = "RGB") -> Image.Image:

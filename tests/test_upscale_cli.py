@@ -26,14 +26,6 @@ def small_photo(name: str, size: tuple[int, int], mode: str = "RGB") -> Image.Im
     return Image.open(IMAGES / name).convert("RGB").resize(size, Image.Resampling.BICUBIC).convert(mode)
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("model") / "tiny_x2.safetensors")
-    save_generator(build_generator("rrdbnet", "tiny", scale=2), path)
-    return path
-
-
 @pytest.fixture()
 def photo_folder(tmp_path) -> Path:
     """in/ with photographs of several kinds in a subfolder, plus three bad files."""
