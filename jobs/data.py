@@ -132,7 +132,7 @@ class ShardCache:
                 out = open(tmp, "wb")
             except OSError as exc:
                 raise self._unusable(exc, url) from None
-            with fs.open(remote, "rb", block_size=8 * 1024 * 1024, cache_type=storage.READ_CACHE_TYPE) as src, out:
+            with fs.open(remote, "rb", block_size=8 * 1024 * 1024) as src, out:
                 try:
                     while chunk := src.read(8 * 1024 * 1024):
                         digest.update(chunk)

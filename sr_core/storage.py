@@ -252,16 +252,10 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-# Whole-object reads need no read cache. gcsfs 2026.10 defaults to fsspec's "adaptive"
-# cache, whose background prefetcher was seen to leave a read waiting forever in a long
-# test session; "none" fetches exactly the ranges asked for, on the caller's request.
-READ_CACHE_TYPE = "none"
-
-
 def read_bytes(url: str) -> bytes:
     fs, path = get_fs(url)
     try:
-        with fs.open(path, "rb", cache_type=READ_CACHE_TYPE) as f:
+        with fs.open(path, "rb") as f:
             return f.read()
     except StorageError as exc:
         raise StorageError(f"reading {url}: {exc}") from None

@@ -55,17 +55,23 @@ class GcsEmulator:
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator():
+def gcs_emulator(tmp_path_factory):
     port = _free_port()
+    # Its log goes to a file, never a pipe: the emulator serves one request at a time and
+    # prints a traceback for every connection a fault or kill test cuts, so an unread
+    # pipe fills up over a session and the server stops, waiting to write to it.
+    log_path = tmp_path_factory.mktemp("gcs-emulator") / "emulator.log"
+    log = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
          f"--port={port}", "--in-memory", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=log,
     )
+    log.close()  # the child has its own copy
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"gcp-storage-emulator exited: {process.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"gcp-storage-emulator exited: {log_path.read_text(errors='replace')[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 break
