@@ -347,15 +347,19 @@ def _encode_png_16_bit_colour(image: np.ndarray, compress_level: int) -> bytes:
     return encoded.tobytes()
 
 
-def read_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode an image from any fsspec URL; errors name the URL."""
+def read_image_bytes(url: str) -> bytes:
+    """The bytes of an image file at any fsspec URL; errors name the URL."""
     try:
-        data = storage.read_bytes(url)
+        return storage.read_bytes(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no such image file") from None
     except IsADirectoryError:
         raise ImageDecodeError(f"{url}: is a folder, not an image") from None
-    return decode_image(data, name=url, max_pixels=max_pixels)
+
+
+def read_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image from any fsspec URL; errors name the URL."""
+    return decode_image(read_image_bytes(url), name=url, max_pixels=max_pixels)
 
 
 @dataclass(frozen=True)

@@ -396,14 +396,9 @@ def _read_within_memory(url: str, max_pixels: int | None, limit: int | None, sca
 
     from PIL import Image
 
-    from sr_core import codecs, storage
+    from sr_core import codecs
 
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: no such image file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{url}: is a folder, not an image") from None
+    data = codecs.read_image_bytes(url)
     if limit is not None:
         try:
             header = Image.open(io.BytesIO(data), formats=codecs.DECODE_FORMATS)
