@@ -111,7 +111,7 @@ def main() -> None:
     validation_folder(val)
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "jobs.train", "--preset", "tiny", f"data.train_shards={shards}",
-               f"data.val_folder={val}", f"train.run_dir={run_dir}", "model.preset=small", "data.scale=2",
+               f"data.val_folder={val}", f"train.run_dir={run_dir}", "model.generator_variant=small", "data.scale=2",
                "data.gt_size=64", f"data.batch_size={args.batch}", "data.num_workers=2", f"optim.lr_g={args.lr}",
                "train.max_steps=100000000", f"train.val_every={args.val_every}", "train.checkpoint_every=5000",
                "train.log_every=50", "train.ema_decay=0.999", "train.progress=false",

@@ -58,7 +58,7 @@ def bare_step_times(config, window: int) -> list[float]:
     """The same work written plainly: forward, L1, backward, Adam, EMA."""
     d, o = config.data, config.optim
     torch.manual_seed(config.train.seed)
-    model = build_generator(config.model.generator, config.model.preset, scale=d.scale)
+    model = build_generator(config.model.generator, config.model.generator_variant, scale=d.scale)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=o.lr_g, betas=o.betas_g)
     decay = config.train.ema_decay

@@ -102,21 +102,22 @@ class ModelConfig:
     """Generator registry name (``sr_core.archs.GENERATORS``): ``rrdbnet``,
     ``multihead_rrdbnet`` or ``srresnet``. Its scale is ``data.scale``."""
 
-    preset: str = "esrgan"
-    """Hyperparameter preset of the generator (``esrgan``, ``small``, ``tiny``, ``srgan``...)."""
+    generator_variant: str = "esrgan"
+    """Named hyperparameter set of the generator (``sr_core.archs.VARIANTS``: ``esrgan``,
+    ``small``, ``tiny``, ``srgan``...; not to be confused with ``sr train --preset``)."""
 
     generator_options: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
-    """Generator hyperparameters that override the preset (e.g. ``{num_block: 4}``)."""
+    """Generator hyperparameters that override the variant (e.g. ``{num_block: 4}``)."""
 
     discriminator: str = "vgg_style"
     """Discriminator registry name (``sr_core.archs.DISCRIMINATORS``), used by the GAN
     stage: ``vgg_style`` (128 px crops, ESRGAN's), ``vgg_style_any``, ``srgan``, ``unet_sn``."""
 
-    discriminator_preset: str = "esrgan"
-    """Hyperparameter preset of the discriminator."""
+    discriminator_variant: str = "esrgan"
+    """Named hyperparameter set of the discriminator (``sr_core.archs.VARIANTS``)."""
 
     discriminator_options: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
-    """Discriminator hyperparameters that override its preset."""
+    """Discriminator hyperparameters that override its variant."""
 
 
 @dataclass
@@ -300,10 +301,10 @@ _ESRGAN_GAN = {
     "data.gt_size": 128,
     "data.batch_size": 16,
     "model.generator": "rrdbnet",
-    "model.preset": "esrgan",
+    "model.generator_variant": "esrgan",
     # VGG-style discriminator on 128 px crops (BasicSR VGGStyleDiscriminator, num_feat 64).
     "model.discriminator": "vgg_style",
-    "model.discriminator_preset": "esrgan",
+    "model.discriminator_variant": "esrgan",
     "optim.lr_g": 1e-4,
     "optim.lr_d": 1e-4,
     "optim.betas_g": [0.9, 0.99],
@@ -334,9 +335,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.batch_size": 4,
         "data.num_workers": 2,
         "data.cache_max_gb": 1.0,
-        "model.preset": "tiny",
+        "model.generator_variant": "tiny",
         "model.discriminator": "vgg_style_any",
-        "model.discriminator_preset": "tiny",
+        "model.discriminator_variant": "tiny",
         "optim.lr_g": 1e-3,
         "optim.lr_d": 1e-3,
         "loss.random_vgg": True,
@@ -360,7 +361,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.scale": 4,
         "data.batch_size": 16,
         "model.generator": "rrdbnet",
-        "model.preset": "esrgan",
+        "model.generator_variant": "esrgan",
         "optim.lr_g": 2e-4,
         "optim.betas_g": [0.9, 0.99],
         "optim.schedule": "multistep",
@@ -385,7 +386,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.scale": 4,
         "data.batch_size": 16,
         "model.generator": "srresnet",
-        "model.preset": "srgan",
+        "model.generator_variant": "srgan",
         "optim.lr_g": 1e-4,
         "optim.betas_g": [0.9, 0.999],
         "optim.schedule": "constant",
@@ -403,9 +404,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.scale": 4,
         "data.batch_size": 16,
         "model.generator": "srresnet",
-        "model.preset": "srgan",
+        "model.generator_variant": "srgan",
         "model.discriminator": "srgan",
-        "model.discriminator_preset": "srgan",
+        "model.discriminator_variant": "srgan",
         "optim.lr_g": 1e-4,
         "optim.lr_d": 1e-4,
         "optim.betas_g": [0.9, 0.999],
@@ -431,7 +432,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.scale": 4,
         "data.batch_size": 16,
         "model.generator": "multihead_rrdbnet",
-        "model.preset": "esrgan",
+        "model.generator_variant": "esrgan",
         "optim.lr_g": 2e-4,
         "optim.betas_g": [0.9, 0.99],
         "optim.schedule": "multistep",
@@ -678,11 +679,11 @@ def validate_data(config) -> None:
 
 
 def validate_model(config) -> None:
-    from sr_core.archs import DISCRIMINATORS, GENERATORS, PRESETS as ARCH_PRESETS
+    from sr_core.archs import DISCRIMINATORS, GENERATORS, VARIANTS
 
     m = config.model
-    for kind, name, preset, registry in (("generator", m.generator, m.preset, GENERATORS),
-                                         ("discriminator", m.discriminator, m.discriminator_preset, DISCRIMINATORS)):
+    for kind, name, variant, registry in (("generator", m.generator, m.generator_variant, GENERATORS),
+                                          ("discriminator", m.discriminator, m.discriminator_variant, DISCRIMINATORS)):
         if kind == "discriminator" and config.train.stage != "gan":
             continue
         if not name:
@@ -690,17 +691,16 @@ def validate_model(config) -> None:
             raise ValueError(f"model.{kind} is empty; {who} {kind}: one of {', '.join(sorted(registry))}")
         if name not in registry:
             raise ValueError(f"model.{kind}: unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
-        field_name = "preset" if kind == "generator" else "discriminator_preset"
-        if preset and preset not in ARCH_PRESETS.get(name, {}):
-            raise ValueError(f"model.{field_name}: {name} has no preset {preset!r}; known: "
-                             f"{', '.join(sorted(ARCH_PRESETS.get(name, {})))}")
+        if variant and variant not in VARIANTS.get(name, {}):
+            raise ValueError(f"model.{kind}_variant: {name} has no variant {variant!r}; known: "
+                             f"{', '.join(sorted(VARIANTS.get(name, {})))}")
     if "scale" in m.generator_options:
         raise ValueError("model.generator_options.scale: the scale is data.scale")
     if config.train.stage == "gan":
-        d_hparams = {**ARCH_PRESETS.get(m.discriminator, {}).get(m.discriminator_preset, {}), **m.discriminator_options}
+        d_hparams = {**VARIANTS.get(m.discriminator, {}).get(m.discriminator_variant, {}), **m.discriminator_options}
         input_size = d_hparams.get("input_size")
         if input_size is not None and input_size != config.data.gt_size:
-            raise ValueError(f"model.discriminator {m.discriminator!r} ({m.discriminator_preset}) takes "
+            raise ValueError(f"model.discriminator {m.discriminator!r} ({m.discriminator_variant}) takes "
                              f"{input_size} px crops but data.gt_size is {config.data.gt_size}; use vgg_style_any "
                              "or a matching gt_size")
 

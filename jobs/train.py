@@ -224,15 +224,15 @@ def build_job(config: Config, resume: str) -> Job:
     # The networks (and a random VGG, when configured) are made from one seed in a fixed
     # order, so every rank and every resumed run builds the same ones.
     torch.manual_seed(t.seed)
-    generator = build_generator(m.generator, m.preset or None, scale=config.data.scale, **m.generator_options)
+    generator = build_generator(m.generator, m.generator_variant or None, scale=config.data.scale, **m.generator_options)
     if t.pretrained:
         try:
             start = load_generator(t.pretrained)
             generator.load_state_dict(start.state_dict())
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"train.pretrained: {t.pretrained} does not fit model.generator "
-                             f"{m.generator} ({m.preset}): {str(exc).splitlines()[0]}") from None
-    discriminator = build_discriminator(m.discriminator, m.discriminator_preset or None,
+                             f"{m.generator} ({m.generator_variant}): {str(exc).splitlines()[0]}") from None
+    discriminator = build_discriminator(m.discriminator, m.discriminator_variant or None,
                                         **m.discriminator_options) if gan else None
     perceptual = None
     if gan and lo.perceptual_weight > 0:
@@ -308,8 +308,8 @@ def log_header(job: Job, resumed_from: str | None) -> None:
     log(job, f"effective batch {effective} = {c.data.batch_size} per rank x {job.world_size} ranks x "
              f"{c.train.grad_accum_steps} accumulated; GT {c.data.gt_size} px, x{c.data.scale}")
     log(job, f"data: {data} ({len(ds)} samples), validation: {c.data.val_folder or 'none'}")
-    log(job, f"stage {c.train.stage}: {c.model.generator} ({c.model.preset})"
-             + (f" vs {c.model.discriminator} ({c.model.discriminator_preset})" if job.d else "")
+    log(job, f"stage {c.train.stage}: {c.model.generator} ({c.model.generator_variant})"
+             + (f" vs {c.model.discriminator} ({c.model.discriminator_variant})" if job.d else "")
              + f"; run {c.train.run_dir}; "
              + (f"resumed from {resumed_from} at step {job.step}" if resumed_from else "fresh start"))
 
@@ -447,7 +447,7 @@ def export_models(run_dir: str, g_state: dict, ema_state: dict | None, config: C
     for name, state in (("model.safetensors", g_state), ("model_ema.safetensors", ema_state)):
         if state is None:
             continue
-        model = build_generator(m.generator, m.preset or None, scale=config.data.scale, **m.generator_options)
+        model = build_generator(m.generator, m.generator_variant or None, scale=config.data.scale, **m.generator_options)
         model.load_state_dict(state)
         url = storage.join(run_dir, name)
         save_generator(model, url, run=run_dir, step=step, stage=config.train.stage,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sr_core.archs import DISCRIMINATORS, GENERATORS, PRESETS, build_discriminator, build_generator
+from sr_core.archs import DISCRIMINATORS, GENERATORS, VARIANTS, build_discriminator, build_generator
 from sr_core.modelfile import load_generator, save_generator
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "keys_shapes.json").read_text())
@@ -78,13 +78,13 @@ def settle_batchnorm(model: nn.Module, channels: int, size: int) -> None:
 # ---- registry --------------------------------------------------------------------
 
 
-def test_every_registry_entry_is_covered_and_has_a_tiny_preset():
+def test_every_registry_entry_is_covered_and_has_a_tiny_variant():
     assert set(GENERATOR_SCALES) == set(GENERATORS)
     assert set(GENERATOR_VARIANTS) == set(GENERATORS)
     assert set(DISCRIMINATOR_OUTPUT) == set(DISCRIMINATORS)
-    assert not set(GENERATORS) & set(DISCRIMINATORS), "presets share one namespace"
+    assert not set(GENERATORS) & set(DISCRIMINATORS), "variants share one namespace"
     for name in [*GENERATORS, *DISCRIMINATORS]:
-        assert "tiny" in PRESETS[name], name
+        assert "tiny" in VARIANTS[name], name
         model = build_generator(name, "tiny") if name in GENERATORS else build_discriminator(name, "tiny")
         assert model.arch_name == name
         # hparams must rebuild the same architecture (model files rely on it).
@@ -103,7 +103,7 @@ def test_every_registry_entry_is_covered_and_has_a_tiny_preset():
         (build_discriminator, ("unet_sn", "tiniest"), "tiniest"),
     ],
 )
-def test_unknown_name_or_preset_is_a_value_error_naming_it(build, args, named):
+def test_unknown_name_or_variant_is_a_value_error_naming_it(build, args, named):
     with pytest.raises(ValueError, match=named):
         build(*args)
 

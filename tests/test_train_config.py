@@ -32,7 +32,7 @@ def test_sections_tuples_lists_and_json(tmp_path):
     }))
     cfg = load_config(str(tmp_path / "c.json"), ["optim.lr_g=1e-3", "train.stage=psnr"], preset="tiny")
     assert cfg.optim.betas_g == (0.5, 0.9) and cfg.optim.milestones == [10, 20] and cfg.optim.lr_g == 1e-3
-    assert cfg.model.preset == "tiny" and cfg.data.scale == 2  # from the preset
+    assert cfg.model.generator_variant == "tiny" and cfg.data.scale == 2  # from the preset
     # Round trip through plain data (what RUN/config.yaml and checkpoints hold).
     assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
     for cls in (ModelConfig, LossConfig, OptimConfig, TrainConfig, Config):
@@ -77,7 +77,7 @@ def test_published_values():
     (["train.backend=horovod"], "train.backend"),
     (["train.zero_stage=3"], "train.zero_stage"),
     (["model.generator=rrdb"], "model.generator"),
-    (["model.preset=huge"], "model.preset"),
+    (["model.generator_variant=huge"], "model.generator_variant"),
     (["loss.gan=wgan"], "loss.gan"),
     (["optim.schedule=cosine_restart"], "optim.periods"),
     (["train.lr=1"], "train.lr"),

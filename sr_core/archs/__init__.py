@@ -1,5 +1,5 @@
 """Architecture registries: plain dicts from the name a config or model file uses to
-the class, and from (name, preset) to hyperparameters. No decorators, no import
+the class, and from (name, variant) to hyperparameters. No decorators, no import
 scanning, no fallback names: an unknown name is a ValueError listing the known ones.
 
 Every generator class has ``arch_name``, ``self.hparams`` (its constructor arguments,
@@ -39,27 +39,27 @@ DISCRIMINATORS: dict[str, type[nn.Module]] = {
     "unet_sn": unet_discriminator.UNetDiscriminatorSN,
 }
 
-# Named hyperparameter sets per architecture (generators and discriminators share the
+# Named hyperparameter sets ("variants") per architecture (generators and discriminators share the
 # namespace); every architecture has "tiny" for CPU.
-PRESETS: dict[str, dict[str, dict]] = {
-    "rrdbnet": rrdbnet.PRESETS,
-    "multihead_rrdbnet": multihead_rrdbnet.PRESETS,
-    "srresnet": srresnet.PRESETS,
-    "vgg_style": vgg_discriminator.PRESETS,
-    "vgg_style_any": vgg_discriminator.PRESETS_ANY_SIZE,
-    "srgan": srgan_discriminator.PRESETS,
-    "unet_sn": unet_discriminator.PRESETS,
+VARIANTS: dict[str, dict[str, dict]] = {
+    "rrdbnet": rrdbnet.VARIANTS,
+    "multihead_rrdbnet": multihead_rrdbnet.VARIANTS,
+    "srresnet": srresnet.VARIANTS,
+    "vgg_style": vgg_discriminator.VARIANTS,
+    "vgg_style_any": vgg_discriminator.VARIANTS_ANY_SIZE,
+    "srgan": srgan_discriminator.VARIANTS,
+    "unet_sn": unet_discriminator.VARIANTS,
 }
 
 
-def _build(registry: dict, kind: str, name: str, preset: str | None, hparams: dict) -> nn.Module:
+def _build(registry: dict, kind: str, name: str, variant: str | None, hparams: dict) -> nn.Module:
     if name not in registry:
         raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
     cls = registry[name]
-    presets = PRESETS.get(name, {})
-    if preset is not None and preset not in presets:
-        raise ValueError(f"{name}: unknown preset {preset!r}; known: {', '.join(sorted(presets)) or 'none'}")
-    merged = {**(presets[preset] if preset else {}), **hparams}
+    variants = VARIANTS.get(name, {})
+    if variant is not None and variant not in variants:
+        raise ValueError(f"{name}: unknown variant {variant!r}; known: {', '.join(sorted(variants)) or 'none'}")
+    merged = {**(variants[variant] if variant else {}), **hparams}
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(merged) - accepted)
     if unknown:
@@ -67,10 +67,10 @@ def _build(registry: dict, kind: str, name: str, preset: str | None, hparams: di
     return cls(**merged)
 
 
-def build_generator(name: str, preset: str | None = None, **hparams) -> nn.Module:
+def build_generator(name: str, variant: str | None = None, **hparams) -> nn.Module:
     """Build a generator by registry name, e.g. ``build_generator("rrdbnet", "tiny", scale=2)``."""
-    return _build(GENERATORS, "generator", name, preset, hparams)
+    return _build(GENERATORS, "generator", name, variant, hparams)
 
 
-def build_discriminator(name: str, preset: str | None = None, **hparams) -> nn.Module:
-    return _build(DISCRIMINATORS, "discriminator", name, preset, hparams)
+def build_discriminator(name: str, variant: str | None = None, **hparams) -> nn.Module:
+    return _build(DISCRIMINATORS, "discriminator", name, variant, hparams)

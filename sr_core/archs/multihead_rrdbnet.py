@@ -81,7 +81,7 @@ class MultiHeadRRDBNet(RRDBNet):
         return self.heads[self.output_head](feat)
 
 
-PRESETS = {
+VARIANTS = {
     # The ESRGAN trunk at its published size, with three heads.
     "esrgan": dict(num_feat=64, num_block=23, num_grow_ch=32, num_heads=3),
     # A fast model for CPU tests and demos.

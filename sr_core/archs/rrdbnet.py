@@ -137,7 +137,7 @@ class RRDBNet(nn.Module):
         return self.conv_last(self.features(x))
 
 
-PRESETS = {
+VARIANTS = {
     # The published ESRGAN / Real-ESRGAN generator.
     "esrgan": dict(num_feat=64, num_block=23, num_grow_ch=32),
     # A fast model for CPU tests and demos.

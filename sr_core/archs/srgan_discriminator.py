@@ -65,7 +65,7 @@ class SRGANDiscriminator(nn.Module):
         return self.linear2(self.lrelu(self.linear1(feat)))
 
 
-PRESETS = {
+VARIANTS = {
     # The paper's widths: 64 to 512 channels, a 1024-unit dense layer.
     "srgan": dict(num_feat=64, num_linear_feat=1024),
     # A fast model for CPU tests and demos.

@@ -78,7 +78,7 @@ class SRResNet(nn.Module):
         return self.conv_last(self.upsample(feat))
 
 
-PRESETS = {
+VARIANTS = {
     # The paper's SRResNet: 64 features, 16 residual blocks.
     "srgan": dict(num_feat=64, num_block=16),
     # A fast model for CPU tests and demos.

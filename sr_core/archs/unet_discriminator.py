@@ -83,7 +83,7 @@ class UNetDiscriminatorSN(nn.Module):
         return self.conv9(out)
 
 
-PRESETS = {
+VARIANTS = {
     # Real-ESRGAN's discriminator.
     "realesrgan": dict(num_feat=64, skip_connection=True),
     # A fast model for CPU tests and demos.

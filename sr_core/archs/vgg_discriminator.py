@@ -102,7 +102,7 @@ class VGGStyleDiscriminatorAnySize(VGGStyleDiscriminator):
         return self.head(self.pool(self.features(x)))
 
 
-PRESETS = {
+VARIANTS = {
     # ESRGAN's discriminator for 128x128 GT crops.
     "esrgan": dict(num_feat=64, input_size=128),
     "esrgan_256": dict(num_feat=64, input_size=256),
@@ -110,7 +110,7 @@ PRESETS = {
     "tiny": dict(num_feat=8, input_size=128),
 }
 
-PRESETS_ANY_SIZE = {
+VARIANTS_ANY_SIZE = {
     "esrgan": dict(num_feat=64),
     "tiny": dict(num_feat=8),
 }
