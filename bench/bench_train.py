@@ -2,9 +2,9 @@
 loop of the same model, batch, losses, optimizer and EMA reading the same loader, in
 one run (alternating rounds and which variant goes first, median and best window per variant), plus the job's data-wait fraction.
 
-    .venv/bin/python bench/bench_train.py [--steps 60] [--rounds 3] [--preset small]
+    .venv/bin/python bench/bench_train.py [--steps 60] [--rounds 3] [--variant small]
 
-Both variants: RRDBNet (``--preset``) x2, L1, Adam, EMA 0.999, batches of
+Both variants: RRDBNet (``--variant``) x2, L1, Adam, EMA 0.999, batches of
 ``--batch`` 64 px GT crops from ``sr prepare`` raw shards of the photos in
 assets/images, 2 DataLoader workers, one process, CPU. The job's step time is what it
 logs to TensorBoard (perf/step_time_s) after its first logging window; the bare loop is
@@ -36,7 +36,7 @@ from sr_core import build_generator  # noqa: E402
 
 
 def overrides(shards: str, run_dir: str, args) -> list[str]:
-    return [f"data.train_shards={shards}", f"train.run_dir={run_dir}", f"model.preset={args.preset}",
+    return [f"data.train_shards={shards}", f"train.run_dir={run_dir}", f"model.generator_variant={args.variant}",
             f"data.batch_size={args.batch}", "data.num_workers=2", f"train.max_steps={args.steps}",
             f"train.log_every={args.window}", f"train.checkpoint_every={args.steps}", "train.progress=false",
             "train.ema_decay=0.999", "optim.lr_g=2e-4"]
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--window", type=int, default=10, help="steps per timing window (default: 10)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--preset", default="small", help="rrdbnet preset (default: small)")
+    parser.add_argument("--variant", default="small", help="rrdbnet variant (default: small)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-train-")
@@ -116,7 +116,7 @@ def main() -> None:
     # machine (the medians move with the load of the moment).
     job_min, bare_min = 1000 * min(job), 1000 * min(bare)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"rrdbnet {args.preset} x2, batch {args.batch} of 64 px, {args.rounds} rounds x {args.steps} steps "
+          f"rrdbnet {args.variant} x2, batch {args.batch} of 64 px, {args.rounds} rounds x {args.steps} steps "
           f"(windows of {args.window}, first dropped)\n")
     print("| loop                          | ms/step (median) | ms/step (best window) | steps/s (best) | data wait |")
     print("|-------------------------------|------------------|-----------------------|----------------|-----------|")
