@@ -1,10 +1,10 @@
 """The training job's overhead: steps/s of `jobs.train`'s loop against a bare PyTorch
 loop of the same model, batch, losses, optimizer and EMA reading the same loader, in
-one run (alternating rounds and which variant goes first, median and best window per variant), plus the job's data-wait fraction.
+one run (alternating rounds and which loop goes first, median and best window per loop), plus the job's data-wait fraction.
 
     .venv/bin/python bench/bench_train.py [--steps 60] [--rounds 3] [--variant small]
 
-Both variants: RRDBNet (``--variant``) x2, L1, Adam, EMA 0.999, batches of
+Both loops: RRDBNet (``--variant``) x2, L1, Adam, EMA 0.999, batches of
 ``--batch`` 64 px GT crops from ``sr prepare`` raw shards of the photos in
 assets/images, 2 DataLoader workers, one process, CPU. The job's step time is what it
 logs to TensorBoard (perf/step_time_s) after its first logging window; the bare loop is
@@ -101,7 +101,7 @@ def main() -> None:
     job, bare, waits = [], [], []
     for r in range(args.rounds):
         config = load_config(None, overrides(shards, os.path.join(work, f"run{r}"), args), preset="tiny")
-        if r % 2:  # alternate which goes first: no variant always gets the quieter half
+        if r % 2:  # alternate which goes first: no loop always gets the quieter half
             bare += bare_step_times(config, args.window)
         times, wait = job_step_times(config)
         job += times
