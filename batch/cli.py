@@ -1,9 +1,12 @@
-"""``sr batch``: upscale a folder, prefix or manifest of images on Ray Data. Heavy
-imports (ray, torch) stay inside the handler so ``sr --help`` is instant."""
+"""The parser of ``sr batch`` (named by the table in ``sr_cli.main``): upscale a folder,
+prefix or manifest of images on Ray Data. Heavy imports (ray, torch) stay inside the
+handler so ``sr --help`` is instant."""
 
 from __future__ import annotations
 
 import argparse
+
+from sr_cli.options import add_include_exclude, add_output_options, output_settings
 
 DESCRIPTION = """\
 Upscale every image below INPUT (a folder or prefix, searched recursively) or named
@@ -44,9 +47,7 @@ def _actors(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from sr_core.upscale_cli import add_output_options
-
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch",
         help="upscale a folder, bucket prefix or manifest on Ray Data (local Ray or a cluster), with metrics",
@@ -57,10 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="folder/prefix (any fsspec URL) or manifest (.txt/.csv/.parquet)")
     p.add_argument("output", metavar="OUTPUT", help="output folder/prefix")
     p.add_argument("-m", "--model", required=True, help="generator file (.safetensors or .pth; path or URL)")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only inputs whose path below INPUT matches (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out inputs whose path below INPUT matches (repeatable)")
+    add_include_exclude(p, "INPUT")
     add_output_options(p)
     p.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="upscale at most N images in this run")
@@ -91,7 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_batch_command(args: argparse.Namespace) -> int:
     from batch.run import BatchConfig, run_batch
-    from sr_core.upscale_cli import output_settings
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
@@ -105,11 +102,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-gpus-per-actor must be >= 0, got {args.num_gpus_per_actor}")
     config = BatchConfig(
         input=args.input, output=args.output, model=args.model, output_settings=output_settings(args),
-        suffix=args.suffix, include=tuple(args.include), exclude=tuple(args.exclude), overwrite=args.overwrite, limit=args.limit,
+        include=tuple(args.include), exclude=tuple(args.exclude), overwrite=args.overwrite, limit=args.limit,
         reference=args.reference, address=args.address, num_cpus=args.num_cpus, actors=args.actors,
         num_gpus_per_actor=args.num_gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
         encode_threads=args.encode_threads, batch_size=args.batch_size, run_id=args.run_id,
-        progress=not args.quiet, command={k: v for k, v in vars(args).items() if k != "func"},
+        progress=not args.quiet, command={k: v for k, v in vars(args).items() if k not in ("func", "sr_parser")},
     )
     summary = run_batch(config)
     if summary["interrupted"]:

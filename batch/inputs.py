@@ -2,7 +2,7 @@
 manifest, each with its output URL, minus those whose output exists (resume).
 
 Outputs are named exactly as ``sr upscale`` names them (``assign_outputs`` from
-``sr_core.upscale_cli``): OUTPUT/<path below the input root, suffix, new extension>,
+``sr_core.outputs``): OUTPUT/<path below the input root, suffix, new extension>,
 refused when the key would escape OUTPUT, collide with another output or replace an
 input. A manifest is a text file (one URL per line, ``#`` comments), or a CSV or
 Parquet file with a ``path`` column; relative entries are taken relative to the
@@ -13,13 +13,12 @@ folder common to all entries.
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
 import posixpath
 from dataclasses import dataclass, field
 
-from sr_core import codecs, storage
-from sr_core.upscale_cli import assign_outputs
+from sr_core import codecs, datasets, storage
+from sr_core.outputs import Task, assign_outputs
 
 from batch import results
 
@@ -27,22 +26,18 @@ MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 
 
 @dataclass
-class Task:
-    """One image to upscale."""
+class BatchTask(Task):
+    """One image to upscale, with its reference image."""
 
-    input: str
-    """Input URL."""
-    output: str
-    """Output URL (below OUTPUT)."""
-    reference: str
+    reference: str = ""
     """The matching HR image below --reference, or '' (none asked for, or none found)."""
 
 
 @dataclass
-class Listing:
+class BatchPlan:
     """The work of one run."""
 
-    todo: list[Task] = field(default_factory=list)
+    todo: list[BatchTask] = field(default_factory=list)
     """Images to upscale in this run (after resume and --limit)."""
     num_found: int = 0
     """Images found (after --include/--exclude)."""
@@ -52,7 +47,7 @@ class Listing:
     """Images left for a later run by --limit."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     """(input, reason) of inputs refused before any work: unsafe or colliding names."""
-    orphans: list[Task] = field(default_factory=list)
+    orphans: list[BatchTask] = field(default_factory=list)
     """Skipped images (output exists) that have no row in any earlier run's metrics
     table: a run killed between writing the output and checkpointing its row. This run
     measures them from the output instead of upscaling them again."""
@@ -82,17 +77,8 @@ def read_manifest(url: str) -> list[str]:
             raise ValueError(f"{url}: a CSV manifest needs a 'path' column; its header is {reader.fieldnames}")
         entries = [row["path"].strip() for row in reader if (row["path"] or "").strip()]
     else:
-        lines = (line.strip() for line in data.decode("utf-8-sig").splitlines())
-        entries = [line for line in lines if line and not line.startswith("#")]
-    folder = posixpath.dirname(storage.get_fs(url)[1]) or "."
-    prefix = storage.protocol_prefix(url)
-    out = []
-    for entry in entries:
-        if "://" in entry or entry.startswith("/"):
-            out.append(entry)
-        else:
-            out.append(prefix + posixpath.normpath(posixpath.join(folder, entry)))
-    return out
+        return [full for _, full in datasets.read_list(url)]
+    return [datasets.resolve_entry(url, entry) for entry in entries]
 
 
 def common_root(url_list: list[str], what: str) -> str:
@@ -112,17 +98,13 @@ def common_root(url_list: list[str], what: str) -> str:
     return prefix + root
 
 
-def _matches(rel: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(rel, g) for g in globs)
-
-
-def list_work(input_url: str, output: str, suffix: str, extension: str, include: tuple[str, ...] = (),
+def plan_batch(input_url: str, output: str, suffix: str, extension: str, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = (), overwrite: bool = False, limit: int | None = None,
-              reference: str | None = None, run_id: str = "") -> Listing:
+              reference: str | None = None, run_id: str = "") -> BatchPlan:
     """Everything a run must do; ValueError / FileNotFoundError for an INPUT that cannot be read.
     ``run_id``'s own table (a reused --run-id) is about to be replaced, so its rows do
     not count as recorded: the run records them again."""
-    listing = Listing()
+    batch_plan = BatchPlan()
     if is_manifest(input_url):
         urls = read_manifest(input_url)
         if not urls:
@@ -137,14 +119,11 @@ def list_work(input_url: str, output: str, suffix: str, extension: str, include:
             rel = storage.relative_key(root, url)
         except ValueError:
             rel = url  # assign_outputs reports it
-        if include and not _matches(rel, include):
-            continue
-        if exclude and _matches(rel, exclude):
-            continue
-        found.append((root, url, listed))
+        if storage.selected(rel, include, exclude):
+            found.append((root, url, listed))
     plan = assign_outputs(found, output, suffix, extension)
-    listing.failures = list(plan.failures)
-    listing.num_found = len(plan.jobs) + len(plan.failures)
+    batch_plan.failures = list(plan.failures)
+    batch_plan.num_found = len(plan.tasks) + len(plan.failures)
 
     # One listing of OUTPUT instead of one existence check per image: on an object store
     # that is one request per 1,000 names instead of one per image.
@@ -159,22 +138,21 @@ def list_work(input_url: str, output: str, suffix: str, extension: str, include:
     recorded = results.recorded_inputs(tables) if done else set()
     references = _reference_index(reference) if reference else {}
 
-    def reference_of(job) -> str:
-        if not reference:
-            return ""
-        return references.get(posixpath.splitext(storage.relative_key(root, job.input))[0], "")
+    def with_reference(task: Task) -> BatchTask:
+        rel = posixpath.splitext(storage.relative_key(root, task.input))[0] if reference else ""
+        return BatchTask(task.input, task.output, references.get(rel, ""))
 
-    for job in plan.jobs:
-        if storage.get_fs(job.output)[1] in done:
-            listing.num_skipped += 1
-            if job.input not in recorded:
-                listing.orphans.append(Task(job.input, job.output, reference_of(job)))
+    for task in plan.tasks:
+        if storage.get_fs(task.output)[1] in done:
+            batch_plan.num_skipped += 1
+            if task.input not in recorded:
+                batch_plan.orphans.append(with_reference(task))
             continue
-        if limit is not None and len(listing.todo) >= limit:
-            listing.num_left += 1
+        if limit is not None and len(batch_plan.todo) >= limit:
+            batch_plan.num_left += 1
             continue
-        listing.todo.append(Task(job.input, job.output, reference_of(job)))
-    return listing
+        batch_plan.todo.append(with_reference(task))
+    return batch_plan
 
 
 def _is_metrics_table(output: str, url: str, except_run: str) -> bool:

@@ -28,11 +28,13 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from sr_core import codecs, storage
+from sr_core.errors import strip_url
+from sr_core.outputs import OutputSettings
 
 # Environment that workers on other processes and hosts need to reach the same
 # storage as the driver (never credentials: workers use their own).
@@ -44,16 +46,10 @@ FORWARDED_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
 class StageSettings:
     """What every stage needs to know (sent to the workers, so it stays small)."""
 
-    encode: codecs.EncodeOptions
-    """Output format and quality."""
-    outscale: float | None
-    """Final scale factor (None: the model's)."""
-    max_pixels: int
-    """Inputs with more pixels are refused."""
+    output: OutputSettings
+    """Format, quality, outscale, max pixels and Upscaler settings (shared with ``sr upscale``)."""
     scale: int
     """The model's scale (the border cropped by the reference metrics: round(outscale))."""
-    upscaler: dict = field(default_factory=dict)
-    """Keyword arguments of ``Upscaler`` (tile, overlap, tiles_per_batch, precision, alpha)."""
 
 
 def _empty_row(task: dict) -> dict:
@@ -69,12 +65,7 @@ def _empty_row(task: dict) -> dict:
 
 
 def _fail(row: dict, stage: str, exc: BaseException, url: str) -> dict:
-    message = str(exc)
-    if message.startswith(url + ": "):
-        message = message[len(url) + 2:]  # the failure row names the input already
-    if not isinstance(exc, (ValueError, FileNotFoundError)):
-        message = f"{type(exc).__name__}: {message}"
-    row.update(status="failed", stage=stage, error=message)
+    row.update(status="failed", stage=stage, error=strip_url(exc, url))  # the row names the input already
     return row
 
 
@@ -134,7 +125,7 @@ def decode_batch(batch: dict[str, np.ndarray], settings: StageSettings) -> dict[
             continue
         read_done = time.perf_counter()
         try:
-            image = codecs.decode_image(data, name=task["input"], max_pixels=settings.max_pixels)
+            image = codecs.decode_image(data, name=task["input"], max_pixels=settings.output.max_pixels)
         except Exception as exc:
             _fail(row, "decode", exc, task["input"])
         row.update(read_s=read_done - started, decode_s=time.perf_counter() - read_done, in_bytes=len(data))
@@ -162,7 +153,7 @@ def _quality(image: np.ndarray, result: np.ndarray, reference_url: str, settings
     try:
         hr = codecs.to_rgb8(codecs.read_image(reference_url), keep_gray=True)
         out = codecs.to_rgb8(result, keep_gray=True)
-        border = max(1, round(settings.outscale or settings.scale))
+        border = max(1, round(settings.output.outscale or settings.scale))
         # An HR image whose sides are not multiples of the scale is cropped to them (as
         # SR evaluation does): its LR is floor(size / scale), its SR that times scale.
         hr_h, hr_w = hr.shape[:2]
@@ -189,7 +180,7 @@ def finish_image(row: dict, image: np.ndarray, result: np.ndarray, settings: Sta
     encode_start = time.perf_counter()
     row["metrics_s"] = encode_start - started
     try:
-        data = codecs.encode_image(result, settings.encode)
+        data = codecs.encode_image(result, settings.output.encode)
     except Exception as exc:
         return _fail(row, "encode", exc, row["input"])
     write_start = time.perf_counter()
@@ -214,11 +205,11 @@ def recover_row(task: dict, settings: StageSettings) -> dict:
     row["recovered"] = True
     try:
         data = storage.read_bytes(task["input"])
-        image = codecs.decode_image(data, name=task["input"], max_pixels=settings.max_pixels)
+        image = codecs.decode_image(data, name=task["input"], max_pixels=settings.output.max_pixels)
         out_data = storage.read_bytes(task["output"])
         # The output of an image within max_pixels has up to outscale^2 times as many.
-        factor = math.ceil(settings.outscale or settings.scale) ** 2
-        result = codecs.decode_image(out_data, name=task["output"], max_pixels=settings.max_pixels * factor)
+        factor = math.ceil(settings.output.outscale or settings.scale) ** 2
+        result = codecs.decode_image(out_data, name=task["output"], max_pixels=settings.output.max_pixels * factor)
     except Exception as exc:
         return _fail(row, "recover", exc, task["input"])
     row.update(in_height=image.shape[0], in_width=image.shape[1], channels=1 if image.ndim == 2 else image.shape[2],
@@ -238,12 +229,12 @@ def load_upscaler(model_bytes: bytes, name: str, device: str, settings: StageSet
     """An Upscaler for model file bytes. The bytes come from the driver (through the
     object store), so every actor runs exactly the file the driver checked and hashed,
     and a model given as a local path works on a cluster too."""
-    from sr_core.upscaler import Upscaler
-
     url = f"{MODEL_FOLDER}/{os.getpid()}/{os.path.basename(name) or 'model'}"
     storage.write_bytes(url, model_bytes)
     try:
-        return Upscaler.from_file(url, device=device, **settings.upscaler)
+        return settings.output.load_upscaler(url, device=device)
+    except ValueError as exc:  # name the user's file, not the in-memory copy
+        raise ValueError(str(exc).replace(url, name)) from None
     finally:
         fs, path = storage.get_fs(url)
         fs.rm(path)
@@ -282,7 +273,7 @@ class UpscaleActor:
                        channels=1 if image.ndim == 2 else image.shape[2], bits=8 * image.dtype.itemsize)
             started = time.perf_counter()
             try:
-                result = self.upscaler(image, outscale=self.settings.outscale)
+                result = self.upscaler(image, outscale=self.settings.output.outscale)
             except Exception as exc:  # e.g. out of memory on one huge image: that image fails
                 results[i] = _fail(row, "upscale", exc, row["input"])
                 continue

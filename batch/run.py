@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from sr_core import storage
-from sr_core.upscale_cli import OutputSettings
+from sr_core.outputs import OutputSettings
 
 from batch import inputs, pipeline
 from batch.results import RunResults
@@ -34,9 +34,7 @@ class BatchConfig:
     model: str
     """Generator file URL."""
     output_settings: OutputSettings
-    """Format, quality, outscale, max pixels and Upscaler settings (shared with ``sr upscale``)."""
-    suffix: str = "_sr"
-    """Added to output file names."""
+    """Naming, format, quality, outscale, max pixels and Upscaler settings (shared with ``sr upscale``)."""
     include: tuple[str, ...] = ()
     """Only inputs whose relative path matches one of these globs."""
     exclude: tuple[str, ...] = ()
@@ -140,14 +138,15 @@ def _read_model(url: str) -> bytes:
         raise ValueError(f"{url}: cannot read the model file ({type(exc).__name__}: {exc})") from None
 
 
-def _plan(config: BatchConfig, extension: str, run_id: str) -> inputs.Listing:
+def _plan(config: BatchConfig, extension: str, run_id: str) -> inputs.BatchPlan:
     out_fs, out_path = storage.get_fs(config.output)
     try:
         if out_fs.isfile(out_path):
             raise ValueError(f"{config.output} is a file; OUTPUT must be a folder or prefix")
-        return inputs.list_work(config.input, config.output, config.suffix, extension, include=config.include,
-                                exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
-                                reference=config.reference, run_id=run_id)
+        return inputs.plan_batch(config.input, config.output, config.output_settings.suffix, extension,
+                                 include=config.include,
+                                 exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
+                                 reference=config.reference, run_id=run_id)
     except (ValueError, FileNotFoundError):
         raise
     except OSError as exc:  # unreachable or refusing storage: the job cannot run
@@ -172,29 +171,25 @@ def run_batch(config: BatchConfig) -> dict:
     model_sha256 = hashlib.sha256(model_bytes).hexdigest()
     model_name = posixpath.basename(config.model.rstrip("/"))
     # Refuse an unreadable or unrunnable model here, in one line, before any worker starts.
-    stage_settings = pipeline.StageSettings(encode=settings.encode, outscale=settings.outscale,
-                                            max_pixels=settings.max_pixels, scale=1, upscaler=settings.upscaler)
-    checked = pipeline.load_upscaler(model_bytes, config.model, "cpu", stage_settings)
-    stage_settings = pipeline.StageSettings(encode=settings.encode, outscale=settings.outscale,
-                                            max_pixels=settings.max_pixels, scale=checked.scale,
-                                            upscaler=settings.upscaler)
+    checked = pipeline.load_upscaler(model_bytes, config.model, "cpu", pipeline.StageSettings(settings, scale=1))
+    stage_settings = pipeline.StageSettings(settings, scale=checked.scale)
     model_info = {"url": config.model, "sha256": model_sha256, "bytes": len(model_bytes), "scale": checked.scale,
                   "architecture": type(checked.model).__name__}
     del checked
 
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     storage.safe_key(run_id)
-    listing = _plan(config, settings.encode.extension, run_id)
+    plan = _plan(config, settings.encode.extension, run_id)
     results = RunResults(config.output, run_id)
-    for url, reason in listing.failures:
+    for url, reason in plan.failures:
         results.add_failure(url, "", "plan", reason)
-    planned_failures = len(listing.failures)
-    if listing.orphans:
-        planned_failures += _recover(listing.orphans, stage_settings, results, config.progress)
+    planned_failures = len(plan.failures)
+    if plan.orphans:
+        planned_failures += _recover(plan.orphans, stage_settings, results, config.progress)
 
     ray_info: dict = {"started_here": False, "startup_seconds": 0.0}
     interrupted, pipeline_error = False, ""
-    if listing.todo:
+    if plan.todo:
         import ray
 
         from tqdm import tqdm
@@ -206,7 +201,7 @@ def run_batch(config: BatchConfig) -> dict:
             pool = pool_settings(config, local=started_here and not (config.address or os.environ.get("RAY_ADDRESS")))
             ray_info.update(pool=asdict(pool), cluster=ray.cluster_resources())
             model_ref = ray.put(model_bytes)
-            tasks = [{"input": t.input, "output": t.output, "reference": t.reference} for t in listing.todo]
+            tasks = [{"input": t.input, "output": t.output, "reference": t.reference} for t in plan.todo]
             ds = pipeline.build_dataset(tasks, model_ref, model_name, stage_settings, pool)
             results.start = time.perf_counter()  # throughput counts from here: Ray is up
             bar = tqdm(total=len(tasks), unit="img", desc="sr batch", file=sys.stderr, dynamic_ncols=True,
@@ -231,9 +226,9 @@ def run_batch(config: BatchConfig) -> dict:
         "run_id": run_id,
         "input": config.input,
         "output": config.output,
-        "found": listing.num_found,
-        "skipped": listing.num_skipped,
-        "left_for_later": listing.num_left + len(listing.todo) - results.num_done
+        "found": plan.num_found,
+        "skipped": plan.num_skipped,
+        "left_for_later": plan.num_left + len(plan.todo) - results.num_done
                           - (results.num_failed - planned_failures),
         "interrupted": interrupted,
         "pipeline_error": pipeline_error,
@@ -251,7 +246,7 @@ def run_batch(config: BatchConfig) -> dict:
     return summary
 
 
-def _recover(orphans: list[inputs.Task], settings: pipeline.StageSettings, results: RunResults,
+def _recover(orphans: list[inputs.BatchTask], settings: pipeline.StageSettings, results: RunResults,
              progress: bool) -> int:
     """Rows for outputs that an earlier, killed run wrote after its last checkpoint:
     measured here on the driver (no model), then checkpointed at once, so a kill of this

@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 
 from batch.run import BatchConfig, run_batch  # noqa: E402
 from sr_core import build_generator, codecs, metrics, save_generator  # noqa: E402
-from sr_core.main import main as sr_main  # noqa: E402
+from sr_cli.main import main as sr_main  # noqa: E402
 from sr_core.resize import imresize  # noqa: E402
-from sr_core.upscale_cli import OutputSettings  # noqa: E402
+from sr_core.outputs import OutputSettings  # noqa: E402
 from sr_core.upscaler import Upscaler  # noqa: E402
 
 IMAGES = REPO / "assets" / "images"
@@ -92,8 +92,7 @@ def run_sr_upscale(model_path: str, src: Path, dst: Path) -> float:
 
 def run_sr_batch(model_path: str, src: Path, dst: Path, run_id: str, actors: int, cpus_per_actor: float,
                  encode_in_actor: bool = True) -> dict:
-    settings = OutputSettings(codecs.EncodeOptions(), None, codecs.DEFAULT_MAX_PIXELS,
-                              {"tile": TILE, "precision": "auto", "alpha": "model"})
+    settings = OutputSettings(tile=TILE)
     config = BatchConfig(input=str(src), output=str(dst), model=model_path, output_settings=settings,
                          overwrite=True, actors=(actors, actors), cpus_per_actor=cpus_per_actor, run_id=run_id,
                          progress=False, encode_in_actor=encode_in_actor)

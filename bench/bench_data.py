@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from jobs.config import load_config  # noqa: E402
 from jobs.data import (Augment, DataWaitMeter, ShardCache, SubImageDataset, TrainLoader,  # noqa: E402
                        _random_crop, _rng_for, _to_tensor)
-from jobs.imageio import decode_rgb  # noqa: E402
+from sr_core.codecs import decode_rgb8  # noqa: E402
 from jobs.prepare import PrepareSettings, prepare  # noqa: E402
 from sr_core import storage  # noqa: E402
 from sr_core.resize import imresize  # noqa: E402
@@ -56,7 +56,7 @@ class NaiveDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, rng = _rng_for(key)
         with open(self.files[index // self.crops_per_image], "rb") as f:
-            hr = decode_rgb(f.read())
+            hr = decode_rgb8(f.read())
         y, x = _random_crop(rng, hr.shape[0], hr.shape[1], self.gt_size)
         (gt,) = self.augment.geometric(rng, hr[y:y + self.gt_size, x:x + self.gt_size])
         lr = imresize(gt, scale=1 / self.scale)

@@ -1,5 +1,5 @@
 """Peak memory of `sr upscale` on one large image against the estimate it refuses
-images by (``sr_core.upscale_cli.memory_needed``): a real process, its RSS sampled
+images by (``sr_core.memory.memory_needed``): a real process, its RSS sampled
 every 10 ms, minus the peak of the same command on a 16x16 image (torch, the model,
 the interpreter).
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sr_core import build_generator, save_generator  # noqa: E402
-from sr_core.upscale_cli import memory_needed  # noqa: E402
+from sr_core.memory import memory_needed  # noqa: E402
 
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 

@@ -24,7 +24,7 @@ def _add_out_options(p: argparse.ArgumentParser) -> None:
                    help=f"folder for the generated files and commands.sh (default: {DEFAULT_OUT}/<name>/)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
     cloud = sub.add_parser(
         "cloud",
         help="submit training to GPU VMs (SkyPilot) and batch upscaling to a Ray cluster on Google Cloud",
@@ -118,6 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_out_options(p)
     p.set_defaults(func=run_batch)
 
+
+def add_tensorboard_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tensorboard",
         help="TensorBoard on a run directory, a runs prefix or a batch output prefix (gs:// included)",
@@ -352,22 +354,16 @@ def _remote(url: str, what: str) -> None:
         raise ValueError(f"{what} {url!r}: the cluster cannot read this machine's files; use a bucket URL (gs://...)")
 
 
-def check_batch_arguments(entrypoint: list[str]) -> None:
-    """Parse the job's ``sr batch ...`` here with sr's own parser, so a wrong option fails
-    now, in one line, rather than on the cluster (skipped when batch is not installed)."""
+def check_batch_arguments(entrypoint: list[str], sr_parser: argparse.ArgumentParser) -> None:
+    """Parse the job's ``sr batch ...`` here with the ``sr`` parser itself, so a wrong option
+    fails now, in one line, rather than on the cluster."""
     import contextlib
     import io
 
-    try:
-        from batch.cli import register as register_batch
-    except ImportError:
-        return
-    parser = argparse.ArgumentParser(prog="sr")
-    register_batch(parser.add_subparsers())
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            parser.parse_args(entrypoint[1:])
+            sr_parser.parse_args(entrypoint[1:])
     except SystemExit:
         last = errors.getvalue().strip().splitlines()[-1:] or ["invalid arguments"]
         raise ValueError(f"--batch-args: {last[0]}") from None
@@ -390,7 +386,7 @@ def run_batch(args: argparse.Namespace) -> int:
         submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
         max_gpus=raycluster.max_gpus(cluster),
     )
-    check_batch_arguments(raycluster.batch_entrypoint(job))
+    check_batch_arguments(raycluster.batch_entrypoint(job), args.sr_parser)
     commands = raycluster.submit_commands(job)
     out = _out_dir(args, submission_id)
     _write(os.path.join(out, "runtime_env.json"), json.dumps(raycluster.runtime_env(job), indent=2) + "\n")

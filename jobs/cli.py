@@ -1,12 +1,15 @@
-"""jobs' subcommands: prepare and train. Heavy imports stay inside the handlers so
+"""The parsers of the training package's commands, ``sr prepare`` and ``sr train`` (named
+by the table in ``sr_cli.main``). Heavy imports stay inside the handlers so
 ``sr --help`` is instant."""
 
 from __future__ import annotations
 
 import argparse
 
+from sr_cli.options import add_include_exclude
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
         help="cut HR training images into sub-image shards plus an index (local or gs://)",
@@ -24,10 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=int, default=240, help="distance between sub-images (default: 240)")
     p.add_argument("--min-size", type=int, default=0,
                    help="drop edge tiles narrower than this; skip images smaller than this (default: 0)")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only images whose path below SRC matches (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out images whose path below SRC matches (repeatable)")
+    add_include_exclude(p, "SRC")
     p.add_argument("--images-per-shard", type=int, default=16,
                    help="source images per shard unit: the unit of resume and of rank assignment (default: 16)")
     p.add_argument("--max-shard-mb", type=float, default=256.0,
@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a generator (stage psnr, then gan) on Accelerate: DDP or DeepSpeed, resumable",

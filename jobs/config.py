@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from sr_core.precision import PRECISIONS
+
 
 @dataclass
 class DataConfig:
@@ -759,7 +761,6 @@ def validate_optim(config) -> None:
 
 STAGES = ("psnr", "gan")
 BACKENDS = ("ddp", "deepspeed")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def validate_train(config) -> None:

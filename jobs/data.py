@@ -19,7 +19,6 @@ Order of an epoch (the stream is a function of seed, epoch, rank and world size)
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from sr_core import storage
+from sr_core import codecs, datasets, storage
+from sr_core.errors import is_unwritable
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sr-cloud", "shards")
 
@@ -141,7 +141,7 @@ class ShardCache:
                     out.flush()
                 except OSError as exc:
                     # a full (or quota-limited, or read-only) cache disk, not the remote
-                    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+                    if is_unwritable(exc):
                         raise self._unusable(exc, url) from None
                     raise
             if size is not None and got != size:
@@ -369,13 +369,12 @@ class SubImageDataset(Dataset):
         return self._read_subimage(index, rows)  # from a fresh copy of a damaged cached one
 
     def _read_subimage(self, index: int, rows: tuple[int, int] | None) -> np.ndarray:
-        from jobs.imageio import decode_rgb
 
         shard_id, offset, size, height, width = self.samples[index]
         url, nbytes, sha = self.shards[shard_id]
         try:
             if not self.raw:
-                return decode_rgb(self.reader.read(url, offset, size, size=nbytes, sha256=sha))
+                return codecs.decode_rgb8(self.reader.read(url, offset, size, size=nbytes, sha256=sha))
             first, end = rows or (0, height)
             row = width * 3
             data = self.reader.read(url, offset + first * row, (end - first) * row, size=nbytes, sha256=sha)
@@ -402,17 +401,14 @@ class SubImageDataset(Dataset):
 def pair_folders(hr_url: str, lr_url: str, scale: int) -> list[tuple[str, str]]:
     """Match LR to HR images by name: ``0001x4.png`` (DIV2K) or ``0001.png`` beside
     ``0001.png``; LR may be in any image format. Every HR image needs its LR."""
-    from jobs.imageio import IMAGE_SUFFIXES
-
-    hr_files = storage.list_files(hr_url, IMAGE_SUFFIXES)
-    lr_by_stem = {}
-    for url in storage.list_files(lr_url, IMAGE_SUFFIXES):
-        rel = os.path.splitext(storage.relative_key(lr_url, url))[0]
-        lr_by_stem[rel] = url
+    hr_files = storage.list_files(hr_url, codecs.INPUT_EXTENSIONS)
+    lr_by_key = {}
+    for url in storage.list_files(lr_url, codecs.INPUT_EXTENSIONS):
+        lr_by_key.setdefault(datasets.hr_key(storage.relative_key(lr_url, url), scale), url)
     pairs = []
     for url in hr_files:
-        stem = os.path.splitext(storage.relative_key(hr_url, url))[0]
-        lr = lr_by_stem.get(f"{stem}x{scale}") or lr_by_stem.get(stem)
+        stem = datasets.hr_key(storage.relative_key(hr_url, url))
+        lr = lr_by_key.get(stem)
         if lr is None:
             raise ValueError(f"{url}: no LR image for it in {lr_url} (expected {stem}x{scale}.png or {stem}.png)")
         pairs.append((url, lr))
@@ -442,12 +438,11 @@ class PairedImageDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        from jobs.imageio import decode_rgb
 
         index, rng = _rng_for(key)
         hr_url, lr_url = self.pairs[index]
-        hr = decode_rgb(self.reader.read(hr_url), hr_url)
-        lr = decode_rgb(self.reader.read(lr_url), lr_url)
+        hr = codecs.decode_rgb8(self.reader.read(hr_url), hr_url)
+        lr = codecs.decode_rgb8(self.reader.read(lr_url), lr_url)
         s, lq = self.scale, self.gt_size // self.scale
         if lr.shape[0] * s > hr.shape[0] or lr.shape[1] * s > hr.shape[1] or \
                 hr.shape[0] - lr.shape[0] * s >= s or hr.shape[1] - lr.shape[1] * s >= s:
@@ -470,12 +465,11 @@ class ValidationDataset(Dataset):
     use batch size 1."""
 
     def __init__(self, folder: str, scale: int, center_crop: int = 0):
-        from jobs.imageio import IMAGE_SUFFIXES
 
         if center_crop and center_crop % scale:
             raise ValueError(f"validation centre crop {center_crop} must be a multiple of scale {scale}")
         self.folder, self.scale, self.center_crop = folder, scale, center_crop
-        self.files = storage.list_files(folder, IMAGE_SUFFIXES)
+        self.files = storage.list_files(folder, codecs.INPUT_EXTENSIONS)
         if not self.files:
             raise ValueError(f"{folder}: no validation images found")
 
@@ -483,12 +477,11 @@ class ValidationDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        from jobs.imageio import decode_rgb
-        from sr_core.evaluate import mod_crop
+        from sr_core.resize import mod_crop
         from sr_core.resize import imresize
 
         url = self.files[index]
-        hr = decode_rgb(storage.read_bytes(url), url)
+        hr = codecs.decode_rgb8(storage.read_bytes(url), url)
         h, w = hr.shape[:2]
         if self.center_crop:
             c = self.center_crop

@@ -17,8 +17,6 @@ re-run after a crash writes byte-identical shards.
 
 from __future__ import annotations
 
-import errno
-import fnmatch
 import hashlib
 import io
 import json
@@ -29,7 +27,8 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 
-from sr_core import storage
+from sr_core import codecs, storage
+from sr_core.errors import is_unwritable
 
 INDEX_FORMAT = "sr-cloud-subimages/1"
 INDEX_NAME = "index.json"
@@ -112,16 +111,15 @@ def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None 
     outside ``src`` are left out and, when ``unsafe`` is given, appended to it as
     bad-image entries; hidden images (names starting with '.') are left out and, when
     ``hidden`` is given, appended to it as skipped entries."""
-    from jobs.imageio import IMAGE_SUFFIXES
 
     hidden_urls: list[str] = []
-    urls = storage.list_files(src, IMAGE_SUFFIXES, hidden=hidden_urls)
+    urls = storage.list_files(src, codecs.INPUT_EXTENSIONS, hidden=hidden_urls)
     keys = []
     root = storage.get_fs(src)[1].rstrip("/")
     src_is_folder = storage.is_local(src) and os.path.isdir(storage.local_path(src))
 
     def excluded(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, g) for g in settings.exclude)
+        return storage.matches_glob(name, settings.exclude)
 
     for url in hidden_urls:
         name = storage.get_fs(url)[1][len(root) + 1:]
@@ -143,11 +141,8 @@ def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None 
                 unsafe.append({"source": rel, "reason": f"a symbolic link to {target}, outside {src}; not "
                                                         "followed (copy the file into SRC, or --exclude it)"})
             continue
-        if settings.include and not any(fnmatch.fnmatchcase(rel, g) for g in settings.include):
-            continue
-        if any(fnmatch.fnmatchcase(rel, g) for g in settings.exclude):
-            continue
-        keys.append(rel)
+        if storage.selected(rel, settings.include, settings.exclude):
+            keys.append(rel)
     return sorted(keys)
 
 
@@ -204,7 +199,6 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
     """Cut one unit's images into sub-images, write its tar parts, then its manifest."""
     import numpy as np
 
-    from jobs.imageio import decode_rgb, encode_png
 
     writer = _PartWriter(dst, unit, int(settings.max_shard_mb * 1024 * 1024))
     fs, root = storage.get_fs(src)
@@ -215,7 +209,7 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
             # Decoder warnings (a corrupt EXIF block...) are kept as notes naming the file.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                image = decode_rgb(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
+                image = codecs.decode_rgb8(storage.read_bytes(src if src_is_one_file else storage.join(src, rel)), rel)
             notes.extend({"source": rel, "reason": str(w.message).strip()} for w in caught)
         except storage.StorageError:
             raise  # storage down past the retries: stop, a rerun resumes this unit
@@ -241,7 +235,7 @@ def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: Pr
                 if settings.format == "raw":
                     data = np.ascontiguousarray(tile).tobytes()
                 else:
-                    data = encode_png(tile, settings.png_level)
+                    data = codecs.encode_image(tile, codecs.EncodeOptions("png", png_compress_level=settings.png_level))
                 writer.add(f"{rel}_s{k:03d}{SUBIMAGE_FORMATS[settings.format]}", data, *tile.shape[:2])
     writer.flush()
     manifest = {"unit": unit, "sources": sources, "shards": writer.shards, "bad": bad, "skipped": skipped,
@@ -280,10 +274,9 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     hidden: list[dict] = []
     sources = list_sources(src, settings, unsafe, hidden)
     if not sources:
-        from jobs.imageio import IMAGE_SUFFIXES
 
         filtered = ", after --include/--exclude" if settings.include or settings.exclude else ""
-        raise ValueError(f"{src}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}{filtered})")
+        raise ValueError(f"{src}: no images found (looked for {', '.join(codecs.INPUT_EXTENSIONS)}{filtered})")
     plan = {"format": INDEX_FORMAT, "settings": settings.as_json(), "sources": sources}
     dst_fs, dst_path = storage.get_fs(dst)
     if dst_fs.isfile(dst_path):
@@ -349,7 +342,7 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
                     bar.update(len(m["sources"]))
     except OSError as exc:
         # a full (or quota-limited, or read-only) DST: the finished units are kept
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+        if is_unwritable(exc):
             raise ValueError(f"{dst}: cannot write ({exc.strerror}); free space there and re-run the same "
                              "command to finish the missing shards") from None
         raise

@@ -79,7 +79,7 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     bf16), fp32 on CPU."""
     import torch
 
-    from sr_core.upscaler import choose_precision
+    from sr_core.precision import choose_precision
 
     if requested == "auto":
         if not cuda:
@@ -834,8 +834,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as exc:  # users' mistakes: one line, no traceback
-        print(f"jobs.train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    # What training VMs run: the same exit codes as `sr train` (75 for storage outages,
+    # which a managed job restarts on; 2 for a bad config, one line).
+    from sr_core.errors import run_command
+
+    sys.exit(run_command("jobs.train", main))

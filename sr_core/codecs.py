@@ -357,6 +357,12 @@ def read_image_bytes(url: str) -> bytes:
         raise ImageDecodeError(f"{url}: is a folder, not an image") from None
 
 
+def decode_rgb8(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode to ``(H, W, 3)`` uint8 RGB, what training uses: alpha dropped, gray repeated,
+    16-bit rounded. ValueError naming ``name`` for anything that is not a readable image."""
+    return to_rgb8(decode_image(data, name, max_pixels))
+
+
 def read_image(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode an image from any fsspec URL; errors name the URL."""
     return decode_image(read_image_bytes(url), name=url, max_pixels=max_pixels)

@@ -41,7 +41,9 @@ import numpy as np
 
 from sr_core import metrics
 from sr_core.codecs import INPUT_EXTENSIONS, read_image, to_rgb8
-from sr_core.resize import imresize
+from sr_core.datasets import hr_key, read_list
+from sr_core.errors import strip_url
+from sr_core.resize import imresize, mod_crop
 
 Upscale = Callable[[np.ndarray], np.ndarray]
 
@@ -81,12 +83,6 @@ class Method:
     primary: bool = False
     """For models: the row the model file's own settings give (a multi-head model has
     one per head and one for the head mean; its saved ``output_head`` is primary)."""
-
-
-def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
-    """Crop the bottom/right so both sides are multiples of ``scale`` (the SR convention)."""
-    h, w = image.shape[:2]
-    return image[: h - h % scale, : w - w % scale]
 
 
 def bicubic_upscaler(scale: int) -> Upscale:
@@ -199,26 +195,6 @@ def _relative(root: str, url: str) -> str:
         return url
 
 
-def _list_file(source: str) -> list[tuple[str, str]]:
-    """(name as written, URL) for each line of a text file listing images; relative
-    entries are relative to the list's folder."""
-    from sr_core import storage
-
-    try:
-        text = storage.read_bytes(source).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{source}: a set list must be UTF-8 text, one image path per line") from None
-    folder = posixpath.dirname(source)
-    entries = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        url = entry if "://" in entry or entry.startswith("/") else storage.join(folder, entry)
-        entries.append((entry, url))
-    return entries
-
-
 def set_name(source: str) -> str:
     """A set's display name: the folder's, list's (without .txt) or image's base name."""
     base = posixpath.basename(source.rstrip("/")) or source
@@ -240,7 +216,7 @@ def list_set(source: str, lr_source: str | None = None, scale: int | None = None
     if fs.isdir(path):
         files = _folder_files(source, "", image_set)
     elif source.lower().endswith(LIST_SUFFIX):
-        files = _list_file(source)
+        files = read_list(source)
     else:
         files = [(posixpath.basename(path), source)]
     if not files and not image_set.failures:
@@ -251,7 +227,7 @@ def list_set(source: str, lr_source: str | None = None, scale: int | None = None
         if lr_index is None:
             image_set.items.append(SetItem(name, url))
             continue
-        key = _pair_key(name, scale)
+        key = hr_key(name, scale)
         if key not in lr_index:
             stem = posixpath.splitext(name)[0]
             image_set.failures.append((name, f"no LR image for it in {lr_source} (looked for {stem}.* and "
@@ -259,13 +235,6 @@ def list_set(source: str, lr_source: str | None = None, scale: int | None = None
             continue
         image_set.items.append(SetItem(name, url, lr_index[key]))
     return image_set
-
-
-def _pair_key(name: str, scale: int | None) -> str:
-    stem = posixpath.splitext(name)[0]
-    if scale is not None:
-        stem = re.sub(rf"[xX]{scale}$", "", stem)
-    return stem
 
 
 def _lr_index(lr_source: str, scale: int | None, image_set: ImageSet) -> dict[str, str]:
@@ -276,7 +245,7 @@ def _lr_index(lr_source: str, scale: int | None, image_set: ImageSet) -> dict[st
         raise FileNotFoundError(f"{lr_source}: no such LR folder or prefix")
     index: dict[str, str] = {}
     for name, url in _folder_files(lr_source, "LR: ", image_set):
-        index.setdefault(_pair_key(name, scale), url)
+        index.setdefault(hr_key(name, scale), url)
     return index
 
 
@@ -409,15 +378,9 @@ def evaluate_set(image_set: ImageSet, methods: list[Method], scale: int, crop_bo
 
 def failure_reason(exc: Exception, item: SetItem) -> str:
     """The reason, without the URL our errors start with (the report names the image)."""
-    message = str(exc)
-    for url in (item.hr, item.lr):
-        if url and message.startswith(url + ": "):
-            message = message[len(url) + 2:]
-            if url == item.lr:
-                message = f"its LR image {url}: {message}"
-    if isinstance(exc, (ValueError, FileNotFoundError)):
-        return message
-    return f"{type(exc).__name__}: {message}"
+    if item.lr and str(exc).startswith(item.lr + ": "):
+        return f"its LR image {item.lr}: {strip_url(exc, item.lr)}"
+    return strip_url(exc, item.hr)
 
 
 # ---------------------------------------------------------------- summaries

@@ -206,3 +206,10 @@ def _resize_dim_torch(x: torch.Tensor, dim: int, weights: np.ndarray, indices: n
         term = weights_t[:, tap].view(shape) * x.index_select(dim, indices_t[:, tap])
         out = term if out is None else out + term
     return out
+
+
+def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right so both sides are multiples of ``scale`` (the SR convention:
+    an HR image whose LR image is exactly 1/scale of it)."""
+    h, w = image.shape[:2]
+    return image[: h - h % scale, : w - w % scale]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fnmatch
 import functools
 import hashlib
 import logging
@@ -463,6 +464,19 @@ def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str
     if hidden is not None:
         hidden.sort()
     return sorted(out)
+
+
+def matches_glob(rel: str, globs: Iterable[str]) -> bool:
+    """Whether a relative path matches one of ``globs`` (fnmatch, case-sensitive as
+    object keys are; ``*`` also crosses ``/``)."""
+    return any(fnmatch.fnmatchcase(rel, g) for g in globs)
+
+
+def selected(rel: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
+    """``--include`` / ``--exclude``: kept when it matches an include glob (or none are
+    given) and no exclude glob."""
+    include = tuple(include)
+    return (not include or matches_glob(rel, include)) and not matches_glob(rel, exclude)
 
 
 def printable(text: str) -> str:

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+from sr_core.precision import PRECISIONS, choose_precision
+
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Context pixels (input resolution) seen beyond each tile's core. ESRGAN's effective
@@ -88,24 +89,6 @@ def choose_device(requested: str | torch.device | None = "auto") -> torch.device
                                      and torch.backends.mps.is_available()):
         raise ValueError(f"--device {requested}: MPS is not available here; use --device cpu (or auto)")
     return device
-
-
-def choose_precision(device_type: str, capability: tuple[int, int] | None = None) -> str:
-    """The automatic precision for a device (pure: testable without the device).
-
-    ``capability`` is CUDA's (major, minor) compute capability; ignored elsewhere.
-    """
-    if device_type == "cuda":
-        if capability is None:
-            raise ValueError("choose_precision: CUDA needs the device's compute capability")
-        if capability[0] >= 8:
-            return "bf16"
-        if capability[0] == 7:
-            return "fp16"
-        return "fp32"
-    # MPS: fp16 autocast exists but its numerics for this model are unverified; CPU:
-    # bf16 autocast is slower than fp32 on CPUs without AMX.
-    return "fp32"
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

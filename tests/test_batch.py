@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from sr_core import codecs, metrics, storage
-from sr_core.main import main
+from sr_cli.main import main
 from sr_core.resize import imresize
 from sr_core.upscaler import Upscaler
 
@@ -238,7 +238,7 @@ def test_sigkill_midway_then_rerun_finishes_only_what_is_missing(ray_address, mo
 
     # Its own driver process on the session's Ray (as `ray job submit` would run it).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sr_core.main", "batch", str(src), str(dst), "--model", model_file, "--tile", "8",
+        [sys.executable, "-m", "sr_cli", "batch", str(src), str(dst), "--model", model_file, "--tile", "8",
          "--batch-size", "1", "--encode-threads", "1", "--address", ray_address, "--run-id", "killed", "-q"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -366,15 +366,15 @@ def test_what_cannot_run_exits_2_with_one_line_before_ray(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["batch", "in", "out", "--model", "m", "--actors", "3,1"])
     assert exc.value.code == 2
-    help_text = subprocess.run([sys.executable, "-m", "sr_core.main", "batch", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "sr_cli", "batch", "--help"], capture_output=True,
                                text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
     for token in ("exit codes:", "0  every image", "1  some inputs failed", "2  the job could not run",
                   "--address", "--actors MIN,MAX", "--reference"):
         assert token in help_text
 
 
-def test_listing_filters_manifests_resume_and_limit(tmp_path):
-    from batch.inputs import list_work
+def test_batch_plan_filters_manifests_resume_and_limit(tmp_path):
+    from batch.inputs import plan_batch
 
     src, out = tmp_path / "in", tmp_path / "out"
     for rel in ("a.png", "b.jpg", "drafts/c.png", "keep/d.webp", "keep/e.tif", "notes.txt"):
@@ -383,31 +383,31 @@ def test_listing_filters_manifests_resume_and_limit(tmp_path):
     (out / "keep").mkdir(parents=True)
     (out / "keep" / "d_sr.png").write_bytes(b"done earlier")
 
-    listing = list_work(str(src), str(out), "_sr", ".png", exclude=("drafts/*",))
-    assert sorted(t.output for t in listing.todo) == sorted(str(out / r) for r in ("a_sr.png", "b_sr.png",
+    plan = plan_batch(str(src), str(out), "_sr", ".png", exclude=("drafts/*",))
+    assert sorted(t.output for t in plan.todo) == sorted(str(out / r) for r in ("a_sr.png", "b_sr.png",
                                                                                  "keep/e_sr.png"))
-    assert (listing.num_found, listing.num_skipped, listing.num_left) == (4, 1, 0)
-    listing = list_work(str(src), str(out), "_sr", ".png", include=("keep/*",), overwrite=True)
-    assert [os.path.basename(t.input) for t in listing.todo] == ["d.webp", "e.tif"]
-    listing = list_work(str(src), str(out), "_sr", ".jpg", limit=2)
-    assert len(listing.todo) == 2 and listing.num_left == 3 and listing.num_skipped == 0
+    assert (plan.num_found, plan.num_skipped, plan.num_left) == (4, 1, 0)
+    plan = plan_batch(str(src), str(out), "_sr", ".png", include=("keep/*",), overwrite=True)
+    assert [os.path.basename(t.input) for t in plan.todo] == ["d.webp", "e.tif"]
+    plan = plan_batch(str(src), str(out), "_sr", ".jpg", limit=2)
+    assert len(plan.todo) == 2 and plan.num_left == 3 and plan.num_skipped == 0
 
     # Manifests: entries relative to the manifest's folder; outputs keep the path below
     # the entries' common folder; two inputs with one output name are a failure.
     (tmp_path / "list.txt").write_text("# a comment\nin/keep/e.tif\n\nin/drafts/c.png\n" + f"{src / 'a.png'}\n")
-    listing = list_work(str(tmp_path / "list.txt"), str(out), "_sr", ".png")
-    assert sorted(t.output for t in listing.todo) == sorted(str(out / r) for r in ("keep/e_sr.png",
+    plan = plan_batch(str(tmp_path / "list.txt"), str(out), "_sr", ".png")
+    assert sorted(t.output for t in plan.todo) == sorted(str(out / r) for r in ("keep/e_sr.png",
                                                                                  "drafts/c_sr.png", "a_sr.png"))
     pd.DataFrame({"path": [str(src / "a.png"), str(src / "keep" / "a.png")]}).to_parquet(tmp_path / "m.parquet")
     (src / "keep" / "a.png").write_bytes(b"x")
-    listing = list_work(str(tmp_path / "m.parquet"), str(out), "", ".png")
-    assert [t.output for t in listing.todo] == [str(out / "a.png"), str(out / "keep" / "a.png")]
+    plan = plan_batch(str(tmp_path / "m.parquet"), str(out), "", ".png")
+    assert [t.output for t in plan.todo] == [str(out / "a.png"), str(out / "keep" / "a.png")]
     (tmp_path / "mixed.txt").write_text(f"{src / 'a.png'}\ngs://bucket/x.png\n")
     with pytest.raises(ValueError, match="mix storage schemes"):
-        list_work(str(tmp_path / "mixed.txt"), str(out), "_sr", ".png")
+        plan_batch(str(tmp_path / "mixed.txt"), str(out), "_sr", ".png")
     (tmp_path / "bad.csv").write_text("file\nx.png\n")
     with pytest.raises(ValueError, match="'path' column"):
-        list_work(str(tmp_path / "bad.csv"), str(out), "_sr", ".png")
+        plan_batch(str(tmp_path / "bad.csv"), str(out), "_sr", ".png")
 
 
 def test_results_are_checkpointed_while_running_and_summary_comes_last(tmp_path):

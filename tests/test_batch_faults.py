@@ -20,7 +20,7 @@ from PIL import Image
 
 from faultproxy import FaultProxy, FaultRates
 from sr_core import codecs, metrics
-from sr_core.main import main
+from sr_cli.main import main
 from sr_core.resize import imresize
 from sr_core.upscaler import Upscaler
 

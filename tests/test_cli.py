@@ -1,16 +1,20 @@
-"""The `sr` command itself: subcommands discovered through the entry-point group, and
-`sr --help` kept instant (no torch import until a subcommand runs)."""
+"""The `sr` command itself: one table of every command, `sr --help` kept instant (no torch
+import until a subcommand runs), and the layering of the packages."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_help_lists_every_package_and_imports_no_torch():
     code = (
         "import sys\n"
-        "from sr_core.main import build_parser\n"
+        "from sr_cli.main import build_parser\n"
         "help_text = build_parser().format_help()\n"
         "print(sorted(m for m in ('torch', 'ray', 'deepspeed', 'accelerate') if m in sys.modules))\n"
         "print(help_text)\n"
@@ -19,10 +23,36 @@ def test_help_lists_every_package_and_imports_no_torch():
     assert done.returncode == 0, done.stderr
     heavy, _, help_text = done.stdout.partition("\n")
     assert heavy == "[]"
-    for command in ("convert", "interpolate", "upscale", "eval", "prepare", "batch"):
-        assert command in help_text
+    for command in ("upscale", "batch", "eval", "convert", "interpolate", "prepare", "train", "cloud", "tensorboard"):
+        assert f"\n    {command}" in help_text, command
 
 
 def test_missing_subcommand_is_a_usage_error():
-    done = subprocess.run([sys.executable, "-m", "sr_core.main"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "sr_cli"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "usage: sr" in done.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports (at any depth of the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_parses_no_arguments_and_packages_use_no_other_command_module():
+    # sr_core is what a Python user imports: the command line lives in sr_cli.
+    for path in sorted((REPO / "sr_core").rglob("*.py")):
+        assert not {"argparse", "sr_cli"} & _imports(path), path
+    # jobs, batch and infra keep the parsers of their own commands; none imports another
+    # package's command module (sr_cli.options holds the option groups they share).
+    command_modules = {"jobs.cli", "batch.cli", "infra.cli", "sr_cli.main", "sr_cli.upscale", "sr_cli.evaluate",
+                       "sr_cli.models"}
+    for package in ("jobs", "batch", "infra"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            foreign = {m for m in _imports(path) if m in command_modules and not m.startswith(package + ".")}
+            assert not foreign, f"{path} imports {sorted(foreign)}"

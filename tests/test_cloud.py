@@ -57,7 +57,7 @@ def offline_env(tmp_path, monkeypatch):
 def sr(capsys):
     """``sr ARGS`` in this process (what the `sr` entry point runs), with its exit code and
     output; dry runs contact nothing, so no child process is needed."""
-    from sr_core.main import main
+    from sr_cli.main import main
 
     def run(args):
         capsys.readouterr()
@@ -423,7 +423,7 @@ def test_tensorboard_target_resolution(tmp_path, gcs_emulator):
 
 
 def test_help_lists_cloud_commands_and_imports_no_engine():
-    code = ("import sys\nfrom sr_core.main import build_parser\ntext = build_parser().format_help()\n"
+    code = ("import sys\nfrom sr_cli.main import build_parser\ntext = build_parser().format_help()\n"
             "print(sorted(m for m in ('torch', 'ray', 'sky', 'tensorboard', 'yaml') if m in sys.modules))\n"
             "print(text)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -460,7 +460,7 @@ def _doc_commands() -> list[str]:
 
 
 def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_env, sr, monkeypatch):
-    from sr_core.main import build_parser
+    from sr_cli.main import build_parser
 
     commands = _doc_commands()
     cloud = [c for c in commands if c.startswith("sr cloud ")]

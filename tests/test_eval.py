@@ -26,9 +26,10 @@ from torch import nn
 
 from sr_core import build_generator, metrics, save_generator
 from sr_core.codecs import read_image, write_image
-from sr_core.eval_figures import PANEL, bar_chart_size, grid_size, panel_origin
-from sr_core.evaluate import baseline, evaluate_set, list_set, mod_crop, model_methods, run_methods, summarize
-from sr_core.main import main as sr_main
+from sr_cli.eval_figures import PANEL, bar_chart_size, grid_size, panel_origin
+from sr_core.evaluate import baseline, evaluate_set, list_set, model_methods, run_methods, summarize
+from sr_core.resize import mod_crop
+from sr_cli.main import main as sr_main
 from sr_core.resize import imresize
 
 IMAGES = Path(__file__).resolve().parents[1] / "assets" / "images"

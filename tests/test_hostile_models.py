@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from sr_core import build_generator, load_generator, save_generator
-from sr_core.main import main as sr_main
+from sr_cli.main import main as sr_main
 from sr_core.modelfile import ModelFileError, read_metadata
 
 pytestmark = pytest.mark.faults_full

@@ -39,7 +39,7 @@ def cut_photos(folder: Path, count: int, side: int) -> dict[str, np.ndarray]:
 
 
 def run_sr(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sr_core.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sr_cli", *args], capture_output=True, text=True,
                           timeout=120, **kwargs)
 
 
@@ -119,7 +119,7 @@ def test_prepare_resumes_after_sigkill_and_equals_a_clean_run(tmp_path):
     num_units = 16
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sr_core.main", "prepare", args[0], str(killed), *args[1:]],
+    proc = subprocess.Popen([sys.executable, "-m", "sr_cli", "prepare", args[0], str(killed), *args[1:]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     while len(list((killed / "units").glob("*.json"))) < 3:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.prepare import PrepareSettings, prepare
 from sr_core import build_generator, save_generator, storage
-from sr_core.main import main as sr_main
+from sr_cli.main import main as sr_main
 
 pytestmark = pytest.mark.faults_full
 
@@ -170,7 +170,7 @@ def test_16k_input_at_x4_is_refused_up_front_with_the_memory_it_would_need(tmp_p
     import resource
 
     from hostile_corpus import png_bytes
-    from sr_core.upscale_cli import memory_needed
+    from sr_core.memory import memory_needed
 
     torch.manual_seed(0)
     model = str(tmp_path / "x4.safetensors")

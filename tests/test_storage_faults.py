@@ -161,7 +161,7 @@ def test_upscale_stops_at_an_outage_naming_the_object_and_a_rerun_finishes(gcs_e
     import torch
 
     from sr_core import build_generator, save_generator
-    from sr_core.main import main as sr_main
+    from sr_cli.main import main as sr_main
 
     torch.manual_seed(0)
     model = str(tmp_path / "m.safetensors")

@@ -46,7 +46,7 @@ def _env(threads: int | None = 1) -> dict:
 
 
 def sr(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "sr_core.main", *args], env=_env(), capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "sr_cli", *args], env=_env(), capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result

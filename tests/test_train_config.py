@@ -22,7 +22,7 @@ from jobs.config import (
     to_dict,
 )
 from jobs.train import learning_rate
-from sr_core.main import main as sr_main
+from sr_cli.main import main as sr_main
 
 
 def test_sections_tuples_lists_and_json(tmp_path):

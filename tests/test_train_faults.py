@@ -17,7 +17,7 @@ import torch
 from faultproxy import FaultProxy, FaultRates
 from jobs import checkpoint as ckpt
 from jobs.train import main as train_main
-from sr_core.main import main as sr_main
+from sr_cli.main import main as sr_main
 from test_train import COMMON, _env, assert_same_state, data, scalars  # noqa: F401  (data: the fixture)
 
 pytestmark = pytest.mark.faults_full

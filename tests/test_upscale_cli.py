@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sr_core import build_generator, codecs, save_generator
-from sr_core.main import main
+from sr_cli.main import main
 
 IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ BAD = {"trip/broken.png": "truncated", "trip/empty.jpg": "empty file", "notes.pn
 def test_folder_with_bad_files_in_a_real_process(photo_folder, model_file, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "sr_core.main", "upscale", str(photo_folder), "-o", str(out), "--model", model_file,
+        [sys.executable, "-m", "sr_cli", "upscale", str(photo_folder), "-o", str(out), "--model", model_file,
          "--tile", "16"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -240,7 +240,7 @@ def test_ctrl_c_finishes_what_was_written_and_a_rerun_does_the_rest(tmp_path):
     src.mkdir()
     for i in range(24):
         small_photo("coffee.png", (96, 64)).save(src / f"img{i:02d}.png")
-    sr = [sys.executable, "-m", "sr_core.main", "upscale", str(src), "-o", str(out), "--model", model]
+    sr = [sys.executable, "-m", "sr_cli", "upscale", str(src), "-o", str(out), "--model", model]
     proc = subprocess.Popen(sr, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out.exists() and any(out.iterdir())) and time.time() < deadline and proc.poll() is None:

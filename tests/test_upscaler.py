@@ -16,11 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from sr_core import build_generator, save_generator
+from sr_core.precision import choose_precision
 from sr_core.resize import imresize
 from sr_core.upscaler import (
     AxisWindow,
     Upscaler,
-    choose_precision,
     choose_tile,
     plan_axis,
 )

@@ -1,12 +1,12 @@
-"""sr_core's subcommands: convert, interpolate, and (from their own files) upscale and eval.
-Heavy imports stay inside the handlers so ``sr --help`` is instant."""
+"""``sr convert`` and ``sr interpolate``: model files in, model files out. Heavy imports
+(torch) stay inside the handlers so ``sr --help`` is instant."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a generator file (ours, BasicSR/Real-ESRGAN or old ESRGAN .pth) to ours, or ours to BasicSR .pth",
@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_convert)
 
+
+def add_interpolate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "interpolate",
         help="network interpolation of two generators: (1 - alpha) * A + alpha * B",
@@ -40,12 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=run_interpolate)
-
-    from sr_core.eval_cli import add_eval_parser
-    from sr_core.upscale_cli import add_upscale_parser
-
-    add_upscale_parser(sub)
-    add_eval_parser(sub)
 
 
 def _refuse_existing(url: str, overwrite: bool) -> None:

@@ -19,7 +19,7 @@ import sys
 DEFAULT_BASELINES = "nearest,bicubic"
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="compare models and interpolation baselines on HR image sets: PSNR/SSIM/MSE tables and figures",
@@ -104,14 +104,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "x"
 
 
-def _strip_source(message: str, source: str) -> str:
-    return message[len(source) + 2:] if message.startswith(source + ": ") else message
-
-
 def run_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sr_core import eval_report, evaluate, modelfile, storage
+    from sr_cli import eval_report
+    from sr_core import evaluate, modelfile, storage
+    from sr_core.errors import strip_url
 
     if not args.inputs and not args.paired:
         raise ValueError("give at least one HR set (a folder, prefix, image or .txt list) or --paired HR LR")
@@ -156,7 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
         try:
             image_set = evaluate.list_set(source, lr_source, scale)
         except (FileNotFoundError, ValueError, OSError) as exc:  # one bad set is reported, the rest scored
-            report.set_errors.append((source, _strip_source(str(exc), source)))
+            report.set_errors.append((source, strip_url(exc, source)))
             continue
         base, n = image_set.name, 1
         while image_set.name in used_names:  # two sets named alike (a/Set5, b/Set5)
@@ -212,7 +210,9 @@ def _check_writable(out: str) -> None:
 
 
 def _write_figures(report, out: str, count: int) -> None:
-    from sr_core import eval_figures, eval_report, evaluate, storage
+    from sr_cli import eval_figures
+    from sr_cli import eval_report
+    from sr_core import evaluate, storage
 
     primary = next((m for m in report.methods if m.kind == "model" and m.primary), None)
     slugs: set[str] = set()

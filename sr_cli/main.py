@@ -1,0 +1,56 @@
+"""The ``sr`` entry point: the table of commands and the exit-code policy.
+
+Every command module imports only argparse and light helpers at the top; heavy imports
+(torch, ray, deepspeed) happen inside the handler that runs, so ``sr --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from batch import cli as batch_cli
+from infra import cli as infra_cli
+from jobs import cli as jobs_cli
+from sr_cli import evaluate, models, upscale
+from sr_core.errors import run_command
+
+# Every command, in the order `sr --help` lists them: name -> the function that adds its
+# parser (with its handler as ``func``) to the subcommand table.
+COMMANDS = {
+    "upscale": upscale.add_parser,
+    "batch": batch_cli.add_parser,
+    "eval": evaluate.add_parser,
+    "convert": models.add_convert_parser,
+    "interpolate": models.add_interpolate_parser,
+    "prepare": jobs_cli.add_prepare_parser,
+    "train": jobs_cli.add_train_parser,
+    "cloud": infra_cli.add_cloud_parser,
+    "tensorboard": infra_cli.add_tensorboard_parser,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sr",
+        description="sr-cloud: ESRGAN super-resolution — models, training, batch upscaling.",
+        epilog="exit codes: 0 done, 1 some inputs failed (the rest done), 2 usage or input error, "
+               "75 storage unreachable (rerun to resume), 130 interrupted",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add_parser in COMMANDS.values():
+        add_parser(sub)
+    # `sr cloud batch` checks the `sr batch` options it will submit with this same parser
+    # (handed over here, so infra imports no other package's command module).
+    parser.set_defaults(sr_parser=parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(f"sr {args.command}", lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The exit-code policy every command shares (``sr ...`` and ``python -m jobs.train``,
+which is what training VMs run), and the small helpers that turn exceptions into the
+one-line reports the commands print.
+
+Exit codes: 0 done; 1 some inputs failed (each reported, the rest done); 2 a usage or
+input error (one line naming the input and the fix); 75 storage unreachable or down
+past the retry budget (sysexits' EX_TEMPFAIL: rerun the same command to resume); 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75
+EXIT_INTERRUPTED = 130
+
+# Writes that fail with these fail for every later write too: a full, over-quota,
+# too-large or read-only destination. Commands stop at the first one instead of
+# computing everything that is left.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+
+
+def is_unwritable(exc: BaseException) -> bool:
+    """An OSError that every later write to the same place would hit too."""
+    return isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code for an exception that ends a command with a one-line message, or
+    None for one that is a bug (its traceback is shown)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, ConnectionError):  # storage.StorageError included
+        return EXIT_TEMPFAIL
+    if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                        IsADirectoryError, NotADirectoryError)):
+        return EXIT_USAGE
+    if is_unwritable(exc):
+        return EXIT_USAGE
+    return None
+
+
+def message(exc: BaseException) -> str:
+    """One line for the user: OSErrors without their errno prefix, no traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        # "[Errno 28] No space left on device: 'x'" -> "x: No space left on device"
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def run_command(prog: str, func: Callable[[], int | None]) -> int:
+    """Run one command under the policy: its return value is the exit code; the
+    exceptions above become one line on stderr (``PROG: error: ...``) and their code."""
+    try:
+        return int(func() or 0)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below unless the policy maps it
+        code = exit_code(exc)
+        if code is None:
+            raise
+        print(f"{prog}: {'error: ' if code != EXIT_INTERRUPTED else ''}{message(exc)}", file=sys.stderr)
+        return code
+
+
+def strip_url(exc: BaseException, url: str) -> str:
+    """The reason an input failed, for a report line that names the input already: our
+    errors start with ``URL: ``, which is dropped; exceptions other than ValueError and
+    FileNotFoundError keep their type name (they are less expected)."""
+    text = str(exc)
+    if url and text.startswith(url + ": "):
+        text = text[len(url) + 2:]
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
