@@ -12,8 +12,8 @@ returns a row of numbers. Why the encoding lives in the actor and not in a CPU s
 of its own is measured in bench/bench_batch.py (docs/PERFORMANCE.md): a separate
 stage moves every output (~106 MB for a 2K frame at x4, 16x its input) through the
 object store, where at GPU rates it spills to disk or crosses the network, and
-locally it was no faster (48 images: 39.3 s vs 39.7 s; the actor already overlaps
-encoding with the next image in background threads). So the actor holds threads for
+locally it was no faster (the actor already overlaps encoding with the next image in
+background threads). So the actor holds threads for
 encoding (Pillow's zlib and libjpeg encoders release the GIL), and the CPUs they need
 are reserved with it (``cpus_per_actor``; docs/BATCH.md sizes them per GPU).
 

@@ -1,8 +1,12 @@
 """sr_core: ESRGAN models, losses, metrics, resize, model files and the Upscaler.
 
-Plain PyTorch + Pillow + numpy + safetensors + fsspec; never imports accelerate,
-deepspeed or ray. The public names below are imported on first use, so that
-``import sr_core.cli`` (and with it ``sr --help``) does not pay for importing torch.
+What a Python user imports: architectures (``archs/``), losses, metrics, resize,
+degradations, codecs, model files, storage, the Upscaler, the output naming shared by
+``sr upscale`` and ``sr batch`` (``outputs``), evaluation. Plain PyTorch + Pillow +
+numpy + safetensors + fsspec; never imports accelerate, deepspeed or ray, and parses no
+arguments (the ``sr`` command is ``sr_cli``). The public names below are imported on
+first use, so that the light modules (``errors``, ``precision``) that the command line
+needs for ``sr --help`` do not pay for importing torch.
 """
 
 from importlib import import_module

@@ -48,10 +48,6 @@ _FORMAT_ALIASES = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
-# Pillow's own bomb check (a warning above 89 Mpx, an error above 179 Mpx) would make
-# our configurable limit impossible to raise; ``decode_image`` checks the header size
-# against ``max_pixels`` before any pixel is decoded instead.
-Image.MAX_IMAGE_PIXELS = None
 
 _MAGIC = [
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -80,6 +76,18 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def allow_pillow(max_pixels: int | None) -> None:
+    """Pillow has a bomb check of its own, process-wide: a warning above 89 Mpx, an error
+    above twice that, at ``Image.open``. Our limit is checked against the header before
+    any pixel is decoded and can be raised per call, so Pillow's is raised to the largest
+    limit a caller has asked for (never lowered, and left alone until a decode asks),
+    and its warning does not fire for images within it."""
+    wanted = None if max_pixels is None else max_pixels + 1
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and (wanted is None or wanted > current):
+        Image.MAX_IMAGE_PIXELS = wanted
+
+
 def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to an array (see the module docstring for shapes and dtypes).
 
@@ -89,6 +97,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
     """
     if not data:
         raise ImageDecodeError(f"{name}: empty file (0 bytes), not an image")
+    allow_pillow(max_pixels)
     claimed = sniff_format(data)
     try:
         img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)

@@ -24,8 +24,9 @@ The baselines, precisely:
   at an integer scale ``nearest`` repeats every LR pixel scale x scale times.
 
 A model is run through ``Upscaler`` (tiling, padding, 8-bit output). A multi-head model
-gives one method per head and one for the mean of its heads. Everything here is plain
-numpy/torch/Pillow: no I/O beyond reading images through ``sr_core.codecs``.
+gives one method per head and one for the mean of its heads. Images are read through
+``sr_core.codecs`` and sets listed through ``sr_core.storage``; nothing here writes
+(the ``sr eval`` command writes the reports).
 """
 
 from __future__ import annotations

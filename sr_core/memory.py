@@ -32,17 +32,23 @@ WORKING_MEMORY = 256 * 2**20
 
 def memory_needed(height: int, width: int, bands: int, sample_bytes: int, scale: int,
                   outscale: float | None) -> int:
-    """Peak host bytes to upscale one image: the decoded input, three times the output
-    at the network's scale (the Upscaler's assembly peaks under twice it, the encoder
-    holds one more copy), 256 MiB of working memory (tiles, buffers), and, with another
-    --outscale, the resized output (the banded resize peaks at about 1.55x). Measured
-    by bench/bench_upscale_memory.py: a 2048x2048 input at x4 peaks 2.7x its output
-    above an idle run."""
+    """Peak host bytes to upscale one image (docs/PERFORMANCE.md has the measurements):
+    the decoded input and 256 MiB of working memory (tiles, buffers), plus
+
+    - at the network's scale: three times its output (the Upscaler's assembly peaks
+      under twice it, the encoder holds one more copy);
+    - with another ``outscale``: the network's output beside the resized one while the
+      banded resize runs (it peaks at about 1.55 times the resized output), or twice the
+      network's output during assembly, whichever is larger; then the resized output
+      and the encoder's copy of it.
+    """
     sample = bands * sample_bytes
-    need = height * width * sample + 3 * height * width * scale * scale * sample + WORKING_MEMORY
-    if outscale is not None and outscale != scale:
-        need += int(1.55 * round(height * outscale) * round(width * outscale) * sample)
-    return need
+    network = height * width * scale * scale * sample
+    need = height * width * sample + WORKING_MEMORY
+    if outscale is None or outscale == scale:
+        return need + 3 * network
+    final = round(height * outscale) * round(width * outscale) * sample
+    return need + max(2 * network, network + int(1.55 * final)) + final
 
 
 def read_within_memory(url: str, max_pixels: int | None, limit: int | None, scale: int,
@@ -52,6 +58,7 @@ def read_within_memory(url: str, max_pixels: int | None, limit: int | None, scal
     data = codecs.read_image_bytes(url)
     if limit is not None:
         try:
+            codecs.allow_pillow(max_pixels)
             header = Image.open(io.BytesIO(data), formats=codecs.DECODE_FORMATS)
             (width, height), mode = header.size, header.mode
         except Exception:  # not an image: decode_image says why

@@ -28,16 +28,6 @@ from urllib.parse import unquote, urlsplit
 
 from fsspec.core import url_to_fs
 
-# gcsfs 2026.x probes each bucket over gRPC for hierarchical-namespace support unless
-# told not to, which hangs for a minute per operation against the emulator and on
-# networks without gRPC egress. It must be set before gcsfs is imported.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-# google-auth asks the GCE metadata server whether it runs on GCE: 3 attempts of 3 s
-# each by default, read when google.auth is imported. On GCE the server answers in
-# milliseconds; elsewhere those seconds are pure waiting.
-os.environ.setdefault("GCE_METADATA_TIMEOUT", "2")
-os.environ.setdefault("GCE_METADATA_DETECT_RETRIES", "2")
-
 logger = logging.getLogger("sr_core.storage")
 # fsspec's read-ahead logs each failed fetch at ERROR level (three lines, no names)
 # before it re-raises the error; ours names the object, so those lines are noise.
@@ -90,6 +80,7 @@ def get_fs(url: str):
     endpoint cannot be reached."""
     if not is_gcs(url):
         return url_to_fs(url)
+    _gcs_environment()
     try:
         options = _gcs_options(os.environ.get("STORAGE_EMULATOR_HOST", ""), os.environ.get("SR_GCS_ANON", ""))
     except StorageError as exc:
@@ -97,6 +88,20 @@ def get_fs(url: str):
     fs, path = url_to_fs(url, **options)
     _use_our_retries(fs)
     return fs, path
+
+
+def _gcs_environment() -> None:
+    """Settings gcsfs and google-auth read once, when they are imported (here, on the
+    first gs:// URL; a value the user set is kept)."""
+    # gcsfs 2026.x probes each bucket over gRPC for hierarchical-namespace support unless
+    # told not to, which hangs for a minute per operation against the emulator and on
+    # networks without gRPC egress.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    # google-auth asks the GCE metadata server whether it runs on GCE: 3 attempts of 3 s
+    # each by default. On GCE the server answers in milliseconds; elsewhere those
+    # seconds are pure waiting.
+    os.environ.setdefault("GCE_METADATA_TIMEOUT", "2")
+    os.environ.setdefault("GCE_METADATA_DETECT_RETRIES", "2")
 
 
 @functools.lru_cache(maxsize=None)

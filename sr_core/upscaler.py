@@ -43,9 +43,9 @@ _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OVERLAP = 16
 # Windows per forward pass. On a GPU small windows underfill the device, and a batch
 # of them fills it without one huge window's activation peak. On a CPU the convolutions
-# already keep every core busy with one window, and a batch of windows is measured
-# ~8% slower per window (it falls out of cache) at several times the activation memory
-# (bench/bench_upscaler.py), so CPUs take one window per forward pass by default.
+# already keep every core busy with one window, and a batch of windows is slower per
+# window (it falls out of cache) at several times the activation memory
+# (bench/bench_upscaler.py, docs/PERFORMANCE.md), so CPUs take one window per forward pass.
 DEFAULT_TILES_PER_BATCH_ACCELERATOR = 4
 DEFAULT_TILES_PER_BATCH_CPU = 1
 # Activation memory a batch of windows may use when the tile size is chosen

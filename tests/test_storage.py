@@ -47,3 +47,18 @@ def test_write_list_relative_keys_round_trip(tmp_path, where, request):
     assert storage.size(storage.join(root, "notes.txt")) == 4
     with pytest.raises(FileNotFoundError, match="missing"):
         storage.list_files(storage.join(root, "missing"))
+
+
+def test_our_bounded_retries_replace_gcsfs_own_requests(gcs_emulator):
+    # storage replaces gcsfs's per-request retry decorator on each instance; it relies on
+    # private gcsfs methods, so pyproject pins the gcsfs releases this was checked
+    # against, and a release that renames them fails here rather than silently going
+    # back to gcsfs's minute-long silent retries.
+    bucket = gcs_emulator.make_bucket()
+    fs, _ = storage.get_fs(bucket + "/x")
+    cls = type(fs)
+    for name in ("_request", "_get_file_request", "_get_file_concurrent"):
+        assert hasattr(getattr(cls, name), "__wrapped__"), f"gcsfs.{cls.__name__}.{name} has no retry decorator"
+        assert name in vars(fs), f"{name} is still gcsfs's own on this instance"
+    storage.write_bytes(bucket + "/x", b"abc")
+    assert storage.read_bytes(bucket + "/x") == b"abc"
