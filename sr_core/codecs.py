@@ -29,6 +29,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,31 +78,37 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def allow_pillow(max_pixels: int | None) -> None:
-    """Pillow has a bomb check of its own, process-wide: a warning above 89 Mpx, an error
-    above twice that, at ``Image.open``. Our limit is checked against the header before
-    any pixel is decoded and can be raised per call, so Pillow's is raised to the largest
-    limit a caller has asked for (never lowered, and left alone until a decode asks),
-    and its warning does not fire for images within it."""
-    wanted = None if max_pixels is None else max_pixels + 1
-    current = Image.MAX_IMAGE_PIXELS
-    if current is not None and (wanted is None or wanted > current):
-        Image.MAX_IMAGE_PIXELS = wanted
+# Guards Pillow's process-wide limit while open_image changes it.
+_PILLOW_LIMIT = threading.Lock()
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes to an array (see the module docstring for shapes and dtypes).
+def open_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open image bytes with Pillow (header parsed, no pixels decoded yet) and refuse an
+    image above ``max_pixels`` (``ImageTooLargeError``) or one that is not an image in a
+    supported format (``ImageDecodeError``).
 
-    ``name`` is only used in error messages. ``max_pixels=None`` disables the
-    decompression-bomb guard. Raises ``ImageDecodeError`` (a ValueError) for empty,
-    truncated, corrupt or non-image bytes and ``ImageTooLargeError`` above the limit.
-    """
-    if not data:
-        raise ImageDecodeError(f"{name}: empty file (0 bytes), not an image")
-    allow_pillow(max_pixels)
+    Pillow has a bomb check of its own, process-wide (``Image.MAX_IMAGE_PIXELS``: a
+    warning above 89 Mpx, an error above twice that). Ours is per call and can be
+    raised, so Pillow's is raised to the largest limit a caller has asked for — never
+    lowered, left alone until a decode asks — its warning is not passed on (our check
+    follows at once), and its error becomes ours."""
+    with _PILLOW_LIMIT:
+        if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
+            Image.MAX_IMAGE_PIXELS = max_pixels
     claimed = sniff_format(data)
     try:
-        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+    except Image.DecompressionBombError:
+        # Pillow refuses above twice its limit without saying the size; ours names it
+        # (the header alone is read again, with Pillow's check off for that moment).
+        with _PILLOW_LIMIT:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
     except UnidentifiedImageError:
         if claimed:
             raise ImageDecodeError(f"{name}: truncated or corrupt {claimed} file ({len(data)} bytes)") from None
@@ -116,6 +124,20 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
             f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
             "(a guard against decompression bombs); raise max_pixels if the image is genuine"
         )
+    return img
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to an array (see the module docstring for shapes and dtypes).
+
+    ``name`` is only used in error messages. ``max_pixels=None`` disables the
+    decompression-bomb guard. Raises ``ImageDecodeError`` (a ValueError) for empty,
+    truncated, corrupt or non-image bytes and ``ImageTooLargeError`` above the limit.
+    """
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file (0 bytes), not an image")
+    img = open_image(data, name, max_pixels)
+    width, height = img.size
     if width == 0 or height == 0:
         raise ImageDecodeError(f"{name}: image has zero size ({width}x{height})")
     # Camera MPO JPEGs hold extra frames (previews, depth) behind the main image; an

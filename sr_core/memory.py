@@ -4,10 +4,7 @@ be killed by the kernel halfway through a folder."""
 
 from __future__ import annotations
 
-import io
 import os
-
-from PIL import Image
 
 from sr_core import codecs
 
@@ -58,12 +55,11 @@ def read_within_memory(url: str, max_pixels: int | None, limit: int | None, scal
     data = codecs.read_image_bytes(url)
     if limit is not None:
         try:
-            codecs.allow_pillow(max_pixels)
-            header = Image.open(io.BytesIO(data), formats=codecs.DECODE_FORMATS)
+            header = codecs.open_image(data, url, max_pixels)
             (width, height), mode = header.size, header.mode
-        except Exception:  # not an image: decode_image says why
+        except ValueError:  # not an image, or too large: decode_image says why
             width = height = 0
-        if width and height and (max_pixels is None or width * height <= max_pixels):
+        if width and height:
             bands = 4 if mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") else 1 if mode in ("1", "L") or mode.startswith("I") else 3
             sixteen = mode.startswith("I") or (data[:4] == b"\x89PNG" and len(data) > 24 and data[24] == 16)
             need = memory_needed(height, width, bands, 2 if sixteen else 1, scale, outscale)
