@@ -23,6 +23,7 @@ from sr_core.outputs import Task, assign_outputs
 from batch import results
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+HIDDEN_REASON = "hidden file (its name starts with '.'); not read (list it in a manifest to upscale it)"
 
 
 @dataclass
@@ -47,6 +48,10 @@ class BatchPlan:
     """Images left for a later run by --limit."""
     failures: list[tuple[str, str]] = field(default_factory=list)
     """(input, reason) of inputs refused before any work: unsafe or colliding names."""
+    not_read: list[tuple[str, str]] = field(default_factory=list)
+    """(input, reason) of files with image names the listing left out without opening
+    them: hidden files, and named pipes, sockets and devices (reading a FIFO blocks
+    forever). Reported, not failures."""
     orphans: list[BatchTask] = field(default_factory=list)
     """Skipped images (output exists) that have no row in any earlier run's metrics
     table: a run killed between writing the output and checkpointing its row. This run
@@ -105,22 +110,22 @@ def plan_batch(input_url: str, output: str, suffix: str, extension: str, include
     ``run_id``'s own table (a reused --run-id) is about to be replaced, so its rows do
     not count as recorded: the run records them again."""
     batch_plan = BatchPlan()
+    if kind := storage.special_kind(input_url):
+        raise ValueError(f"{input_url}: {kind}, not a folder, prefix or manifest")
     if is_manifest(input_url):
         urls = read_manifest(input_url)
         if not urls:
             raise ValueError(f"{input_url}: the manifest names no images")
         root, listed = common_root(urls, input_url), False
     else:
-        urls = storage.list_files(input_url, suffixes=codecs.INPUT_EXTENSIONS)
+        hidden: list[str] = []
+        special: list[tuple[str, str]] = []
+        urls = storage.list_files(input_url, suffixes=codecs.INPUT_EXTENSIONS, hidden=hidden, special=special)
         root, listed = input_url, True
-    found = []
-    for url in urls:
-        try:
-            rel = storage.relative_key(root, url)
-        except ValueError:
-            rel = url  # assign_outputs reports it
-        if storage.selected(rel, include, exclude):
-            found.append((root, url, listed))
+        not_read = [(url, HIDDEN_REASON) for url in hidden] + special
+        batch_plan.not_read = sorted((url, reason) for url, reason in not_read
+                                     if storage.selected(_relative_or_url(root, url), include, exclude))
+    found = [(root, url, listed) for url in urls if storage.selected(_relative_or_url(root, url), include, exclude)]
     plan = assign_outputs(found, output, suffix, extension)
     batch_plan.failures = list(plan.failures)
     batch_plan.num_found = len(plan.tasks) + len(plan.failures)
@@ -153,6 +158,15 @@ def plan_batch(input_url: str, output: str, suffix: str, extension: str, include
             continue
         batch_plan.todo.append(with_reference(task))
     return batch_plan
+
+
+def _relative_or_url(root: str, url: str) -> str:
+    """The path --include/--exclude match: below the input root (the URL itself for an
+    unsafe name, which assign_outputs reports)."""
+    try:
+        return storage.relative_key(root, url)
+    except ValueError:
+        return url
 
 
 def _is_metrics_table(output: str, url: str, except_run: str) -> bool:

@@ -228,6 +228,7 @@ def run_batch(config: BatchConfig) -> dict:
         "output": config.output,
         "found": plan.num_found,
         "skipped": plan.num_skipped,
+        "not_read": [{"input": url, "reason": reason} for url, reason in plan.not_read],
         "left_for_later": plan.num_left + len(plan.todo) - results.num_done
                           - (results.num_failed - planned_failures),
         "interrupted": interrupted,
@@ -271,7 +272,11 @@ def _recover(orphans: list[inputs.BatchTask], settings: pipeline.StageSettings, 
 def _report(summary: dict, results: RunResults) -> None:
     recovered = f" ({summary['recovered']} of them measured for a killed run's missing rows)" \
         if summary["recovered"] else ""
-    print(f"sr batch: done {summary['done']}, skipped {summary['skipped']} (output exists){recovered}, "
+    hidden = sum(e["reason"] == inputs.HIDDEN_REASON for e in summary["not_read"])
+    not_read = (f", {hidden} hidden file(s) not read" if hidden else "") + \
+        (f", {len(summary['not_read']) - hidden} non-regular file(s) not read"
+         if len(summary["not_read"]) > hidden else "")
+    print(f"sr batch: done {summary['done']}, skipped {summary['skipped']} (output exists){recovered}{not_read}, "
           f"failed {summary['failed']} in {summary['wall_seconds']:.1f} s "
           f"({summary['images_per_second']:.3g} img/s, {summary['output_mpx_per_second']:.3g} Mpx/s out"
           f"; Ray start {summary['ray']['startup_seconds']:.1f} s)")
@@ -283,6 +288,12 @@ def _report(summary: dict, results: RunResults) -> None:
         print(f"  vs reference PSNR-Y: mean {ref['mean']:.2f} dB over {ref['count']} images, "
               f"SSIM {summary['metrics']['ref_ssim'].get('mean', float('nan')):.4f}")
     print(f"  results: {results.url} (summary.json, metrics.parquet, failures.parquet, TensorBoard events)")
+    show = storage.printable
+    for entry in summary["not_read"][:MAX_PRINTED_FAILURES]:
+        print(f"  SKIPPED {show(entry['input'])}: {entry['reason']}", file=sys.stderr)
+    if len(summary["not_read"]) > MAX_PRINTED_FAILURES:
+        print(f"  ... and {len(summary['not_read']) - MAX_PRINTED_FAILURES} more in summary.json (not_read)",
+              file=sys.stderr)
     failures = results.failures
     for i in range(min(len(failures["input"]), MAX_PRINTED_FAILURES)):
         print(f"  FAILED {failures['input'][i]} ({failures['stage'][i]}): {failures['error'][i]}", file=sys.stderr)

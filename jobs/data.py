@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -469,7 +470,12 @@ class ValidationDataset(Dataset):
         if center_crop and center_crop % scale:
             raise ValueError(f"validation centre crop {center_crop} must be a multiple of scale {scale}")
         self.folder, self.scale, self.center_crop = folder, scale, center_crop
-        self.files = storage.list_files(folder, codecs.INPUT_EXTENSIONS)
+        self.skipped: list[tuple[str, str]] = []
+        """(URL, reason) of named pipes, sockets and devices in the folder: never opened
+        (reading a FIFO blocks forever), reported once here."""
+        self.files = storage.list_files(folder, codecs.INPUT_EXTENSIONS, special=self.skipped)
+        for url, reason in self.skipped:
+            logging.getLogger(__name__).warning("validation: skipped %s: %s", storage.printable(url), reason)
         if not self.files:
             raise ValueError(f"{folder}: no validation images found")
 

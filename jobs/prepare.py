@@ -109,11 +109,13 @@ def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None 
     """Sorted paths below ``src`` of the images to prepare. Object names that would
     escape DST as member names (``..`` segments) and local symbolic links to files
     outside ``src`` are left out and, when ``unsafe`` is given, appended to it as
-    bad-image entries; hidden images (names starting with '.') are left out and, when
-    ``hidden`` is given, appended to it as skipped entries."""
+    bad-image entries; hidden images (names starting with '.') and named pipes, sockets
+    and devices are left out and, when ``hidden`` is given, appended to it as skipped
+    entries."""
 
     hidden_urls: list[str] = []
-    urls = storage.list_files(src, codecs.INPUT_EXTENSIONS, hidden=hidden_urls)
+    special: list[tuple[str, str]] = []
+    urls = storage.list_files(src, codecs.INPUT_EXTENSIONS, hidden=hidden_urls, special=special)
     keys = []
     root = storage.get_fs(src)[1].rstrip("/")
     src_is_folder = storage.is_local(src) and os.path.isdir(storage.local_path(src))
@@ -126,6 +128,10 @@ def list_sources(src: str, settings: PrepareSettings, unsafe: list[dict] | None 
         if hidden is not None and not excluded(name):
             hidden.append({"source": name, "reason": "hidden file (its name starts with '.'); rename it to "
                                                      "include it, or --exclude it"})
+    for url, reason in special:  # named pipes, sockets, devices: never opened
+        name = storage.get_fs(url)[1][len(root) + 1:]
+        if hidden is not None and storage.selected(name, settings.include, settings.exclude):
+            hidden.append({"source": name, "reason": reason})
     for url in urls:
         try:
             rel = storage.relative_key(src, url)

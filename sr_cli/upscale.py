@@ -143,6 +143,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         bar.close()
 
     hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""
+    hidden += f", {len(plan.special)} non-regular file(s) not read" if plan.special else ""
     print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}")
     show = storage.printable
     for url, message in notes:
@@ -150,6 +151,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     for url in plan.hidden:
         print(f"  SKIPPED {show(url)}: hidden file (its name starts with '.'); name it as an INPUT to upscale it",
               file=sys.stderr)
+    for url, reason in plan.special:
+        print(f"  SKIPPED {show(url)}: {reason}", file=sys.stderr)
     for url, reason in failures:
         print(f"  FAILED {show(url)}: {show(reason)}", file=sys.stderr)
     if stopped:

@@ -164,18 +164,22 @@ class ImageSet:
     failures: list[tuple[str, str]] = field(default_factory=list)
     """(name, reason) of inputs refused while listing."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    """(name, reason) of files deliberately left out (hidden files)."""
+    """(name, reason) of files deliberately left out (hidden files; named pipes, sockets
+    and devices, which are never opened)."""
 
 
 def _folder_files(root: str, kind: str, image_set: ImageSet) -> list[tuple[str, str]]:
-    """(relative name, URL) of the images below a folder or prefix; hidden files and
-    links out of the folder are recorded on ``image_set``."""
+    """(relative name, URL) of the images below a folder or prefix; hidden and
+    non-regular files and links out of the folder are recorded on ``image_set``."""
     from sr_core import storage
 
     hidden: list[str] = []
-    urls = storage.list_files(root, suffixes=INPUT_EXTENSIONS, hidden=hidden)
+    special: list[tuple[str, str]] = []
+    urls = storage.list_files(root, suffixes=INPUT_EXTENSIONS, hidden=hidden, special=special)
     for url in hidden:
         image_set.skipped.append((_relative(root, url), f"{kind}{HIDDEN_REASON}"))
+    for url, reason in special:
+        image_set.skipped.append((_relative(root, url), f"{kind}{reason}"))
     files = []
     for url in urls:
         name = _relative(root, url)
@@ -221,7 +225,7 @@ def list_set(source: str, lr_source: str | None = None, scale: int | None = None
     else:
         files = [(posixpath.basename(path), source)]
     if not files and not image_set.failures:
-        hidden = f" ({len(image_set.skipped)} hidden file(s) skipped)" if image_set.skipped else ""
+        hidden = f" ({len(image_set.skipped)} hidden or non-regular file(s) skipped)" if image_set.skipped else ""
         raise ValueError(f"{source}: no images ({', '.join(INPUT_EXTENSIONS)}) in this set{hidden}")
     lr_index = _lr_index(lr_source, scale, image_set) if lr_source is not None else None
     for name, url in files:

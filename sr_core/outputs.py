@@ -99,6 +99,9 @@ class Plan:
     collide or replace an input."""
     hidden: list[str] = field(default_factory=list)
     """Hidden images found by listing (names starting with '.'): reported, not upscaled."""
+    special: list[tuple[str, str]] = field(default_factory=list)
+    """(URL, reason) of non-regular files with image names found by listing (named
+    pipes, sockets, devices): reported, never opened."""
 
 
 def _has_glob(url: str) -> bool:
@@ -118,9 +121,10 @@ def _glob_root(url: str) -> str:
     return f"{scheme}://{root}" if scheme else root
 
 
-def _find_inputs(url: str, hidden: list[str] | None = None) -> list[tuple[str, str, bool]]:
+def _find_inputs(url: str, plan: Plan) -> list[tuple[str, str, bool]]:
     """(root, file URL, found by listing a folder or glob) for one INPUT argument;
-    raises FileNotFoundError. Hidden files a listing finds are appended to ``hidden``."""
+    raises FileNotFoundError, or ValueError for a named pipe, socket or device. Hidden
+    and non-regular files a listing finds are recorded on ``plan``."""
     fs, path = storage.get_fs(url)
     prefix = storage.protocol_prefix(url)
 
@@ -130,18 +134,25 @@ def _find_inputs(url: str, hidden: list[str] | None = None) -> list[tuple[str, s
     # A name that exists is taken literally, so files and folders whose names hold
     # glob characters ("x[1].png") can be named.
     if _has_glob(url) and not fs.exists(path):
-        matches = [p for p in fs.glob(path) if fs.isfile(p)]
-        if hidden is not None:
-            hidden.extend(full(p) for p in matches if posixpath.basename(p).startswith(".")
-                          and not posixpath.basename(p).startswith(storage.TMP_PREFIX))
-        matches = [p for p in matches if not posixpath.basename(p).startswith(".")]
+        matches = []
+        for p in fs.glob(path):
+            name = posixpath.basename(p)
+            if name.startswith("."):
+                if fs.isfile(p) and not name.startswith(storage.TMP_PREFIX):
+                    plan.hidden.append(full(p))
+            elif kind := storage.special_kind(full(p)):
+                plan.special.append((full(p), f"{kind}, not a regular file; not read"))
+            elif fs.isfile(p):
+                matches.append(p)
         if not matches:
             raise FileNotFoundError(f"{url}: the pattern matches no files")
         return [(_glob_root(url), full(p), True) for p in sorted(matches)]
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or folder")
+    if kind := storage.special_kind(url):
+        raise ValueError(f"{url}: {kind}, not a regular file; only files can be read")
     if fs.isdir(path):
-        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS, hidden=hidden)
+        files = storage.list_files(url, suffixes=codecs.INPUT_EXTENSIONS, hidden=plan.hidden, special=plan.special)
         return [(url, f, True) for f in files]
     return [(full(posixpath.dirname(path)) if prefix else posixpath.dirname(path), url, False)]
 
@@ -157,7 +168,7 @@ def plan_outputs(inputs: list[str], out: str, suffix: str, extension: str) -> Pl
     found = []
     for url in inputs:
         try:
-            found.extend(_find_inputs(url, plan.hidden))
+            found.extend(_find_inputs(url, plan))
         except storage.StorageError:
             raise  # storage unreachable: nothing else would work either
         except (FileNotFoundError, ValueError, OSError) as exc:

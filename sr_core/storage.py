@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -258,7 +259,29 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(url: str) -> str | None:
+    """What a local path is when it is neither a regular file nor a folder (``"a named
+    pipe (FIFO)"``, ``"a socket"``, a device), following symbolic links; None otherwise,
+    for paths that do not exist and for object stores (which hold only objects).
+    Found with ``stat``, which never opens the file: opening a FIFO for reading blocks
+    until something writes to it, and a device can be endless."""
+    if not is_local(url):
+        return None
+    try:
+        mode = os.stat(local_path(url)).st_mode
+    except (OSError, ValueError):
+        return None  # missing, a broken link or a loop: the read that follows says so
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), None)
+
+
 def read_bytes(url: str) -> bytes:
+    kind = special_kind(url)
+    if kind:  # refused before it is opened: opening a FIFO blocks forever
+        raise ValueError(f"{url}: {kind}, not a regular file; only files can be read")
     fs, path = get_fs(url)
     try:
         with fs.open(path, "rb") as f:
@@ -438,17 +461,25 @@ def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
         pass
 
 
-def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str] | None = None) -> list[str]:
+def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str] | None = None,
+               special: list[tuple[str, str]] | None = None) -> list[str]:
     """All files below ``url`` (recursive), as full URLs in the same scheme, sorted.
 
     ``suffixes`` filters by lower-cased extension (e.g. ``{".png", ".jpg"}``).
     Hidden files and our temporary files (``.tmp-*``) are skipped; when ``hidden`` is
     given, the hidden files that pass the filter (not our temporaries) are appended to
-    it, so callers can report them instead of skipping them silently.
+    it, so callers can report them instead of skipping them silently. Local files that
+    are not regular files (named pipes, sockets, devices: opening a FIFO blocks forever)
+    are never listed; when ``special`` is given, those that pass the filter are appended
+    to it as ``(url, reason)``. Nothing listed is opened. ``url`` itself being such a
+    file is a ValueError.
     """
     fs, root = get_fs(url)
     if not fs.exists(root):
         raise FileNotFoundError(f"{url}: no such file or folder")
+    kind = special_kind(url)
+    if kind:
+        raise ValueError(f"{url}: {kind}, not a folder or a regular file")
     if fs.isfile(root):
         paths = [root]
     else:
@@ -465,9 +496,16 @@ def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str
             if hidden is not None and not name.startswith(TMP_PREFIX):
                 hidden.append(full)
             continue
+        kind = special_kind(full)
+        if kind:
+            if special is not None:
+                special.append((full, f"{kind}, not a regular file; not read"))
+            continue
         out.append(full)
     if hidden is not None:
         hidden.sort()
+    if special is not None:
+        special.sort()
     return sorted(out)
 
 
@@ -535,5 +573,5 @@ def link_out_of(root: str, url: str) -> str | None:
 
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
-    "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",
+    "write_bytes", "create_bytes", "list_files", "special_kind", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",
 ]
