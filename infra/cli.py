@@ -445,8 +445,9 @@ def _submit_through_tunnel(ray: str, dashboard: list[str], submit: list[str]) ->
 def run_tensorboard(args: argparse.Namespace) -> int:
     import time
 
-    from infra.tensorboard import resolve_logdir, start
+    from infra.tensorboard import check_port, resolve_logdir, start
 
+    check_port(args.port)  # before the run directory is listed (a bucket listing takes seconds)
     logdir = resolve_logdir(args.target)
     _, url = start(logdir, host=args.host, port=args.port, reload_interval=args.reload_interval)
     print(f"TensorBoard on {logdir}: {url} (Ctrl-C stops it)", flush=True)

@@ -29,10 +29,19 @@ def resolve_logdir(target: str) -> str:
     return target
 
 
+def check_port(port: int) -> None:
+    """A ValueError naming ``--port`` unless it is a TCP port (0: a free one)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port; give one from 1 to 65535, or 0 for a free one")
+
+
 def start(logdir: str, host: str = "127.0.0.1", port: int = 6006, reload_interval: float = 30.0):
-    """Start TensorBoard serving ``logdir`` in background threads; return ``(program, url)``."""
+    """Start TensorBoard serving ``logdir`` in background threads; return ``(program,
+    url)``. A port that is out of range, in use or not ours to bind is a ValueError
+    naming it, before anything is served."""
     from tensorboard import program
 
+    check_port(port)
     if storage.is_gcs(logdir) and os.environ.get("STORAGE_EMULATOR_HOST"):
         import fsspec.config
 
@@ -51,5 +60,11 @@ def start(logdir: str, host: str = "127.0.0.1", port: int = 6006, reload_interva
         # through fsspec/gcsfs like the rest of the project.
         "--load_fast", "false",
     ]))
-    url = tb.launch()
+    try:
+        url = tb.launch()
+    except program.TensorBoardPortInUseError:
+        raise ValueError(f"port {port} on {host} is in use (another TensorBoard, or another server); choose "
+                         "another --port, or --port 0 for a free one") from None
+    except program.TensorBoardServerException as exc:  # e.g. a host that is not this machine's, a privileged port
+        raise ValueError(f"cannot serve on {host}:{port} ({exc.msg}); check --host and --port") from None
     return tb, url
