@@ -42,6 +42,9 @@ def start(logdir: str, host: str = "127.0.0.1", port: int = 6006, reload_interva
     from tensorboard import program
 
     check_port(port)
+    if port and _in_use(host, port):
+        # Checked before TensorBoard starts its data server (which prints a notice first).
+        raise _port_in_use(host, port)
     if storage.is_gcs(logdir) and os.environ.get("STORAGE_EMULATOR_HOST"):
         import fsspec.config
 
@@ -62,9 +65,24 @@ def start(logdir: str, host: str = "127.0.0.1", port: int = 6006, reload_interva
     ]))
     try:
         url = tb.launch()
-    except program.TensorBoardPortInUseError:
-        raise ValueError(f"port {port} on {host} is in use (another TensorBoard, or another server); choose "
-                         "another --port, or --port 0 for a free one") from None
+    except program.TensorBoardPortInUseError:  # taken since the check above
+        raise _port_in_use(host, port) from None
     except program.TensorBoardServerException as exc:  # e.g. a host that is not this machine's, a privileged port
         raise ValueError(f"cannot serve on {host}:{port} ({exc.msg}); check --host and --port") from None
     return tb, url
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port (TensorBoard's own test)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _port_in_use(host: str, port: int) -> ValueError:
+    return ValueError(f"port {port} on {host} is in use (another TensorBoard, or another server); choose "
+                      "another --port, or --port 0 for a free one")
