@@ -23,8 +23,11 @@ against --reference) and failures go to OUTPUT/_sr_batch/<run-id>/.
 EPILOG = """\
 exit codes:
   0  every image was upscaled (or its output existed already)
-  1  some inputs failed (bad files: see failures.parquet); all the others were written
-  2  the job could not run: bad arguments, unreadable model, unreachable storage or Ray
+  1  some inputs failed (bad files: see failures.parquet); all the others were written;
+     or INPUT holds no images that --include/--exclude select (a warning says so)
+  2  the job could not run: bad arguments, unreadable model, unreachable storage or Ray,
+     or another `sr batch` is writing to OUTPUT (its lease, OUTPUT/.sr-lease.json)
+130  interrupted (Ctrl-C or SIGTERM); rerun the same command to finish
 
 results: OUTPUT/_sr_batch/<run-id>/ holds metrics.parquet (one row per image),
 failures.parquet, summary.json (written last) and TensorBoard events
@@ -84,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ray_group.add_argument("--batch-size", type=int, default=4, help="images per actor call (default: 4)")
     p.add_argument("--run-id", default=None, help="name of the results folder (default: UTC time + random)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_batch_command)
+    p.set_defaults(func=run_batch_command, interrupt_on_sigterm=True)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
@@ -111,4 +114,4 @@ def run_batch_command(args: argparse.Namespace) -> int:
     summary = run_batch(config)
     if summary["interrupted"]:
         return 130
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or not summary["found"] else 0

@@ -32,6 +32,8 @@ class BatchTask(Task):
 
     reference: str = ""
     """The matching HR image below --reference, or '' (none asked for, or none found)."""
+    reference_error: str = ""
+    """Why there is no HR image for it when --reference was given, or ''."""
 
 
 @dataclass
@@ -40,6 +42,8 @@ class BatchPlan:
 
     todo: list[BatchTask] = field(default_factory=list)
     """Images to upscale in this run (after resume and --limit)."""
+    num_listed: int = 0
+    """Images listed or named by the manifest (before --include/--exclude)."""
     num_found: int = 0
     """Images found (after --include/--exclude)."""
     num_skipped: int = 0
@@ -125,6 +129,7 @@ def plan_batch(input_url: str, output: str, suffix: str, extension: str, include
         not_read = [(url, HIDDEN_REASON) for url in hidden] + special
         batch_plan.not_read = sorted((url, reason) for url, reason in not_read
                                      if storage.selected(_relative_or_url(root, url), include, exclude))
+    batch_plan.num_listed = len(urls)
     found = [(root, url, listed) for url in urls if storage.selected(_relative_or_url(root, url), include, exclude)]
     plan = assign_outputs(found, output, suffix, extension)
     batch_plan.failures = list(plan.failures)
@@ -144,8 +149,13 @@ def plan_batch(input_url: str, output: str, suffix: str, extension: str, include
     references = _reference_index(reference) if reference else {}
 
     def with_reference(task: Task) -> BatchTask:
-        rel = posixpath.splitext(storage.relative_key(root, task.input))[0] if reference else ""
-        return BatchTask(task.input, task.output, references.get(rel, ""))
+        if not reference:
+            return BatchTask(task.input, task.output)
+        rel = posixpath.splitext(storage.relative_key(root, task.input))[0]
+        if rel in references:
+            return BatchTask(task.input, task.output, references[rel])
+        return BatchTask(task.input, task.output, reference_error=f"no HR image for it below {reference} "
+                                                                  f"(looked for {rel}.*)")
 
     for task in plan.tasks:
         if storage.get_fs(task.output)[1] in done:

@@ -54,7 +54,8 @@ class StageSettings:
 
 def _empty_row(task: dict) -> dict:
     row = {"input": task["input"], "output": task["output"], "reference": task.get("reference", ""),
-           "status": "ok", "stage": "", "error": "", "reference_error": "", "worker": ""}
+           "status": "ok", "stage": "", "error": "", "reference_error": task.get("reference_error", ""),
+           "worker": ""}
     for name in ("in_width", "in_height", "channels", "bits", "out_width", "out_height", "in_bytes", "out_bytes"):
         row[name] = 0
     for name in ("read_s", "decode_s", "model_s", "encode_s", "write_s", "metrics_s", "lr_psnr", "lr_ssim",

@@ -9,11 +9,13 @@ import logging
 import os
 import posixpath
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from sr_core import storage
+from sr_core import codecs, errors, storage
+from sr_core.lease import Lease
 from sr_core.outputs import OutputSettings
 
 from batch import inputs, pipeline
@@ -71,8 +73,12 @@ class BatchConfig:
 
 def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]:
     """Join the cluster at ``address`` (or $RAY_ADDRESS), or start a local Ray; a Ray
-    already initialized in this process is used as it is. Returns (started here, seconds)."""
+    already initialized in this process is used as it is. Returns (started here, seconds).
+
+    A local Ray lives in ``batch.localray.temp_dir()``."""
     import ray
+
+    from batch import localray
 
     if ray.is_initialized():
         return False, 0.0
@@ -87,16 +93,105 @@ def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]
     options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if env:
         options["runtime_env"] = {"env_vars": env}
+    if not address:
+        options.update(localray.start_options(), num_cpus=num_cpus)
     started = time.perf_counter()
     try:
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=num_cpus, **options)
+        _RayKeeper(address, options).start()
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         where = address or "a local Ray"
         raise ValueError(f"cannot start or reach Ray at {where}: {exc}") from None
+    localray.consume_actor_restart_note()
     return True, time.perf_counter() - started
+
+
+class _NoSigtermNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+class _RayKeeper:
+    """The thread that starts Ray (``ray.init``) and lives until it is shut down.
+
+    Not the main thread, so that Ctrl-C and SIGTERM stay this command's: from the main
+    thread, ``ray.init`` replaces SIGTERM's handler by one that exits with status 15 and
+    no word, and the exception a signal raises while it forks Ray's processes can be
+    swallowed (a fork handler prints it) with the start going on. The main thread waits
+    for the start; interrupted, it lets the start finish, stops that Ray and raises the
+    interruption. The thread must outlive Ray: Ray's processes are started with Linux's
+    parent-death signal, which follows the thread that forked them, not the process.
+    (From a thread Ray logs that it sets no SIGTERM handler, which is the point: that
+    line is filtered out.)"""
+
+    current: "_RayKeeper | None" = None
+
+    def __init__(self, address: str | None, options: dict):
+        self.address, self.options = address, options
+        self.started = threading.Event()
+        self.released = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sr batch: Ray", daemon=True)
+
+    def _run(self) -> None:
+        import ray
+
+        try:
+            ray.init(address=self.address, **self.options)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+        finally:
+            self.started.set()
+        self.released.wait()
+
+    def start(self) -> None:
+        """Start Ray and wait for it; raise what stopped it (or the interruption)."""
+        note = _NoSigtermNote()
+        worker_logger = logging.getLogger("ray._private.worker")
+        worker_logger.addFilter(note)
+        _RayKeeper.current = self
+        interruption: BaseException | None = None
+        try:
+            self.thread.start()
+            while not self.started.is_set():
+                try:
+                    self.started.wait()
+                except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Ray's start cannot be cut short
+                    interruption = interruption or exc
+        finally:
+            worker_logger.removeFilter(note)
+        if interruption is not None or self.error is not None:
+            shutdown_ray()  # whatever part of Ray started
+            raise interruption or self.error
+
+    def release(self) -> None:
+        self.released.set()
+        self.thread.join()
+        _RayKeeper.current = None
+
+
+def stop_leftovers(config: BatchConfig) -> None:
+    """Stop what the local Ray of an earlier, killed run left running (when this run would
+    use a local Ray too: on a cluster, Ray cleans up after its drivers)."""
+    from batch import localray
+
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        return
+    stopped = localray.stop_leftovers()
+    if stopped:
+        print(f"sr batch: stopped {len(stopped)} process(es) that the local Ray of a killed run left running "
+              f"(in {localray.temp_dir()})", file=sys.stderr)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started, and whatever of it outlives ``ray.shutdown``."""
+    import ray
+
+    from batch import localray
+
+    ray.shutdown()
+    localray.stop_own()
+    if _RayKeeper.current is not None:
+        _RayKeeper.current.release()
 
 
 def pool_settings(config: BatchConfig, local: bool) -> pipeline.PoolSettings:
@@ -139,10 +234,7 @@ def _read_model(url: str) -> bytes:
 
 
 def _plan(config: BatchConfig, extension: str, run_id: str) -> inputs.BatchPlan:
-    out_fs, out_path = storage.get_fs(config.output)
     try:
-        if out_fs.isfile(out_path):
-            raise ValueError(f"{config.output} is a file; OUTPUT must be a folder or prefix")
         return inputs.plan_batch(config.input, config.output, config.output_settings.suffix, extension,
                                  include=config.include,
                                  exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
@@ -167,6 +259,7 @@ def run_batch(config: BatchConfig) -> dict:
     """Run one batch job; returns the summary (also in summary.json)."""
     wall_start = time.perf_counter()
     settings = config.output_settings
+    stop_leftovers(config)
     model_bytes = _read_model(config.model)
     model_sha256 = hashlib.sha256(model_bytes).hexdigest()
     model_name = posixpath.basename(config.model.rstrip("/"))
@@ -179,6 +272,18 @@ def run_batch(config: BatchConfig) -> dict:
 
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     storage.safe_key(run_id)
+    out_fs, out_path = storage.get_fs(config.output)
+    if out_fs.isfile(out_path):
+        raise ValueError(f"{config.output} is a file; OUTPUT must be a folder or prefix")
+    # One run at a time per OUTPUT: two would plan the same images and both record them.
+    # The lease is taken before planning and given back after summary.json is written.
+    with Lease(config.output, "sr batch"):
+        return _run_leased(config, run_id, model_bytes, model_name, model_info, stage_settings, wall_start)
+
+
+def _run_leased(config: BatchConfig, run_id: str, model_bytes: bytes, model_name: str, model_info: dict,
+                stage_settings: pipeline.StageSettings, wall_start: float) -> dict:
+    settings = config.output_settings
     plan = _plan(config, settings.encode.extension, run_id)
     results = RunResults(config.output, run_id)
     for url, reason in plan.failures:
@@ -201,13 +306,15 @@ def run_batch(config: BatchConfig) -> dict:
             pool = pool_settings(config, local=started_here and not (config.address or os.environ.get("RAY_ADDRESS")))
             ray_info.update(pool=asdict(pool), cluster=ray.cluster_resources())
             model_ref = ray.put(model_bytes)
-            tasks = [{"input": t.input, "output": t.output, "reference": t.reference} for t in plan.todo]
+            tasks = [{"input": t.input, "output": t.output, "reference": t.reference,
+                      "reference_error": t.reference_error} for t in plan.todo]
             ds = pipeline.build_dataset(tasks, model_ref, model_name, stage_settings, pool)
             results.start = time.perf_counter()  # throughput counts from here: Ray is up
             bar = tqdm(total=len(tasks), unit="img", desc="sr batch", file=sys.stderr, dynamic_ncols=True,
                        disable=not config.progress)
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    errors.raise_if_terminated()
                     results.add_batch(batch)
                     bar.update(len(batch["status"]))
                     images_per_s, mpx_per_s = results.rates()
@@ -220,15 +327,17 @@ def run_batch(config: BatchConfig) -> dict:
             bar.close()
         finally:
             if started_here:
-                ray.shutdown()
+                shutdown_ray()
 
     summary = results.finish({
         "run_id": run_id,
         "input": config.input,
         "output": config.output,
         "found": plan.num_found,
+        "listed": plan.num_listed,
         "skipped": plan.num_skipped,
         "not_read": [{"input": url, "reason": reason} for url, reason in plan.not_read],
+        "reference_errors": sum(bool(why) for why in results.rows["reference_error"]),
         "left_for_later": plan.num_left + len(plan.todo) - results.num_done
                           - (results.num_failed - planned_failures),
         "interrupted": interrupted,
@@ -242,9 +351,17 @@ def run_batch(config: BatchConfig) -> dict:
     _report(summary, results)
     if pipeline_error:
         raise ValueError(f"the pipeline stopped after {results.num_done} image(s) ({pipeline_error}); what was "
-                         f"written is kept (results in {results.url}; the workers' logs are in Ray's session "
-                         "folder, /tmp/ray/session_latest/logs on each node): run the same command again to finish")
+                         f"written is kept (results in {results.url}; the workers' logs are in {_ray_logs(config)}): "
+                         "run the same command again to finish")
     return summary
+
+
+def _ray_logs(config: BatchConfig) -> str:
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        return "Ray's session folder on each node, /tmp/ray/session_latest/logs"
+    from batch import localray
+
+    return os.path.join(localray.temp_dir(), "session_latest", "logs")
 
 
 def _recover(orphans: list[inputs.BatchTask], settings: pipeline.StageSettings, results: RunResults,
@@ -258,8 +375,8 @@ def _recover(orphans: list[inputs.BatchTask], settings: pipeline.StageSettings, 
     failed = 0
     for task in tqdm(orphans, unit="img", desc="sr batch: rows of a killed run", file=sys.stderr,
                      dynamic_ncols=True, disable=not progress):
-        row = pipeline.recover_row({"input": task.input, "output": task.output, "reference": task.reference},
-                                   settings)
+        row = pipeline.recover_row({"input": task.input, "output": task.output, "reference": task.reference,
+                                    "reference_error": task.reference_error}, settings)
         if row["status"] == "ok":
             results.add_recovered(row)
         else:
@@ -284,11 +401,31 @@ def _report(summary: dict, results: RunResults) -> None:
     if lr.get("count"):
         print(f"  LR consistency PSNR-Y: mean {lr['mean']:.2f} dB, p50 {lr['p50']:.2f}, min {lr['min']:.2f}")
     ref = summary["metrics"]["ref_psnr"]
+    unscored = [(url, ref, why) for url, ref, why in zip(results.rows["input"], results.rows["reference"],
+                                                         results.rows["reference_error"]) if why]
+    summary_unscored = f"; {len(unscored)} image(s) without a reference score (below)" if unscored else ""
     if ref.get("count"):
         print(f"  vs reference PSNR-Y: mean {ref['mean']:.2f} dB over {ref['count']} images, "
-              f"SSIM {summary['metrics']['ref_ssim'].get('mean', float('nan')):.4f}")
+              f"SSIM {summary['metrics']['ref_ssim'].get('mean', float('nan')):.4f}{summary_unscored}")
+    elif unscored:
+        print(f"  vs reference: no image scored{summary_unscored}")
     print(f"  results: {results.url} (summary.json, metrics.parquet, failures.parquet, TensorBoard events)")
     show = storage.printable
+    if summary["found"] == 0:
+        filters = " ".join([f"--include {g!r}" for g in summary["settings"].get("include") or ()]
+                           + [f"--exclude {g!r}" for g in summary["settings"].get("exclude") or ()])
+        if filters and summary["listed"]:
+            print(f"sr batch: warning: none of the {summary['listed']} images in {show(summary['input'])} is "
+                  f"selected by {filters}; nothing to do (exit code 1)", file=sys.stderr)
+        else:
+            print(f"sr batch: warning: no images found in {show(summary['input'])} (looked for "
+                  f"{', '.join(codecs.INPUT_EXTENSIONS)}); nothing to do (exit code 1)", file=sys.stderr)
+    for url, ref, why in unscored[:MAX_PRINTED_FAILURES]:
+        against = f" (reference {show(ref)})" if ref else ""
+        print(f"  NO REFERENCE SCORE {show(url)}{against}: {show(why)}", file=sys.stderr)
+    if len(unscored) > MAX_PRINTED_FAILURES:
+        print(f"  ... and {len(unscored) - MAX_PRINTED_FAILURES} more in metrics.parquet (reference_error)",
+              file=sys.stderr)
     for entry in summary["not_read"][:MAX_PRINTED_FAILURES]:
         print(f"  SKIPPED {show(entry['input'])}: {entry['reason']}", file=sys.stderr)
     if len(summary["not_read"]) > MAX_PRINTED_FAILURES:

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
                    help="refuse, before decoding, an image whose input and assembled output would need more "
                         "host memory than this (default: the memory available when the run starts)")
-    p.set_defaults(func=run_upscale)
+    p.set_defaults(func=run_upscale, interrupt_on_sigterm=True)
 
 
 def run_upscale(args: argparse.Namespace) -> int:

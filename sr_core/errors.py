@@ -5,14 +5,17 @@ one-line reports the commands print.
 Exit codes: 0 done; 1 some inputs failed (each reported, the rest done); 2 a usage or
 input error (one line naming the input and the fix); 75 storage unreachable or down
 past the retry budget (sysexits' EX_TEMPFAIL: rerun the same command to resume); 130
-interrupted.
+interrupted (Ctrl-C; and SIGTERM for the commands that run under ``sigterm_interrupts``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -29,6 +32,48 @@ UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.ER
 def is_unwritable(exc: BaseException) -> bool:
     """An OSError that every later write to the same place would hit too."""
     return isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``kill``, ``timeout``, systemd, a VM shutting down): handled like
+    Ctrl-C, so the command says so on one line and exits 130 (interrupted)."""
+
+    def __init__(self):
+        super().__init__("interrupted by SIGTERM")
+
+
+_terminated = False
+
+
+def raise_terminated(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` if SIGTERM arrived but its exception was lost: raised
+    where Python only prints exceptions (a fork handler, a finalizer), it is swallowed.
+    Long-running commands call this at points where stopping is safe."""
+    if _terminated:
+        raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the
+    previous handler is put back after it). Outside the main thread it does nothing:
+    Python delivers signals to the main thread only."""
+    global _terminated
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _terminated = False
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -49,7 +94,7 @@ def exit_code(exc: BaseException) -> int | None:
 def message(exc: BaseException) -> str:
     """One line for the user: OSErrors without their errno prefix, no traceback."""
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
+        return str(exc) or "interrupted"
     if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
         # "[Errno 28] No space left on device: 'x'" -> "x: No space left on device"
         where = f"{exc.filename}: " if exc.filename else ""

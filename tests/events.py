@@ -1,0 +1,28 @@
+"""Waiting for events in tests: a file appearing, a process starting, a row being
+checkpointed. Nothing here waits for a time: the predicate is polled until it holds, and
+the only bound is a generous one that turns a hang into a failure (a slow, busy machine
+takes longer; it never makes a wait fail)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+HANG_TIMEOUT = 600.0
+"""Seconds after which a wait is a hang. Nothing the suite waits for takes a tenth of it."""
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = HANG_TIMEOUT) -> None:
+    """Return once ``predicate()`` is true. Fails if ``proc`` ends first (the event can
+    then never come), naming ``what`` and the end of its stderr, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else (err or "")
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {err[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f} s: a hang")
+        time.sleep(0.02)  # the polling interval, not a wait for something to happen
