@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -192,3 +193,84 @@ def test_16k_input_at_x4_is_refused_up_front_with_the_memory_it_would_need(tmp_p
     assert "16384x16384 at x4 would need about 37.0 GiB" in line and "16.0 GiB" in line, line
     assert (tmp_path / "out" / "small_sr.png").exists()  # the others are still done
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000  # KiB: nothing decoded
+
+
+# ---- issue 17 #9: --outscale in the memory estimate -------------------------------------
+
+
+def test_an_absurd_outscale_is_a_usage_error(tmp_path, model_file, capsys):
+    src = photos(tmp_path / "in", 1, size=64)
+    capsys.readouterr()
+    code = sr_main(["upscale", str(src), "-o", str(tmp_path / "out"), "-m", model_file, "--outscale", "1000"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.rstrip().splitlines() == [
+        "sr upscale: error: --outscale must be a number above 0 and at most 64, got 1000.0"], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outscale_is_counted_before_decoding_where_the_old_estimate_let_it_through(tmp_path, capsys):
+    import resource
+
+    from hostile_corpus import png_bytes
+    from sr_core.memory import WORKING_MEMORY, memory_needed
+
+    torch.manual_seed(0)
+    model = str(tmp_path / "x2.safetensors")
+    save_generator(build_generator("rrdbnet", "tiny", scale=2), model)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.png").write_bytes(png_bytes(4096, 4096, 8, 2))  # a header: nothing to decode
+    # x2 network output 8192^2 (192 MiB), resized to x8: 32768^2 x 3 = 3 GiB.
+    side, network, final = 4096, 4096**2 * 4 * 3, 4096**2 * 64 * 3
+    old = side * side * 3 + 3 * network + int(1.55 * final) + WORKING_MEMORY  # the estimate before the fix
+    new = memory_needed(side, side, 3, 1, 2, 8.0)
+    limit_gib = 7.0
+    assert old < limit_gib * 2**30 < new  # the case the old estimate let through
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    capsys.readouterr()
+    code = sr_main(["upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", model, "--outscale", "8",
+                    "--memory-limit", str(limit_gib)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    line = next(ln for ln in err.splitlines() if "big.png" in ln)
+    assert f"4096x4096 at x8.0 would need about {new / 2**30:.1f} GiB" in line and "7.0 GiB" in line, line
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000  # KiB: nothing decoded
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_a_memory_limit_that_is_not_positive_is_a_usage_error(tmp_path, model_file, capsys, value):
+    src = photos(tmp_path / "in", 1)
+    capsys.readouterr()
+    code = sr_main(["upscale", str(src), "-o", str(tmp_path / "out"), "-m", model_file, "--memory-limit", value])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.rstrip().splitlines() == [
+        f"sr upscale: error: --memory-limit must be a positive number of GiB, got {float(value)}"], err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- issue 17, minor: SIGTERM during start-up ---------------------------------------------
+
+
+def test_sigterm_during_start_up_is_one_line_and_exit_130(tmp_path, model_file):
+    from events import HANG_TIMEOUT, wait_for
+
+    src = photos(tmp_path / "in", 2)
+    proc = subprocess.Popen([SR, "upscale", str(src), "-o", str(tmp_path / "out"), "-m", model_file],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def importing_torch() -> bool:  # start-up: torch's library is being loaded or was
+        try:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                return "libtorch" in f.read()
+        except OSError:
+            return False
+
+    wait_for(importing_torch, "torch loaded", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_TIMEOUT)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().splitlines()[-1] in ("sr upscale: interrupted by SIGTERM",
+                                            "sr upscale: interrupted with 2 image(s) not done; run the same "
+                                            "command again to finish them (outputs that exist are skipped)"), err
+    assert "Traceback" not in err
