@@ -14,9 +14,11 @@ HANG_TIMEOUT = 600.0
 """Seconds after which a wait is a hang. Nothing the suite waits for takes a tenth of it."""
 
 
-def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = HANG_TIMEOUT) -> None:
-    """Return once ``predicate()`` is true. Fails if ``proc`` ends first (the event can
-    then never come), naming ``what`` and the end of its stderr, or after ``timeout``."""
+def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = HANG_TIMEOUT,
+             interval: float = 0.02) -> None:
+    """Return once ``predicate()`` is true, polling it every ``interval`` seconds. Fails
+    if ``proc`` ends first (the event can then never come), naming ``what`` and the end
+    of its stderr, or after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
@@ -25,4 +27,22 @@ def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout
             pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {err[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} after {timeout:.0f} s: a hang")
-        time.sleep(0.02)  # the polling interval, not a wait for something to happen
+        time.sleep(interval)  # the polling interval, not a wait for something to happen
+
+
+def upscale_actors_below(pid: int | None = None) -> list:
+    """Processes below ``pid`` (default: this one) that run an ``sr batch`` Upscaler actor
+    (Ray titles them ``ray::MapWorker(MapBatches(UpscaleActor))``). A Ray started by this
+    process has its workers below it; another Ray on the machine does not count."""
+    import os
+
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid or os.getpid()).children(recursive=True):
+        try:
+            if "UpscaleActor" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found

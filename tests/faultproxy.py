@@ -55,6 +55,9 @@ class FaultProxy:
         self.counts: Counter = Counter()
         self.outage = False
         self.outage_after_uploads: int | None = None
+        self.in_progress = 0
+        """Requests read and not answered yet: ones that may still reach the server (a
+        killed client's last upload is forwarded all the same)."""
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +80,15 @@ class FaultProxy:
                 return self.rfile.read(length) if length else b""
 
             def _handle(self):
+                with proxy.lock:
+                    proxy.in_progress += 1
+                try:
+                    self._answer()
+                finally:
+                    with proxy.lock:
+                        proxy.in_progress -= 1
+
+            def _answer(self):
                 body = self._body()
                 fault = proxy._decide(self.command, self.path)
                 if fault == "drop_before":
@@ -157,6 +169,11 @@ class FaultProxy:
     def faults(self) -> int:
         """Faults injected so far (all kinds)."""
         return sum(v for k, v in self.counts.items() if k not in ("requests", "uploads", "client_hangups"))
+
+    def idle(self) -> bool:
+        """No request being read, forwarded or answered."""
+        with self.lock:
+            return self.in_progress == 0
 
     def lift_outage(self) -> None:
         with self.lock:

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from events import HANG_TIMEOUT, upscale_actors_below, wait_for
 from faultproxy import FaultProxy, FaultRates
 from sr_core import codecs, metrics
 from sr_cli.main import main
@@ -110,15 +111,15 @@ def test_batch_killed_then_rerun_has_every_output_once(gcs_emulator, proxied_ray
             [SR_BIN, "batch", f"{bucket}/in", f"{bucket}/out", "--model", model_file, "--tile", "8",
              "--batch-size", "1", "--encode-threads", "1", "--address", address, "--run-id", f"killed{k}", "-q"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 180
-        while done() < target and proc.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for(lambda: done() >= target or proc.poll() is not None, f"{target} outputs", interval=0.1)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.wait(timeout=60)
-        time.sleep(2)  # Ray stops the killed driver's actors
+        proc.wait(timeout=HANG_TIMEOUT)
+        # Ray stops the killed driver's actors (they run in this process's Ray); after
+        # that, nothing but a request the proxy is still forwarding can write.
+        wait_for(lambda: not upscale_actors_below(), "the killed driver's actors to stop")
+        wait_for(proxy.idle, "the proxy to finish forwarding")
     assert kills >= 1
     code = main(["batch", f"{bucket}/in", f"{bucket}/out", "--model", model_file, "--tile", "8",
                  "--address", address, "--run-id", "final", "-q"])
@@ -170,9 +171,9 @@ def test_batch_on_many_small_inputs_completes_with_bounded_memory(tmp_path, mode
                          "--batch-size", "16", "--num-cpus", "2", "--run-id", "load", "-q"],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peaks: dict[int, tuple[int, str]] = {}
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + HANG_TIMEOUT * 1.5  # only a hang fails it; 2,000 inputs take ~1 min alone
     while proc.poll() is None:
-        assert time.monotonic() < deadline, "sr batch did not finish"
+        assert time.monotonic() < deadline, "sr batch did not finish: a hang"
         try:
             tree = [proc] + proc.children(recursive=True)
         except psutil.NoSuchProcess:

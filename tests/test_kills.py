@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from events import HANG_TIMEOUT, wait_for
 from sr_core import build_generator, codecs, save_generator
 
 pytestmark = pytest.mark.faults_full
@@ -60,19 +61,16 @@ def prepared(tmp_path_factory):
     """Source photos and an uninterrupted `sr prepare` of them."""
     root = tmp_path_factory.mktemp("kills")
     cut_photos(root / "src", 24, 200)
-    done = subprocess.run(prepare_cmd(root / "src", root / "clean"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(prepare_cmd(root / "src", root / "clean"), capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert done.returncode == 0, done.stderr
     return root
 
 
-def kill_when(proc, ready, deadline_s=120):
+def kill_when(proc, ready):
     """SIGKILL the whole process group (main process and pool workers) once ready()."""
-    deadline = time.monotonic() + deadline_s
-    while not ready():
-        if proc.poll() is not None:
-            return False  # finished before the kill point
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.005)
+    wait_for(lambda: proc.poll() is not None or ready(), "the kill point", interval=0.005)
+    if proc.poll() is not None:
+        return False  # finished before the kill point
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return True
@@ -102,7 +100,7 @@ def test_prepare_killed_at_seeded_points_then_rerun_is_byte_identical(prepared, 
         kills += kill_when(proc, ready)
         assert not (dst / "index.json").exists() or len(list(units.glob("*.json"))) == 24
     assert kills == NUM_KILLS
-    final = subprocess.run(prepare_cmd(prepared / "src", dst), capture_output=True, text=True, timeout=300)
+    final = subprocess.run(prepare_cmd(prepared / "src", dst), capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert final.returncode == 0, final.stderr
     assert tree_bytes(dst) == tree_bytes(prepared / "clean")  # and no temporaries left
     print(f"kills survived: {kills}")
@@ -112,7 +110,7 @@ def test_two_prepares_of_one_plan_into_one_dst_both_finish(prepared, tmp_path):
     dst = tmp_path / "dst"
     procs = [subprocess.Popen(prepare_cmd(prepared / "src", dst), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    results = [(p.wait(timeout=HANG_TIMEOUT), p.stderr.read()) for p in procs]
     for code, err in results:
         assert code == 0, err
     assert tree_bytes(dst) == tree_bytes(prepared / "clean")
@@ -122,15 +120,12 @@ def test_a_prepare_of_another_plan_into_a_busy_dst_is_refused(prepared, tmp_path
     dst = tmp_path / "dst"
     first = subprocess.Popen(prepare_cmd(prepared / "src", dst), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.monotonic() + 60
-    while not (dst / "plan.json").exists():
-        assert time.monotonic() < deadline and first.poll() is None
-        time.sleep(0.01)
+    wait_for(lambda: (dst / "plan.json").exists(), "plan.json", first, interval=0.01)
     other = subprocess.run(prepare_cmd(prepared / "src", dst, "--png-level", "1"), capture_output=True, text=True,
-                           timeout=120)
+                           timeout=HANG_TIMEOUT)
     assert other.returncode == 2
     assert "unfinished prepare of other images or settings" in other.stderr and len(other.stderr.splitlines()) == 1
-    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert first.wait(timeout=HANG_TIMEOUT) == 0, first.stderr.read()
     assert tree_bytes(dst) == tree_bytes(prepared / "clean")
 
 
@@ -140,12 +135,12 @@ def test_two_prepares_into_one_gcs_prefix_both_finish(gcs_emulator, prepared):
     for p in sorted((prepared / "src").iterdir())[:3]:
         fs.put_file(str(p), f"{bucket[5:]}/src/{p.name}")
     clean = subprocess.run(prepare_cmd(f"{bucket}/src", f"{bucket}/clean", "-j", "1"), capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=HANG_TIMEOUT)
     assert clean.returncode == 0, clean.stderr
     procs = [subprocess.Popen(prepare_cmd(f"{bucket}/src", f"{bucket}/dst", "-j", "1"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()
+        assert p.wait(timeout=HANG_TIMEOUT) == 0, p.stderr.read()
 
     def shards(dst):
         index = json.loads(fs.cat_file(f"{bucket[5:]}/{dst}/index.json"))
@@ -170,7 +165,7 @@ def test_upscale_killed_and_rerun_ends_with_every_output_decodable(tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         target = (len(list(out.glob("*.png"))) if out.exists() else 0) + rng.randint(1, 2)
         kills += kill_when(proc, lambda: out.exists() and len(list(out.glob("*.png"))) >= target)
-    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert final.returncode == 0, final.stderr
     outputs = sorted(p.name for p in out.iterdir())
     assert outputs == [f"img{i:03d}_sr.png" for i in range(6)]  # no temporaries, nothing twice

@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from events import HANG_TIMEOUT, wait_for
 from jobs.prepare import PrepareSettings, prepare, read_index, tile_starts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def cut_photos(folder: Path, count: int, side: int) -> dict[str, np.ndarray]:
 
 def run_sr(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sr_cli", *args], capture_output=True, text=True,
-                          timeout=120, **kwargs)
+                          timeout=HANG_TIMEOUT, **kwargs)
 
 
 def shard_bytes(dst: Path) -> dict[str, bytes]:
@@ -121,11 +121,8 @@ def test_prepare_resumes_after_sigkill_and_equals_a_clean_run(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "sr_cli", "prepare", args[0], str(killed), *args[1:]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while len(list((killed / "units").glob("*.json"))) < 3:
-        assert proc.poll() is None, "prepare finished before it could be killed: make the test data bigger"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: len(list((killed / "units").glob("*.json"))) >= 3, "3 finished units (if prepare finished "
+             "before: make the test data bigger)", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: main process and pool workers
     proc.wait()
     done_at_kill = {p.name: p.stat().st_mtime_ns for p in (killed / "units").glob("*.json")}

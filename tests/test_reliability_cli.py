@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from events import HANG_TIMEOUT, wait_for
 from jobs.prepare import PrepareSettings, prepare
 from sr_core import build_generator, save_generator, storage
 from sr_cli.main import main as sr_main
@@ -78,7 +78,7 @@ def test_a_real_write_leaves_a_temporary_only_while_its_writer_lives(tmp_path):
     code = ("import os, sys; from sr_core import storage\n"
             "os.replace = lambda a, b: os.kill(os.getpid(), 9)\n"  # killed between write and rename
             f"storage.write_bytes({str(target)!r}, b'data')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == -9
     tmps = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     assert len(tmps) == 1 and not target.exists()
@@ -155,7 +155,8 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, model_file, kind
     # model (and upscaling) would complain about the model instead.
     script = (f"{setup} && {SR} upscale {src} -o {mnt}/out -m {tmp_path}/no-model.safetensors; "
               f"echo EXIT=$?; {SR} prepare {src} {mnt}/dst --size 32 --step 32 -q; echo EXIT=$?")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=HANG_TIMEOUT)
     assert proc.stdout.count("EXIT=2") == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -253,8 +254,6 @@ def test_a_memory_limit_that_is_not_positive_is_a_usage_error(tmp_path, model_fi
 
 
 def test_sigterm_during_start_up_is_one_line_and_exit_130(tmp_path, model_file):
-    from events import HANG_TIMEOUT, wait_for
-
     src = photos(tmp_path / "in", 2)
     proc = subprocess.Popen([SR, "upscale", str(src), "-o", str(tmp_path / "out"), "-m", model_file],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

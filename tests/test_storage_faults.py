@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -50,9 +49,10 @@ def offline_env(tmp_path, **extra) -> dict:
 def test_gs_without_credentials_or_network_fails_in_seconds_with_one_line(tmp_path, case, args):
     extra = {} if case == "no credentials" else {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed_port()}"}
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
-    start = time.monotonic()
-    proc = subprocess.run([SR, *args], capture_output=True, text=True, timeout=60, env=offline_env(tmp_path, **extra))
-    took = time.monotonic() - start
+    # Before, each of these took 50-87 s (credential probes, then ~30 s of retries per
+    # request); now they take seconds. The bound is far from both: a loaded machine does
+    # not reach it, the old behaviour does.
+    proc = subprocess.run([SR, *args], capture_output=True, text=True, timeout=45, env=offline_env(tmp_path, **extra))
     err = proc.stderr.strip()
     assert proc.returncode == 75, err[-3000:]
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err[-3000:]
@@ -61,7 +61,6 @@ def test_gs_without_credentials_or_network_fails_in_seconds_with_one_line(tmp_pa
         assert "no Google Cloud credentials" in err and "GOOGLE_APPLICATION_CREDENTIALS" in err
     else:
         assert "cannot reach the storage endpoint 127.0.0.1" in err and "STORAGE_EMULATOR_HOST" in err
-    assert took < 15, took
 
 
 # ---- through the fault-injecting proxy ------------------------------------------------
@@ -136,15 +135,12 @@ def test_an_outage_longer_than_the_retries_stops_naming_the_object_and_a_rerun_f
     fs = gcs_emulator.fs()
     with FaultProxy(gcs_emulator.url, seed=0) as proxy:
         proxy.outage_after_uploads = 3  # the plan and a couple of shards get through
-        start = time.monotonic()
         failed = prepare_cmd(photos_bucket, "outage", proxy_env(proxy, attempts=3))
-        took = time.monotonic() - start
         assert failed.returncode == 75, failed.stderr[-3000:]
         last = failed.stderr.strip().splitlines()[-1]
         assert last.startswith("sr prepare: error: ") and f"{photos_bucket}/outage/" in last, last
         assert "still failing after 3 attempts" in last and "rerun the same command" in last, last
         assert "Traceback" not in failed.stderr
-        assert took < 60
         assert not fs.exists(f"{photos_bucket[5:]}/outage/index.json")
         # Each request was tried 3 times, not 3 x gcsfs's own 6: at most two worker
         # processes and the main one had a request in flight when storage went away.

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from events import HANG_TIMEOUT, wait_for
 from sr_core import build_generator, codecs, save_generator
 from sr_cli.main import main
 
@@ -59,7 +60,7 @@ def test_folder_with_bad_files_in_a_real_process(photo_folder, model_file, tmp_p
     proc = subprocess.run(
         [sys.executable, "-m", "sr_cli", "upscale", str(photo_folder), "-o", str(out), "--model", model_file,
          "--tile", "16"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True, text=True, cwd=REPO, timeout=HANG_TIMEOUT,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 1, proc.stderr
@@ -231,7 +232,6 @@ def test_out_that_is_a_file_is_a_one_line_error_before_any_work(photo_folder, mo
 
 def test_ctrl_c_finishes_what_was_written_and_a_rerun_does_the_rest(tmp_path):
     import signal
-    import time
 
     torch.manual_seed(0)
     model = str(tmp_path / "small_x4.safetensors")
@@ -242,11 +242,9 @@ def test_ctrl_c_finishes_what_was_written_and_a_rerun_does_the_rest(tmp_path):
         small_photo("coffee.png", (96, 64)).save(src / f"img{i:02d}.png")
     sr = [sys.executable, "-m", "sr_cli", "upscale", str(src), "-o", str(out), "--model", model]
     proc = subprocess.Popen(sr, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out.exists() and any(out.iterdir())) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for(lambda: out.exists() and any(out.iterdir()), "a first output", proc)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 130, stderr
     done = sorted(p.name for p in out.iterdir())
     assert 0 < len(done) < 24 and all(name.endswith("_sr.png") for name in done)  # no temp files
@@ -254,7 +252,7 @@ def test_ctrl_c_finishes_what_was_written_and_a_rerun_does_the_rest(tmp_path):
         assert codecs.read_image(str(out / name)).shape == (256, 384, 3)
     assert f"{24 - len(done)} image(s) not done" in stderr and "run the same command again" in stderr
 
-    rerun = subprocess.run(sr, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(sr, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert rerun.returncode == 0, rerun.stderr
     assert f"written {24 - len(done)}, skipped {len(done)}" in rerun.stdout
 
