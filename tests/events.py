@@ -46,3 +46,21 @@ def upscale_actors_below(pid: int | None = None) -> list:
         except psutil.Error:
             continue
     return found
+
+
+def run_in_session(cmd: list[str], timeout: float = HANG_TIMEOUT, **popen) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to its end in a session of its own, capturing its output as text. On
+    timeout (a hang) the whole session is killed, the processes it started (a local
+    Ray) included, and the test fails with the end of its stderr."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung (killed after {timeout:.0f} s): {err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
-import pytest
 from PIL import Image
 
-from events import HANG_TIMEOUT, wait_for
+from events import HANG_TIMEOUT, run_in_session, wait_for
 from sr_cli.main import main as sr_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,15 +43,7 @@ def images(folder: Path, names=("a.png", "sub/b.png"), size=(28, 24)) -> dict[st
 
 
 def run_sr(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([*SR, *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=HANG_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"sr {' '.join(args)} did not finish: {err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_in_session([*SR, *args], cwd=REPO, env=ENV)
 
 
 def session_processes(driver_pid: int) -> list[psutil.Process]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,25 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from events import HANG_TIMEOUT, run_in_session
+
 REPO = Path(__file__).resolve().parent.parent
-# Generous: these commands finish in seconds (sr batch in tens of seconds on a busy
-# machine); the bound only turns a hang into a failure.
-HANG_TIMEOUT = 300
 
 
-def run_sr(*args: str, timeout: float = HANG_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``sr ARGS`` in its own session; on timeout the whole session (Ray included) is
-    killed and the test fails."""
-    proc = subprocess.Popen([sys.executable, "-m", "sr_cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"sr {' '.join(args)} hung on a non-regular file (killed after {timeout} s): {err[-2000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def run_sr(*args: str) -> subprocess.CompletedProcess:
+    """``sr ARGS``; a hang (a FIFO opened) fails the test and kills everything it started."""
+    return run_in_session([sys.executable, "-m", "sr_cli", *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def photo_folder(folder: Path, names=("a.png", "sub/b.png")) -> None:
