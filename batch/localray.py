@@ -7,9 +7,9 @@ A local Ray is started by the driver (``ray.init``) under a folder of its own,
 When the driver is killed with SIGKILL, Ray's GCS server and raylet die with it, but its
 dashboard agent and runtime-env agent (and a worker stuck in a read) keep running for a
 minute or more: they notice that the raylet is gone, then wait on the dead GCS. The next
-``sr batch`` stops them: the processes holding files in a session folder whose driver is
-gone and whose raylet is not running (Linux: found through /proc; elsewhere nothing is
-done). A driver that shuts its Ray down stops what is left of it too (a shutdown while
+``sr batch`` stops them: the processes holding files in (or naming) a session folder
+whose driver is gone and whose raylet is not running (Linux: found through /proc;
+elsewhere nothing is done). A driver that shuts its Ray down stops what is left of it too (a shutdown while
 Ray is starting leaves the agents running) and marks its session folder as stopped, so
 later runs look only at the sessions of killed drivers.
 
@@ -41,7 +41,7 @@ from sr_core import storage
 
 SESSION_NAME = re.compile(r"^session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_(\d+)$")
 STOPPED_MARK = "sr-batch-stopped"
-"""A file a driver leaves in its session folder when it shut its Ray down."""
+"""A file left in a session folder once nothing of that Ray runs any more."""
 # Seconds leftover processes get to exit on SIGTERM before SIGKILL: the agents are
 # usually waiting on the dead GCS and do not answer promptly.
 STOP_GRACE_SECONDS = 5.0
