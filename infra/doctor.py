@@ -96,17 +96,19 @@ class Plan:
     cluster_path: str = ""
     images: list[str] = field(default_factory=list)
 
-    def service_accounts(self) -> dict[str, str]:
-        """email -> who uses it and whether the tool creates it."""
+    def service_accounts(self) -> dict[str, tuple[str, str]]:
+        """email -> (whose VMs run as it, the tool that creates it or "" when it must exist)."""
         accounts = {}
         if self.train:
-            accounts[raycluster.service_account_email(self.project, "skypilot-v1")] = "SkyPilot's VMs (created by it)"
+            accounts[raycluster.service_account_email(self.project, "skypilot-v1")] = ("SkyPilot's VMs", "SkyPilot")
         if self.cluster:
-            accounts[raycluster.service_account_email(self.project)] = "the Ray head (created by `ray up`)"
+            ray = raycluster.service_account_email(self.project)
+            accounts[ray] = ("the Ray head", "`ray up`")
             for email in worker_accounts(self.cluster):
-                accounts.setdefault(email, "the Ray GPU workers (must exist)")
-                if email == raycluster.service_account_email(self.project):
-                    accounts[email] = "the Ray head and GPU workers (created by `ray up`)"
+                if email == ray:
+                    accounts[ray] = ("the Ray head and GPU workers", "`ray up`")
+                else:
+                    accounts.setdefault(email, ("the Ray GPU workers", ""))
         return accounts
 
 
@@ -235,8 +237,7 @@ def would_check(plan: Plan) -> list[str]:
     checks += [
         "GPUs offered in the VMs' zones",
         "your rights: " + ", ".join(LAUNCH_PERMISSIONS + GRANT_PERMISSIONS),
-        "service accounts and their roles: " + ", ".join(plan.service_accounts()) if plan.service_accounts()
-        else "service accounts: none (nothing to launch)",
+        "service accounts and their roles: " + ", ".join(plan.service_accounts()),
     ]
     if plan.bucket:
         checks.append(f"bucket {plan.bucket}: readable, and its location against the VMs' region")
@@ -290,6 +291,10 @@ class Api:
         from google.auth.transport.requests import AuthorizedSession
 
         self.root = (root if root is not None else os.environ.get(API_ROOT_VARIABLE, "")).rstrip("/")
+        token_uri = getattr(credentials, "token_uri", None)
+        if self.root and token_uri and hasattr(credentials, "with_token_uri"):
+            # The token endpoint is one more Google host: it moves with the others.
+            credentials = credentials.with_token_uri(self.url(token_uri))
         self.session = AuthorizedSession(credentials)
         self.credentials = credentials
         self.timeout = timeout
@@ -313,7 +318,9 @@ class Api:
                              "`gcloud auth application-default login`") from None
         except (requests.ConnectionError, requests.Timeout, google.auth.exceptions.TransportError) as exc:
             host = urllib.parse.urlsplit(url).netloc
-            raise ConnectionError(f"cannot reach {host} ({_short(exc)}); rerun when the network is back") from None
+            why = "timed out" if isinstance(exc, requests.Timeout) else "no connection"
+            raise ConnectionError(f"cannot reach {host} ({why}); nothing was changed, rerun when the network "
+                                  "is back") from None
         try:
             data = response.json()
         except ValueError:
@@ -484,24 +491,25 @@ def check_accounts(api: Api, plan: Plan, project_policy: dict | None, bucket_pol
     whether the caller will have to create an account or grant a role."""
     checks = []
     grants_needed = False
-    for email, who in plan.service_accounts().items():
+    for email, (who, creator) in plan.service_accounts().items():
         reply = api.get(f"https://iam.googleapis.com/v1/projects/{plan.project}/serviceAccounts/{email}")
         member = f"serviceAccount:{email}"
-        created_by_tool = "created by" in who
         if reply.status == 404:
             grants_needed = True
-            if created_by_tool and not _registry_images(plan):
-                checks.append(Check("ok", f"service account {email} ({who}) does not exist yet; the tool "
-                                          "creates it with its roles"))
-            elif created_by_tool:
+            if creator and not _registry_images(plan):
+                checks.append(Check("ok", f"service account {email} ({who}) does not exist yet; {creator} creates it "
+                                          "with its roles"))
+            elif creator:
                 account_id = email.split("@", 1)[0]
-                checks.append(Check("FAIL", f"service account {email} ({who}) does not exist yet, so it cannot "
-                                            "be granted the Artifact Registry role it needs to pull the image",
-                                    f"gcloud iam service-accounts create {account_id} --project {plan.project}, "
-                                    "then grant roles/artifactregistry.reader (docs/CLOUD.md)"))
+                fixes = [f"gcloud iam service-accounts create {account_id} --project {plan.project}"]
+                fixes += [_reader_fix(member, ref) for ref in _registry_images(plan)]
+                checks.append(Check("FAIL", f"service account {email} ({who}) does not exist yet, so it cannot have "
+                                            "the Artifact Registry role it needs to pull the image (create it now; "
+                                            f"{creator} then adopts it)", " && ".join(fixes)))
             else:
                 checks.append(Check("FAIL", f"service account {email} ({who}) does not exist",
-                                    f"create it (gcloud iam service-accounts create ...) or drop --service-account"))
+                                    f"gcloud iam service-accounts create {email.split('@', 1)[0]} --project "
+                                    f"{plan.project}, or leave --service-account out"))
             continue
         if not reply.ok:
             checks.append(Check("FAIL", f"cannot read service account {email}: {reply.message}"))
@@ -509,30 +517,33 @@ def check_accounts(api: Api, plan: Plan, project_policy: dict | None, bucket_pol
         roles = _members_roles(project_policy or {}, member) | _members_roles(bucket_policy or {}, member)
         if roles & STORAGE_ROLES:
             checks.append(Check("ok", f"{email} ({who}) has {', '.join(sorted(roles & STORAGE_ROLES))}"))
-        elif created_by_tool:
+        elif creator:
             # SkyPilot and `ray up` bind their account's roles (storage included) at launch.
             grants_needed = True
-            checks.append(Check("ok", f"{email} ({who}) has no storage role yet; the tool grants it at launch"))
+            checks.append(Check("ok", f"{email} ({who}) has no storage role yet; {creator} grants it at launch"))
         else:
             grants_needed = True
-            target = f"gs://{_bucket_name(plan.bucket)}" if plan.bucket else "the bucket"
+            target = f"gs://{_bucket_name(plan.bucket)}" if plan.bucket else "gs://BUCKET"
             checks.append(Check("FAIL", f"{email} ({who}) cannot read or write {target}",
                                 f"gcloud storage buckets add-iam-policy-binding {target} --member={member} "
                                 "--role=roles/storage.objectAdmin"))
         for ref in _registry_images(plan):
             host, path, _ = image.split_image(ref)
-            repo_key = _repo_key(host, path)
-            repo_roles = _members_roles(repo_policies.get(repo_key) or {}, member)
+            repo_roles = _members_roles(repo_policies.get(_repo_key(host, path)) or {}, member)
             if (roles | repo_roles) & REGISTRY_READ_ROLES:
                 checks.append(Check("ok", f"{email} may pull from {host}/{'/'.join(path.split('/')[:2])}"))
             else:
                 grants_needed = True
-                project, repo = path.split("/")[:2]
-                location = image.artifact_registry_location(host)
                 checks.append(Check("FAIL", f"{email} ({who}) may not pull {ref} (no Artifact Registry read role)",
-                                    f"gcloud artifacts repositories add-iam-policy-binding {repo} --project {project} "
-                                    f"--location {location} --member={member} --role=roles/artifactregistry.reader"))
+                                    _reader_fix(member, ref)))
     return checks, grants_needed
+
+
+def _reader_fix(member: str, ref: str) -> str:
+    host, path, _ = image.split_image(ref)
+    project, repo = path.split("/")[:2]
+    return (f"gcloud artifacts repositories add-iam-policy-binding {repo} --project {project} --location "
+            f"{image.artifact_registry_location(host)} --member={member} --role=roles/artifactregistry.reader")
 
 
 def _bucket_name(bucket: str) -> str:

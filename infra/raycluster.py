@@ -370,7 +370,7 @@ def commands_script(job: BatchJob, ray_version: str | None, notes: list[str]) ->
         "print(s.getsockname()[1])')",
         f"{line(dashboard)} > /dev/null 2>&1 &",
         "tunnel=$!",
-        "trap 'kill \"$tunnel\" 2> /dev/null || true' EXIT",
+        "trap 'kill \"$tunnel\" 2> /dev/null || true; wait \"$tunnel\" 2> /dev/null || true' EXIT",
         "# Submit only once the tunnel answers as Ray's job server, of the cluster's Ray version.",
         "answers() {",
         "  python3 - \"$1\" \"$2\" <<'PY'",
@@ -394,7 +394,7 @@ def commands_script(job: BatchJob, ray_version: str | None, notes: list[str]) ->
         "  sleep 1",
         "done",
         f'answers "http://127.0.0.1:{PORT_VARIABLE}" {want} || '
-        "{ echo 'the tunnel did not answer as the cluster'\''s Ray job server' >&2; exit 1; }",
+        "{ echo 'the tunnel did not answer as the Ray job server of the cluster' >&2; exit 1; }",
         line(submit),
         line(logs),
     ]) + "\n"
