@@ -1,5 +1,5 @@
-"""infra's subcommands: ``sr cloud ...`` (training on SkyPilot, batch on a Ray cluster)
-and ``sr tensorboard``. Handlers import what they need, so ``sr --help`` stays instant.
+"""infra's subcommands: ``sr cloud ...`` (training on SkyPilot, batch on a Ray cluster,
+``doctor`` to check a project first) and ``sr tensorboard``. Handlers import what they need, so ``sr --help`` stays instant.
 
 Every ``sr cloud`` command that would call a cloud tool writes what it generated and
 the exact commands into an output folder and prints them; with ``--dry-run`` it stops
@@ -28,9 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cloud = sub.add_parser(
         "cloud",
         help="submit training to GPU VMs (SkyPilot) and batch upscaling to a Ray cluster on Google Cloud",
-        description="Google Cloud submission. Training runs as a SkyPilot managed job (spot VMs are "
-                    "relaunched and resume from the run's newest checkpoint); batch upscaling runs on a "
-                    "cluster made by Ray's cluster launcher. See docs/CLOUD.md.",
+        description="Google Cloud submission. Training runs as a SkyPilot managed job (relaunched after a "
+                    "spot preemption or an error of its own, resuming from the run's newest checkpoint); batch "
+                    "upscaling runs on a cluster made by Ray's cluster launcher. `sr cloud doctor` checks a "
+                    "project first. See docs/CLOUD.md.",
     )
     cloud_sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
     cloud_sub.required = True

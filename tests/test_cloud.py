@@ -767,6 +767,11 @@ def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_e
         "train", "status", "logs", "stop", "ray-config", "batch", "doctor"}
     parser = build_parser()
     monkeypatch.chdir(tmp_path)  # the doc's relative files (cluster.yaml) land here
+    # The doc's `gcloud config set project my-project`, as gcloud writes it.
+    gcloud = Path(os.environ["CLOUDSDK_CONFIG"])
+    (gcloud / "configurations").mkdir(parents=True)
+    (gcloud / "active_config").write_text("default")
+    (gcloud / "configurations" / "config_default").write_text("[core]\nproject = my-project\n")
     for i, command in enumerate(commands):
         command, _, redirect = command.partition(">")
         argv = shlex.split(command)
