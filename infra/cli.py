@@ -283,8 +283,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     restarts = skypilot.MAX_RESTARTS_ON_ERRORS if args.max_restarts_on_errors is None else args.max_restarts_on_errors
     login_from_env = False
-    if args.image:
-        host, _, _ = image.split_image(args.image)
+    if image.docker_image(args.image):
+        host, _, _ = image.split_image(image.docker_image(args.image))
         login_from_env = not image.is_artifact_registry(host) and "SKYPILOT_DOCKER_PASSWORD" in os.environ
     job = skypilot.TrainJob(
         name=args.name, bucket=args.bucket, config=config, preset=args.preset, overrides=overrides,
@@ -323,7 +323,7 @@ def run_train(args: argparse.Namespace) -> int:
     elif "envs" in task:
         print(f"registry login: the VMs' service account pulls from {task['envs']['SKYPILOT_DOCKER_SERVER']} "
               "(it needs roles/artifactregistry.reader: sr cloud doctor --image ... checks)")
-    elif args.image:
+    elif image.docker_image(args.image):
         print("registry login: none (a public image; for a private registry export SKYPILOT_DOCKER_USERNAME "
               "and SKYPILOT_DOCKER_PASSWORD first)")
     _print_plan(out, [queue, command], args.dry_run)
@@ -617,9 +617,11 @@ def doctor_plan(args: argparse.Namespace):
             raise ValueError(f"--gpus {args.gpus}: sr cloud doctor knows {', '.join(doctor.GPU_TYPES)}")
     elif not cluster:
         raise ValueError("--no-train without --cluster: nothing to check")
+    from infra import image
+
     images = []
-    if args.image and train:
-        images.append(args.image.removeprefix("docker:"))
+    if train and image.docker_image(args.image):
+        images.append(image.docker_image(args.image))
     cluster_image = (cluster or {}).get("docker", {}).get("image", "")
     if cluster_image and cluster_image not in images:
         images.append(cluster_image)

@@ -79,6 +79,18 @@ fi
 """
 
 
+def docker_image(image_id: str) -> str:
+    """The Docker image of a SkyPilot ``image_id`` (``docker:REF``, or a REF whose first
+    component is a registry host such as ``us-central1-docker.pkg.dev/...``), or "" for a
+    VM image (``projects/P/global/images/...``) or none."""
+    if image_id.startswith("docker:"):
+        return image_id.removeprefix("docker:")
+    first = image_id.split("/", 1)[0]
+    if "/" in image_id and ("." in first or ":" in first):
+        return image_id
+    return ""
+
+
 def split_image(image: str) -> tuple[str, str, str]:
     """``(host, repository path, tag or digest)`` of a Docker image reference (a
     ``docker:`` prefix, SkyPilot's, is dropped). The host is empty for Docker Hub

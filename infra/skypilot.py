@@ -110,7 +110,8 @@ class TrainJob:
     """Attach a local NVMe SSD and cache the shards there; else they go on the boot disk."""
 
     image_id: str = ""
-    """SkyPilot ``image_id`` (e.g. ``docker:REGISTRY/sr-cloud:0.1.0``); empty: SkyPilot's GPU image."""
+    """SkyPilot ``image_id``: a Docker image (``docker:REGISTRY/sr-cloud:0.1.0``, the prefix
+    optional when REGISTRY is a host) or a VM image; empty: SkyPilot's GPU VM image."""
 
     launch_config: str = ""
     """``accelerate launch --config_file`` (e.g. ``jobs/launch/deepspeed.yaml``), relative to the project."""
@@ -213,8 +214,8 @@ def check_job(job: TrainJob) -> None:
         check_launch_config(job)
     if job.max_restarts_on_errors < 0:
         raise ValueError(f"--max-restarts-on-errors must be >= 0, got {job.max_restarts_on_errors}")
-    if job.image_id:
-        image.split_image(job.image_id)
+    if job.image_id.startswith("docker:") or image.docker_image(job.image_id):
+        image.split_image(image.docker_image(job.image_id) or job.image_id)
     for item in job.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
@@ -341,9 +342,12 @@ def build_task(job: TrainJob) -> dict:
         "num_nodes": job.nodes,
         "resources": resources,
     }
-    if job.image_id:
-        resources["image_id"] = job.image_id if job.image_id.startswith("docker:") else f"docker:{job.image_id}"
+    docker = image.docker_image(job.image_id)
+    if docker:
+        resources["image_id"] = f"docker:{docker}"
         task.update(registry_login(job))
+    elif job.image_id:
+        resources["image_id"] = job.image_id  # a VM image
     task["setup"] = setup_script()
     task["run"] = run_script(job)
     if job.config and "://" not in job.config:
@@ -358,7 +362,10 @@ def registry_login(job: TrainJob) -> dict:
     (skypilot-v1, with roles/artifactregistry.reader) pulls. Another registry: all three
     as secrets, the user and password filled from the submitting shell by ``--secret``,
     so the password never lands in a file."""
-    host, _, _ = image.split_image(job.image_id)
+    docker = image.docker_image(job.image_id)
+    if not docker:
+        return {}
+    host, _, _ = image.split_image(docker)
     if image.is_artifact_registry(host):
         return {"envs": {"SKYPILOT_DOCKER_USERNAME": "", "SKYPILOT_DOCKER_PASSWORD": "",
                          "SKYPILOT_DOCKER_SERVER": host}}
