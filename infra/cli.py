@@ -591,7 +591,8 @@ def submit_through_tunnel(ray: str, job, cluster_ray: str | None, wait_s: float 
 
 
 def doctor_plan(args: argparse.Namespace):
-    from infra import doctor, skypilot
+    """What `sr cloud doctor` checks, from its arguments and CLUSTER.yaml."""
+    from infra import doctor, image, skypilot
     from infra.credentials import gcloud_project
 
     cluster = load_cluster_config(args.cluster) if args.cluster else None
@@ -617,8 +618,6 @@ def doctor_plan(args: argparse.Namespace):
             raise ValueError(f"--gpus {args.gpus}: sr cloud doctor knows {', '.join(doctor.GPU_TYPES)}")
     elif not cluster:
         raise ValueError("--no-train without --cluster: nothing to check")
-    from infra import image
-
     images = []
     if train and image.docker_image(args.image):
         images.append(image.docker_image(args.image))

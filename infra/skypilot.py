@@ -37,10 +37,7 @@ DEFAULT_PORT = 29500
 
 MAX_RESTARTS_ON_ERRORS = 3
 """Restarts of a managed job that failed by itself (not by preemption), each resuming
-from the newest checkpoint. SkyPilot's own examples use 3."""
-
-DOCKER_LOGIN_VARS = ("SKYPILOT_DOCKER_USERNAME", "SKYPILOT_DOCKER_PASSWORD", "SKYPILOT_DOCKER_SERVER")
-"""SkyPilot's docker login settings (all three, in ``envs`` or all in ``secrets``)."""
+from the newest checkpoint (the number SkyPilot's task reference uses in its example)."""
 
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
                    "FAILED_CONTROLLER", "CANCELLED")

@@ -163,8 +163,14 @@ def test_a_new_project_fails_with_a_fix_for_each_gap(tmp_path, offline_env, sr, 
     assert summary == f"{sum(map(len, found.values()))} checks: {len(found['FAIL'])} failed, 0 warnings"
 
 
-def test_an_image_never_pushed_and_a_zone_without_gpus(tmp_path, offline_env, sr, monkeypatch, project):
+def test_an_image_never_pushed_a_zone_without_gpus_and_other_gaps(tmp_path, offline_env, sr, monkeypatch, project):
     (project / "us-central1-docker.pkg.dev/v2/my-project/sr/sr-cloud/manifests/0.1.0.json").unlink()
+    edit(project, "storage.googleapis.com/storage/v1/b/my-sr-bucket",
+         lambda d: d.update(location="US", locationType="multi-region"))
+    # GPU workers that run as the user's own account, which was never created.
+    cluster = tmp_path / "workers.yaml"
+    assert sr(["cloud", "ray-config", "--project", "my-project", "--service-account",
+               "sr-workers@my-project.iam.gserviceaccount.com", "-o", cluster]).returncode == 0
 
     def no_v100_in_us_central1(data):
         for key in list(data["items"]):
@@ -174,9 +180,14 @@ def test_an_image_never_pushed_and_a_zone_without_gpus(tmp_path, offline_env, sr
     edit(project, "compute.googleapis.com/compute/v1/projects/my-project/aggregated/acceleratorTypes",
          no_v100_in_us_central1)
     with RecordedApis(project) as apis:
-        done = doctor(sr, monkeypatch, apis, tmp_path, SHAPE)
+        done = doctor(sr, monkeypatch, apis, tmp_path, [*SHAPE, "--cluster", cluster])
     assert done.returncode == 1, done.stdout + done.stderr
-    failed = "\n".join(rows(done.stdout)["FAIL"])
+    found = rows(done.stdout)
+    failed = "\n".join(found["FAIL"])
+    assert found["warn"] == ["bucket gs://my-sr-bucket is multi-region US; the VMs run in us-central1 || fix: a "
+                             "regional bucket in the VMs' region reads fastest"]
+    assert ("service account sr-workers@my-project.iam.gserviceaccount.com (the Ray GPU workers) does not exist || "
+            "fix: gcloud iam service-accounts create sr-workers --project my-project") in failed
     assert (f'image {IMAGE} does not exist (Failed to fetch "0.1.0") || fix: gcloud auth configure-docker '
             "us-central1-docker.pkg.dev && docker build") in failed
     assert ("nvidia-tesla-v100 is not offered in us-central1 || fix: choose a region/zone that has it: "
