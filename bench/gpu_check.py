@@ -278,8 +278,6 @@ class Context:
         if self.rehearsal:
             env["OMP_NUM_THREADS"] = "1"
         else:
-            # nvidia-smi numbers GPUs in PCI bus order; make CUDA agree.
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus()[:num_gpus])
         return env
 
@@ -318,15 +316,39 @@ def sr_command() -> list[str]:
     return [str(sr)]
 
 
+_CHILDREN: list[subprocess.Popen] = []
+"""The commands this step process started, each in a process group of its own."""
+
+
+def start_child(command: list[str], out, env: dict) -> subprocess.Popen:
+    """Start a command of a step (output to the open file ``out``), in its own process
+    group so that it, and the processes it starts, can be stopped together."""
+    out.write("$ " + " ".join(command) + "\n")
+    out.flush()
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    _CHILDREN.append(proc)
+    return proc
+
+
+class StepStopped(BaseException):
+    """Raised in a step process at its time limit (a BaseException: the steps' own
+    ``except Exception`` around one configuration must not swallow it)."""
+
+
+def _stop_step(signum, frame) -> None:
+    """SIGTERM to a step process (its limit passed): stop its commands, then fail the step."""
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            _kill_group(proc)
+    raise StepStopped("stopped at the step's time limit; the commands it started were stopped")
+
+
 def run_logged(command: list[str], log: Path, env: dict, timeout: float) -> tuple[int, float, str]:
     """Run ``command`` with its output in ``log``; (exit code, seconds, output)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as out:
-        out.write("$ " + " ".join(command) + "\n")
-        out.flush()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
+        proc = start_child(command, out, env)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -438,11 +460,10 @@ class GpuSampler:
 
     def __enter__(self):
         if self.enabled:
-            env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
             self._proc = subprocess.Popen(
                 ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
                  "-i", visible_gpus()[0], "-lms", str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                text=True, env=env)
+                text=True)
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
@@ -544,8 +565,7 @@ def step_environment(ctx: Context) -> Iterator[Row]:
     driver = "n/a"
     if not ctx.rehearsal and shutil.which("nvidia-smi"):
         done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i",
-                               visible_gpus()[0]], capture_output=True, text=True,
-                              env={**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+                               visible_gpus()[0]], capture_output=True, text=True)
         driver = done.stdout.strip() or "unknown"
     nccl = "n/a"
     if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
@@ -939,12 +959,8 @@ def train_stage(ctx: Context, launch: Launch, stage: str, run_dir: Path, extra: 
     if preempt:
         log = Path(f"{run_dir}.preempted.log")
         with open(log, "w") as out:
-            command = [*base, "train.max_steps=1000000", f"train.checkpoint_every={s.checkpoint_every}",
-                       "--resume", "auto"]
-            out.write("$ " + " ".join(command) + "\n")
-            out.flush()
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                    start_new_session=True)
+            proc = start_child([*base, "train.max_steps=1000000", f"train.checkpoint_every={s.checkpoint_every}",
+                                "--resume", "auto"], out, env)
             if not wait_for_checkpoint(str(run_dir), proc, ctx.remaining()):
                 _kill_group(proc)
                 return Row("train", case, figures, failed(f"no checkpoint before the run ended or the time limit "
@@ -1067,6 +1083,7 @@ def step_batch(ctx: Context) -> Iterator[Row]:
                                                  "start-up s": timing["startup"], **sampler.figures()})
         out = ctx.workdir / "batch" / f"batch-{arch}"
         run_id = f"gpu-check-{arch}"
+        actor_case = f"{arch} · sr batch, 1 {'CPU' if ctx.rehearsal else 'GPU'} actor"
         command = [*sr_command(), "batch", str(folder), str(out), "--model", path, "--actors", "1", "--overwrite",
                    "--run-id", run_id, "-q"]
         command += ["--num-gpus-per-actor", "0", "--num-cpus", "2"] if ctx.rehearsal else \
@@ -1076,7 +1093,7 @@ def step_batch(ctx: Context) -> Iterator[Row]:
             code, seconds, text = run_logged(command, Path(f"{out}.log"), ctx.env(), ctx.remaining())
         summary_path = out / "_sr_batch" / run_id / "summary.json"
         if code != 0 or not summary_path.exists():
-            yield Row(step, f"{arch} · sr batch, 1 GPU actor", {}, failed(f"exit {code}: {last_line(text)} "
+            yield Row(step, actor_case, {}, failed(f"exit {code}: {last_line(text)} "
                                                                           f"(log {out}.log)"))
             continue
         summary = json.loads(summary_path.read_text())
@@ -1087,7 +1104,7 @@ def step_batch(ctx: Context) -> Iterator[Row]:
         if not ctx.rehearsal and gpus != 1:
             problems.append(f"the actor had {gpus} GPUs, expected 1")
         steady = summary.get("steady_images_per_second") or summary["images_per_second"]
-        yield Row(step, f"{arch} · sr batch, 1 GPU actor" if not ctx.rehearsal else f"{arch} · sr batch, 1 CPU actor",
+        yield Row(step, actor_case,
                   {"img/s (steady)": steady, "out Mpx/s (steady)": steady * out_px / len(files) / 1e6,
                    "vs sr upscale": steady / upscale_rate if upscale_rate else NOISE, "img/s (whole run)": summary["images_per_second"],
                    "first result s": summary.get("first_result_seconds") or math.nan,
@@ -1132,6 +1149,7 @@ def worker_main(args: argparse.Namespace) -> int:
                   model_files={"rrdbnet": args.rrdb_model, COMPACT: args.compact_model}, vgg_weights=args.vgg_weights)
     step = args.worker
     code = 0
+    signal.signal(signal.SIGTERM, _stop_step)
     if ctx.rehearsal:
         import torch
 
@@ -1144,11 +1162,12 @@ def worker_main(args: argparse.Namespace) -> int:
                 out.write(json.dumps(asdict(row)) + "\n")
                 out.flush()
                 print(f"  {row.case}: {row.status}", file=sys.stderr, flush=True)
-        except Exception as exc:
+        except (Exception, StepStopped) as exc:
             import traceback
 
             traceback.print_exc()
-            row = Row(step, "(step)", {}, failed(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]))
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row = Row(step, "(step)", {}, failed(f"{type(exc).__name__}: {first}"[:300]))
             out.write(json.dumps(asdict(row)) + "\n")
             code = 1
     return code
@@ -1168,14 +1187,21 @@ def run_step(step: Step, args: argparse.Namespace, workdir: Path) -> list[Row]:
         code = proc.wait(timeout=limit)
         killed = False
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        code, killed = -9, True
+        # SIGTERM first: the step stops the commands it started and records why.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code = -9
+        killed = True
     except KeyboardInterrupt:
         _kill_group(proc)
         raise
     seconds = time.perf_counter() - start
     rows = [Row(**json.loads(line)) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-    if killed:
+    if killed and not any(is_failure(r.status) for r in rows):
         rows.append(Row(step.name, "(step)", {}, failed(f"stopped at its limit of {limit:.0f} s")))
     elif code != 0 and not any(is_failure(r.status) for r in rows):
         rows.append(Row(step.name, "(step)", {}, failed(f"its process exited {code} (output above)")))
@@ -1238,9 +1264,9 @@ def run_check(args: argparse.Namespace) -> int:
     write_results(out, table, title, rows)
     code = 130 if interrupted else exit_code(rows)
     failures = [r for r in rows if is_failure(r.status)]
-    if failures or args.keep:
+    if failures or args.keep or args.workdir:
         print(f"gpu-check: logs and outputs kept in {workdir}", file=sys.stderr)
-    else:
+    else:  # a scratch folder of our own, and nothing in it to look at
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"gpu-check: {len(failures)} path(s) failed; table in {out}" if failures else
           f"gpu-check: every path ran; table in {out}", file=sys.stderr)
@@ -1343,8 +1369,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"real {COMPACT} x4 weights (e.g. realesr-general-x4v3.pth) instead of random ones")
     parser.add_argument("--vgg-weights", default="", metavar="FILE",
                         help="torchvision's VGG19 ImageNet weights for the GAN stage (default: a random VGG19)")
-    parser.add_argument("--workdir", default="", help="scratch folder (default: a new temporary one, removed "
-                                                      "unless a path failed or --keep)")
+    parser.add_argument("--workdir", default="", help="scratch folder, kept (default: a new temporary one, "
+                                                      "removed unless a path failed or --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, runs, outputs)")
     parser.add_argument("--timeout-factor", type=float, default=2.0,
                         help="a step is stopped at this many times its budget (default: 2)")
@@ -1365,6 +1391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # nvidia-smi numbers GPUs in PCI bus order; CUDA (in every process of the check) too.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
