@@ -584,7 +584,12 @@ def step_environment(ctx: Context) -> Iterator[Row]:
     precision = ctx.default_precision()
     why = {"bf16": "sm_80+: bf16 tensor cores", "fp16": "sm_7x: fp16 tensor cores, no bf16 ones",
            "fp32": "CPU" if ctx.rehearsal else "no tensor cores"}[precision]
-    yield Row(step, "default precision", {"": f"{precision} ({why})"})
+    figures = {"": f"{precision} ({why})"}
+    if not ctx.rehearsal:
+        # On sm_80+ cuDNN runs "fp32" convolutions in TF32 unless this is off: the fp32
+        # rows (the reference of every PSNR) are then TF32.
+        figures["cuDNN TF32 for fp32"] = bool(torch.backends.cudnn.allow_tf32 and ctx.capability()[0] >= 8)
+    yield Row(step, "default precision", figures)
     commit = "unknown"
     with contextlib.suppress(OSError):
         done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -770,11 +775,10 @@ def step_upscale_e2e(ctx: Context) -> Iterator[Row]:
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         write_image(str(folder / f"photo{i}.png"), im)
-    out_px = sum(im.shape[0] * im.shape[1] for im in images) * 16
+    up = Upscaler.from_file(path, device=ctx.device)  # what `sr upscale` builds: everything automatic
+    out_px = sum(im.shape[0] * im.shape[1] for im in images) * up.scale**2
     yield Row(step, "setup", {"model": model_label(ctx, arch), "precision": precision, "tile": "automatic",
                               "inputs": f"{len(images)} photos ≤ {ctx.sizes.photo_crop} px"})
-
-    up = Upscaler.from_file(path, device=ctx.device)  # what `sr upscale` builds: everything automatic
     ours = [up(im) for im in images]
     upscaler_s = best_seconds(lambda: [up(im) for im in images], ctx.sizes.repeats, ctx.device)
     batches = floor_batches(up, images, ctx.device)
@@ -806,7 +810,9 @@ def step_upscale_e2e(ctx: Context) -> Iterator[Row]:
     ref_s = best_seconds(reference, ctx.sizes.repeats, ctx.device)
     yield Row(step, f"reference loop (1 tile at a time, NCHW, full-frame float output, {precision})",
               {"s": ref_s, "out Mpx/s": out_px / ref_s / 1e6, "vs floor": floor_s / ref_s})
-    plain = batches = None  # freed before sr upscale runs on the same GPU
+    up = plain = batches = None  # freed before sr upscale runs on the same GPU (and plans its tiles)
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()
 
     figures, status = {}, SUCCESS
     try:
@@ -1060,14 +1066,13 @@ def step_batch(ctx: Context) -> Iterator[Row]:
     s = ctx.sizes
     folder = ctx.workdir / "batch" / "in"
     files = make_inputs(folder, s.batch_images, s.batch_side)
-    out_px = len(files) * (s.batch_side * 4) ** 2
-    yield Row(step, "inputs", {"images": len(files), "size": f"{s.batch_side}x{s.batch_side} PNG",
-                               "output Mpx": out_px / 1e6})
+    yield Row(step, "inputs", {"images": len(files), "size": f"{s.batch_side}x{s.batch_side} PNG"})
     for arch in ("rrdbnet", COMPACT):
         if not available(arch):
             yield Row(step, f"{arch}", {}, UNAVAILABLE)
             continue
         path = model_file(ctx, arch)
+        out_px = len(files) * s.batch_side**2 * build_model(ctx, arch).scale ** 2
         label = model_label(ctx, arch)
         try:
             sampler = GpuSampler(not ctx.rehearsal)
