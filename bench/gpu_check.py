@@ -1239,10 +1239,9 @@ def run_check(args: argparse.Namespace) -> int:
         if line:
             print(line)
             return 0
-    import torch
-
     steps = select_steps(args.only, args.skip)
-    num_gpus = 0 if args.cpu_rehearsal else torch.cuda.device_count()
+    # No CUDA context in this process: it would hold GPU memory through every step.
+    num_gpus = 0 if args.cpu_rehearsal else len(visible_gpus())
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sr-gpu-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -1261,7 +1260,8 @@ def run_check(args: argparse.Namespace) -> int:
     if args.cpu_rehearsal:
         title = "sr-cloud GPU check — CPU REHEARSAL (tests only; tiny sizes on CPU; NOT GPU results)"
     else:
-        title = f"sr-cloud GPU check — {torch.cuda.get_device_name(0)} × {num_gpus}, {platform.node()}"
+        names = [r.figures.get("GPU") for r in rows if r.step == "environment" and r.case == "device"]
+        title = f"sr-cloud GPU check — {names[0] if names else 'GPU'} × {num_gpus}, {platform.node()}"
     table = render_table(title, rows)
     print()
     print(table)
