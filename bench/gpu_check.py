@@ -447,39 +447,42 @@ def utilisation_summary(samples: list[float]) -> dict:
 
 class GpuSampler:
     """Samples the utilisation of the first GPU the steps use (``Context.env``) with
-    nvidia-smi every ``period_ms`` while inside. (Untested for lack of hardware: on CPU
-    it records nothing.)"""
+    nvidia-smi about every ``period_ms`` while inside: one query per sample (a looping
+    nvidia-smi writes into a pipe through a buffer that may not be flushed before it is
+    stopped). Untested for lack of hardware: on CPU it records nothing."""
 
     def __init__(self, enabled: bool, period_ms: int = 200):
         self.enabled = enabled and shutil.which("nvidia-smi") is not None
-        self.period_ms = period_ms
+        self.period_s = period_ms / 1000
         self.utilisation: list[float] = []
         self.memory_mib: list[float] = []
-        self._proc = None
+        self._stop = threading.Event()
         self._thread = None
 
     def __enter__(self):
         if self.enabled:
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-i", visible_gpus()[0], "-lms", str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                text=True)
-            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                           "-i", visible_gpus()[0]]
+            self._take()  # the first sample before anything runs, then one every period
+            self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
         return self
 
-    def _read(self) -> None:
-        for line in self._proc.stdout:
-            sample = parse_smi_line(line)
-            if sample:
-                self.utilisation.append(sample[0])
-                self.memory_mib.append(sample[1])
+    def _take(self) -> None:
+        done = subprocess.run(self._query, capture_output=True, text=True)
+        sample = parse_smi_line(done.stdout.strip())
+        if sample:
+            self.utilisation.append(sample[0])
+            self.memory_mib.append(sample[1])
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._take()
 
     def __exit__(self, *exc) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait()
-            self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
 
     def figures(self) -> dict:
         if not self.enabled:

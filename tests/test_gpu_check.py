@@ -214,6 +214,23 @@ def test_nvidia_smi_samples_and_utilisation():
     assert sampler.utilisation == [] and list(sampler.figures().values())[0].startswith("n/a")
 
 
+def test_sampler_queries_nvidia_smi_for_the_first_gpu_in_use(tmp_path, monkeypatch):
+    """The real nvidia-smi needs a GPU: a stand-in on PATH prints what nvidia-smi's
+    documented CSV query prints and records how it was called."""
+    stand_in = tmp_path / "bin" / "nvidia-smi"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/calls\necho "73, 2048"\n')
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    with gc.GpuSampler(enabled=True) as sampler:
+        pass
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls and calls[0] == "--query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -i 3"
+    assert sampler.utilisation[0] == 73.0 and sampler.memory_mib[0] == 2048.0
+    assert sampler.figures()["GPU util % (mean)"] == 73.0
+
+
 def test_loss_checks_and_training_log_header():
     falling = {"loss/g_pixel": [0.45, 0.40, 0.5, 0.3, 0.25, 0.2], "loss/g_total": [0.45, 0.4, 0.5, 0.3, 0.25, 0.2],
                "loss_scale/g": [65536.0, 32768.0, 32768.0], "perf/step_time_s": [0.5, 0.1, 0.12],
