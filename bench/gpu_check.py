@@ -265,7 +265,7 @@ class Context:
         return None if self.rehearsal else torch.cuda.get_device_capability(0)
 
     def default_precision(self) -> str:
-        from sr_core.upscaler import choose_precision
+        from sr_core.precision import choose_precision
 
         return choose_precision(self.device, self.capability())
 
@@ -607,7 +607,7 @@ def step_environment(ctx: Context) -> Iterator[Row]:
 def upscaler_configs(device: str, capability: tuple[int, int] | None, tile: int) -> list[tuple[str, dict, str]]:
     """(case, Upscaler options, skip reason or "") for one architecture on ``device``
     of CUDA compute ``capability``: the fp32 row first (the others are compared with it)."""
-    from sr_core.upscaler import choose_precision
+    from sr_core.precision import choose_precision
 
     default = choose_precision(device, capability)
     rows = []
