@@ -69,13 +69,18 @@ class Lease:
     """The lease on ``folder`` for ``command`` (a name shown to whoever is refused)."""
 
     def __init__(self, folder: str, command: str, *, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
-                 stale_seconds: float = DEFAULT_STALE_SECONDS):
+                 stale_seconds: float = DEFAULT_STALE_SECONDS, wait_for_stale: bool = False):
         if not 0 < heartbeat_seconds < stale_seconds:
             raise ValueError(f"a lease's heartbeat ({heartbeat_seconds} s) must be positive and shorter than "
                              f"the time after which it is stale ({stale_seconds} s)")
         self.folder, self.command = folder, command
         self.url = storage.join(folder, LEASE_NAME)
         self.heartbeat_seconds, self.stale_seconds = float(heartbeat_seconds), float(stale_seconds)
+        # A holder on another host that looks alive may be a VM that just vanished (its
+        # replacement starting within stale_seconds): with this, wait until it either
+        # beats (alive: refused) or goes stale (taken over), at most its stale_seconds.
+        self.wait_for_stale = wait_for_stale
+        self.waiting = threading.Event()  # set while waiting for such a holder
         self.token = uuid.uuid4().hex
         self.lost = False  # another job took it over (we looked stale to it)
         self.took_over_from = ""  # the stale holder this lease replaced, described
@@ -142,7 +147,10 @@ class Lease:
                 continue  # another job created it first: look at who
             holder = self._parse(current)
             if not is_stale(holder):
-                raise self._refusal(holder)
+                if not self.wait_for_stale or holder.get("host") == socket.gethostname():
+                    raise self._refusal(holder)  # on this host, its process is known to live
+                self._wait_for(current, holder)
+                continue
             if storage.swap_if_unchanged(self.url, current, record):
                 self.took_over_from = describe(holder)
                 logger.warning("lease: %s: took over the stale lease of %s", self.folder, self.took_over_from)
@@ -154,6 +162,26 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name=f"lease {self.url}", daemon=True)
         self._thread.start()
         return self
+
+    def _wait_for(self, current: bytes, holder: dict) -> None:
+        """Return when the lease changed hands or went stale; raise if its holder beats."""
+        deadline = float(holder.get("heartbeat", 0)) + float(holder.get("stale_seconds", DEFAULT_STALE_SECONDS)) + 1
+        interval = min(max(float(holder.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS)) / 4, 0.05), 5.0)
+        logger.warning("lease: %s is held by %s (heartbeat %.0f s ago); waiting up to %.0f s for it to beat "
+                       "again (a live job: refused) or go stale (taken over)", self.folder, describe(holder),
+                       time.time() - float(holder.get("heartbeat", 0)), max(0.0, deadline - time.time()))
+        self.waiting.set()
+        try:
+            while (left := deadline - time.time()) > 0:
+                time.sleep(min(interval, left))
+                now = self._read(self.url)
+                if now == current:
+                    continue
+                if now is not None and self._parse(now).get("token") == holder.get("token"):
+                    raise self._refusal(self._parse(now))  # it beat: a live job
+                return  # released or taken by another: look again
+        finally:
+            self.waiting.clear()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):

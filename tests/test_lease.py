@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -60,6 +61,33 @@ def test_only_a_stale_lease_is_taken_over(folder):
         assert Lease.holder(folder)["token"] == mine.token
         assert "elsewhere" in mine.took_over_from
     assert Lease.holder(folder) is None
+
+
+def test_a_holder_on_another_host_is_waited_for_until_it_beats_or_goes_stale(folder):
+    """For a replacement VM starting while its vanished predecessor's lease still looks
+    fresh: wait_for_stale waits until the holder beats (a live job: refused) or its
+    heartbeat passes its limit (taken over)."""
+    _write_holder(folder, heartbeat=time.time() - 0.5, heartbeat_seconds=0.1, stale_seconds=1.0)
+    with Lease(folder, "sr train", wait_for_stale=True) as mine:  # gone quiet: taken over
+        assert Lease.holder(folder)["token"] == mine.token and "elsewhere" in mine.took_over_from
+
+    _write_holder(folder, heartbeat=time.time(), heartbeat_seconds=0.1, stale_seconds=60.0)
+    waiter = Lease(folder, "sr train", wait_for_stale=True)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_try(waiter)))
+    thread.start()
+    assert waiter.waiting.wait(60)
+    _write_holder(folder, heartbeat=time.time(), heartbeat_seconds=0.1, stale_seconds=60.0)  # it beats
+    thread.join(60)
+    assert isinstance(outcome[0], LeaseHeld) and "elsewhere" in str(outcome[0])
+    assert Lease.holder(folder)["token"] == "theirs"
+
+
+def _try(lease: Lease):
+    try:
+        return lease.acquire()
+    except LeaseHeld as exc:
+        return exc
 
 
 def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
