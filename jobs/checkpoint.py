@@ -102,6 +102,11 @@ def find_resume(run_dir: str, resume: str, config=None, rank: int = 0, warn=None
     none intact left, or a named one damaged, a ``ValueError`` says so."""
     if not resume:
         return None
+    # Rank 0 decides (and marks) for every rank: one reading of the files, one verdict.
+    return _on_rank0(lambda: _find_resume(run_dir, resume, config, rank, warn))
+
+
+def _find_resume(run_dir: str, resume: str, config, rank: int, warn) -> str | None:
     if resume != "auto":
         if not storage.exists(storage.join(resume, COMPLETE)):
             raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} file in it)")
@@ -355,26 +360,28 @@ class CheckpointWriter:
         """Collective: mark the folder COMPLETE, or stop every rank on one line."""
         shares = _all_gather((self.files, self.error))
         error = next((e for _files, e in shares if e is not None), None)
-        if error is None and self.rank == 0:
-            files = {rel: rec for share, _e in shares for rel, rec in share.items()}
-            marker = {"step": self.step, "files": files, "config": self.config}
-            try:
-                storage.write_bytes(storage.join(self.folder, COMPLETE), json.dumps(marker).encode())
-                fs, path = storage.get_fs(storage.join(self.folder, DAMAGED))
-                if fs.exists(path):  # this step was damaged before: written anew now
-                    fs.rm(path)
-            except OSError as exc:
-                reason = exc.strerror if exc.errno is not None and exc.strerror else " ".join(str(exc).split())[:300]
-                error = (COMPLETE, reason, isinstance(exc, storage.StorageError))
-        if len(shares) > 1:  # rank 0's marker may have failed too
-            error = _all_gather(error)[0] or error
-        if error is None:
-            return
         if self.rank == 0:
-            fs, path = storage.get_fs(self.folder)
-            with contextlib.suppress(OSError):
-                fs.rm(path, recursive=True)
-        raise self._failure(*error)
+            if error is None:
+                files = {rel: rec for share, _e in shares for rel, rec in share.items()}
+                marker = {"step": self.step, "files": files, "config": self.config}
+                try:
+                    storage.write_bytes(storage.join(self.folder, COMPLETE), json.dumps(marker).encode())
+                    fs, path = storage.get_fs(storage.join(self.folder, DAMAGED))
+                    if fs.exists(path):  # this step was damaged before: written anew now
+                        fs.rm(path)
+                except OSError as exc:
+                    reason = exc.strerror if exc.errno is not None and exc.strerror else " ".join(str(exc).split())[:300]
+                    error = (COMPLETE, reason, isinstance(exc, storage.StorageError))
+            if error is not None:
+                fs, path = storage.get_fs(self.folder)
+                with contextlib.suppress(OSError):
+                    fs.rm(path, recursive=True)
+        if len(shares) > 1:
+            # Rank 0's verdict, after its clean-up: a launcher stops the other ranks as soon
+            # as one exits, so no rank leaves before the partial folder is gone.
+            error = _all_gather(error)[0]
+        if error is not None:
+            raise self._failure(*error)
 
     def _failure(self, rel: str, reason: str, outage: bool) -> Exception:
         steps = [s for s in complete_steps(self.run_dir) if s != self.step]
@@ -387,6 +394,25 @@ class CheckpointWriter:
         text = (f"{self.folder}: checkpoint of step {self.step} not written ({rel}: {reason}); the partial folder "
                 f"was removed; {kept}")
         return storage.StorageError(text) if outage else ValueError(text)
+
+
+def _on_rank0(compute):
+    """``compute()`` on rank 0; its result, or the exception it raised, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, compute())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = (False, exc)
+    dist.broadcast_object_list(box, src=0)  # NCCL: from the current CUDA device (untested here: no GPU)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _all_gather(value) -> list:
