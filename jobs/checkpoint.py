@@ -279,14 +279,19 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- DeepSpeed files
 
 
-def upload_folder(local: str, url: str) -> None:
-    """Copy every file below ``local`` to ``url`` (same relative paths)."""
+def _files_below(local: str):
+    """``(path, relative key)`` of every file below the local folder ``local``."""
     for folder, _dirs, files in os.walk(local):
         for name in files:
             path = os.path.join(folder, name)
-            rel = os.path.relpath(path, local).replace(os.sep, "/")
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(url, storage.safe_key(rel)), f.read())
+            yield path, storage.safe_key(os.path.relpath(path, local).replace(os.sep, "/"))
+
+
+def upload_folder(local: str, url: str) -> None:
+    """Copy every file below ``local`` to ``url`` (same relative paths)."""
+    for path, rel in _files_below(local):
+        with open(path, "rb") as f:
+            storage.write_bytes(storage.join(url, rel), f.read())
 
 
 def download_folder(url: str, local: str) -> None:
@@ -349,12 +354,9 @@ class CheckpointWriter:
 
     def upload_folder(self, local: str, rel: str) -> None:
         """Every file below the local folder ``local``, under ``rel/`` (same relative paths)."""
-        for folder, _dirs, files in os.walk(local):
-            for name in files:
-                path = os.path.join(folder, name)
-                sub = os.path.relpath(path, local).replace(os.sep, "/")
-                with open(path, "rb") as f:
-                    self.write(f"{rel}/{storage.safe_key(sub)}", f.read())
+        for path, sub in _files_below(local):
+            with open(path, "rb") as f:
+                self.write(f"{rel}/{sub}", f.read())
 
     def finish(self) -> None:
         """Collective: mark the folder COMPLETE, or stop every rank on one line."""
