@@ -57,12 +57,6 @@ def step_dir(run_dir: str, step: int) -> str:
     return storage.join(run_dir, CHECKPOINTS, f"step_{step:09d}")
 
 
-def save_torch(url: str, obj) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    storage.write_bytes(url, buffer.getvalue())
-
-
 def load_torch(url: str):
     data = storage.read_bytes(url)
     try:
@@ -128,7 +122,7 @@ def _newest_intact(run_dir: str, config, warn, doing: str, mark: bool, steps: li
         folder = step_dir(run_dir, step)
         try:
             marker = read_marker(folder)
-        except FileNotFoundError:  # marked damaged by another rank meanwhile
+        except FileNotFoundError:  # marked damaged meanwhile (by another job)
             damaged.append((folder, "marked damaged"))
             continue
         if config is not None:
