@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -352,6 +353,55 @@ def create_bytes(url: str, data: bytes) -> bool:
     return True
 
 
+def swap_if_unchanged(url: str, expected: bytes, data: bytes | None) -> bool:
+    """Replace the object at ``url`` by ``data`` (remove it when ``data`` is None) only if
+    it still holds ``expected``; False when it does not (changed, or gone).
+
+    What a lease needs to take over a stale holder, renew itself or let go without
+    undoing another's takeover. Local folders: under an ``flock`` of the folder (writers
+    on this machine, or on a file system with working locks, are serialised). GCS: the
+    delete carries an ``ifGenerationMatch`` precondition for the generation that was
+    read, and the new object is created only if absent (the gcp-storage-emulator ignores
+    preconditions). Other object stores: read, compare and write, with a race between
+    the last two."""
+    if is_local(url):
+        path = local_path(url)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    if f.read() != expected:
+                        return False
+            except FileNotFoundError:
+                return False
+            if data is None:
+                os.remove(path)
+            else:
+                write_bytes(url, data)
+            return True
+        finally:
+            os.close(folder)  # and with it the lock
+    fs, path = get_fs(url)
+    try:
+        fs.invalidate_cache(path)
+        generation = fs.info(path).get("generation")
+        if fs.cat_file(path) != expected:
+            return False
+        if is_gcs(url) and generation:
+            bucket, key = path.split("/", 1)
+            fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(generation), json_out=False)
+        else:
+            fs.rm_file(path)
+    except (FileNotFoundError, FileExistsError):  # gone, or a 412: another generation now
+        return False
+    except StorageError as exc:
+        raise StorageError(f"replacing {url}: {exc}") from None
+    finally:
+        fs.invalidate_cache(path)
+    return True if data is None else create_bytes(url, data)
+
+
 # Local temporary files are named .tmp-HOST-PID-RANDOM-NAME: a rerun can tell the
 # leftovers of a killed writer (same host, process gone) from a live run's files.
 TMP_PREFIX = ".tmp-"
@@ -535,5 +585,5 @@ def link_out_of(root: str, url: str) -> str | None:
 
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
-    "write_bytes", "create_bytes", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",
+    "write_bytes", "create_bytes", "swap_if_unchanged", "list_files", "relative_key", "safe_key", "remove_stale_temporaries", "check_writable", "printable",
 ]
