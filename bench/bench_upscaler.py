@@ -104,18 +104,18 @@ def build_model(spec: dict):
     return build_generator("rrdbnet", **spec)
 
 
-def reference_loop(model, image: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+def reference_loop(model, image: np.ndarray, tile: int, overlap: int, device: str = "cpu") -> np.ndarray:
     """One tile at a time, the way popular upscalers do it (NCHW fp32, full-frame
     float32 output on the model's device, conversion to uint8 at the very end)."""
     import torch
     from torch.nn import functional as F
 
     scale, multiple = model.scale, model.size_multiple
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
+    x = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255)[None]
     height, width = x.shape[-2:]
     x = F.pad(x, (0, -width % multiple, 0, -height % multiple), mode="reflect")
     _, channels, ph, pw = x.shape
-    out = torch.zeros(1, channels, ph * scale, pw * scale)
+    out = torch.zeros(1, channels, ph * scale, pw * scale, device=device)
     for y0 in range(0, ph, tile):
         for x0 in range(0, pw, tile):
             y1, x1 = min(y0 + tile, ph), min(x0 + tile, pw)
@@ -132,7 +132,7 @@ def reference_loop(model, image: np.ndarray, tile: int, overlap: int) -> np.ndar
             out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = result[
                 ..., oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale]
     out = out[..., :height * scale, :width * scale]
-    return (out[0].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return (out[0].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def reference_work_pixels(model, image_shape, tile: int, overlap: int) -> int:

@@ -1,5 +1,5 @@
-"""infra's subcommands: ``sr cloud ...`` (training on SkyPilot, batch on a Ray cluster)
-and ``sr tensorboard``. Handlers import what they need, so ``sr --help`` stays instant.
+"""infra's subcommands: ``sr cloud ...`` (training on SkyPilot, batch on a Ray cluster,
+``doctor`` to check a project first) and ``sr tensorboard``. Handlers import what they need, so ``sr --help`` stays instant.
 
 Every ``sr cloud`` command that would call a cloud tool writes what it generated and
 the exact commands into an output folder and prints them; with ``--dry-run`` it stops
@@ -28,9 +28,10 @@ def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
     cloud = sub.add_parser(
         "cloud",
         help="submit training to GPU VMs (SkyPilot) and batch upscaling to a Ray cluster on Google Cloud",
-        description="Google Cloud submission. Training runs as a SkyPilot managed job (spot VMs are "
-                    "relaunched and resume from the run's newest checkpoint); batch upscaling runs on a "
-                    "cluster made by Ray's cluster launcher. See docs/CLOUD.md.",
+        description="Google Cloud submission. Training runs as a SkyPilot managed job (relaunched after a "
+                    "spot preemption or an error of its own, resuming from the run's newest checkpoint); batch "
+                    "upscaling runs on a cluster made by Ray's cluster launcher. `sr cloud doctor` checks a "
+                    "project first. See docs/CLOUD.md.",
     )
     cloud_sub = cloud.add_subparsers(dest="cloud_command", metavar="ACTION")
     cloud_sub.required = True
@@ -58,9 +59,17 @@ def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-local-ssd", dest="local_ssd", action="store_false",
                    help="cache shards on the boot disk instead of a 375 GB local NVMe SSD")
     p.add_argument("--image", default="",
-                   help="SkyPilot image_id, e.g. docker:REGISTRY/sr-cloud:0.1.0 (default: SkyPilot's GPU image)")
+                   help="run in this Docker image, e.g. docker:us-central1-docker.pkg.dev/P/sr/sr-cloud:0.1.0 "
+                        "(default: SkyPilot's GPU VM image). Artifact Registry images are pulled with the VMs' "
+                        "service account; for another private registry export SKYPILOT_DOCKER_USERNAME and "
+                        "SKYPILOT_DOCKER_PASSWORD first")
     p.add_argument("--launch-config", default="",
-                   help="accelerate config file in the project, e.g. jobs/launch/deepspeed.yaml (default: none)")
+                   help="accelerate config file in the project, e.g. jobs/launch/deepspeed_zero2_8_gpus.yaml "
+                        "(default: none); refused when it cannot use the GPUs asked for")
+    p.add_argument("--max-restarts-on-errors", type=int, default=None, metavar="N",
+                   help="restart the job up to N times after it fails by itself (storage outage, NCCL timeout, "
+                        "out of memory), resuming from its newest checkpoint (default: 3); preemptions always "
+                        "relaunch")
     _add_out_options(p)
     p.set_defaults(func=run_train)
 
@@ -96,9 +105,42 @@ def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spot", action="store_true", help="spot GPU workers")
     p.add_argument("--disk-gb", type=int, default=200, help="boot disk per node in GB (default: 200)")
     p.add_argument("--source-image", default=None, help="VM image of the nodes (default: a Deep Learning VM family)")
-    p.add_argument("--image", default="", help="run the nodes inside this Docker image (default: none)")
+    p.add_argument("--image", default="",
+                   help="run the nodes inside this Docker image (default: none); an Artifact Registry image is "
+                        "pulled with the nodes' service account")
+    p.add_argument("--service-account", default="", metavar="EMAIL",
+                   help="service account of the GPU workers (default: Ray's ray-autoscaler-sa-v1@PROJECT, "
+                        "which `ray up` creates with roles/storage.objectAdmin)")
     p.add_argument("-o", "--output", default="-", help="write the YAML here (default: standard output)")
     p.set_defaults(func=run_ray_config)
+
+    p = cloud_sub.add_parser(
+        "doctor",
+        help="check a Google Cloud project before launching: APIs, quotas, rights, service accounts, bucket, image",
+        description="Check, with your application-default credentials and without changing anything, what "
+                    "the training shape (--nodes/--gpus/--spot) and the batch cluster (--cluster) need: the "
+                    "APIs enabled, the Compute Engine quotas (regional and all-regions) against the VMs SkyPilot "
+                    "and Ray would create, the GPUs offered in the zones, your rights to create service accounts "
+                    "and grant roles, the VMs' service accounts and their roles, the bucket's region against the "
+                    "VMs', and that the image can be pulled. Each failed check prints its fix. Exit codes: 0 all "
+                    "passed, 1 some failed, 2 no credentials or bad arguments, 75 Google's APIs unreachable.",
+    )
+    p.add_argument("--project", default="", help="GCP project id (default: the cluster config's, else gcloud's)")
+    p.add_argument("--region", default="", help="region of the training VMs (default: the cluster's, else us-central1)")
+    p.add_argument("--zone", default="", help="zone of the training VMs (default: any in the region)")
+    p.add_argument("--bucket", default="", help="gs://BUCKET the jobs read and write (default: not checked)")
+    p.add_argument("--nodes", type=int, default=1, help="training VMs, as for `sr cloud train` (default: 1)")
+    p.add_argument("--gpus", default="V100:1", help="accelerators per training VM (default: V100:1)")
+    p.add_argument("--spot", action="store_true", help="spot training VMs")
+    p.add_argument("--disk-size", type=int, default=100, help="boot disk per training VM in GB (default: 100)")
+    p.add_argument("--no-local-ssd", dest="local_ssd", action="store_false", help="training VMs without local SSD")
+    p.add_argument("--no-train", dest="train", action="store_false", help="check the batch cluster only")
+    p.add_argument("--cluster", default="", metavar="CLUSTER.yaml",
+                   help="a Ray cluster config from `sr cloud ray-config` (default: no batch cluster)")
+    p.add_argument("--image", default="", help="the training image (--image of `sr cloud train`); the cluster's "
+                                               "image is read from CLUSTER.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print what would be checked; contact nothing")
+    p.set_defaults(func=run_doctor)
 
     p = cloud_sub.add_parser(
         "batch",
@@ -175,11 +217,11 @@ def _write(path: str, text: str, executable: bool = False) -> None:
         os.chmod(path, 0o755)
 
 
-def _commands_sh(commands: list[list[str]], notes: list[str]) -> str:
+def _commands_sh(commands: list[str], notes: list[str]) -> str:
     lines = ["#!/usr/bin/env bash", "# Written by sr cloud: the commands it runs (or would run with --dry-run).",
              "set -euo pipefail"]
     lines += [f"# {n}" for n in notes]
-    lines += [shlex.join(c) for c in commands]
+    lines += commands
     return "\n".join(lines) + "\n"
 
 
@@ -239,11 +281,19 @@ def run_train(args: argparse.Namespace) -> int:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"{config}: no such config file")
         config = os.path.abspath(config)
+    from infra import image
+
+    restarts = skypilot.MAX_RESTARTS_ON_ERRORS if args.max_restarts_on_errors is None else args.max_restarts_on_errors
+    login_from_env = False
+    if image.docker_image(args.image):
+        host, _, _ = image.split_image(image.docker_image(args.image))
+        login_from_env = not image.is_artifact_registry(host) and "SKYPILOT_DOCKER_PASSWORD" in os.environ
     job = skypilot.TrainJob(
         name=args.name, bucket=args.bucket, config=config, preset=args.preset, overrides=overrides,
         nodes=args.nodes, gpus=args.gpus, spot=args.spot, region=args.region, zone=args.zone,
         disk_size=args.disk_size, local_ssd=args.local_ssd, image_id=args.image,
-        launch_config=args.launch_config, workdir=project_dir(),
+        launch_config=args.launch_config, workdir=project_dir(), max_restarts_on_errors=restarts,
+        registry_login_from_env=login_from_env,
     )
     task = skypilot.build_task(job)
     checked = check_training_config(job)
@@ -253,22 +303,58 @@ def run_train(args: argparse.Namespace) -> int:
     _write(os.path.join(out, "run.sh"), task["run"], executable=True)
     _write(os.path.join(out, "setup.sh"), "#!/usr/bin/env bash\n" + task["setup"], executable=True)
     command = skypilot.launch_command(task_path, job)
-    _write(os.path.join(out, "commands.sh"), _commands_sh([command], [f"run directory: {job.run_dir}"]),
+    queue = skypilot.active_jobs_command()
+    # The JSON is indented: each record's '"job_name": "NAME"' is on a line of its own.
+    pattern = '"job_name": "%s"' % job.name
+    message = f"a managed job named {job.name} has not finished: sr cloud status {job.name}"
+    guard = [f"if {shlex.join(queue)} | grep -qF {shlex.quote(pattern)}; then",
+             f"  echo {shlex.quote(message)} >&2", "  exit 2", "fi"]
+    _write(os.path.join(out, "commands.sh"),
+           _commands_sh(guard + [shlex.join(command)],
+                        [f"run directory: {job.run_dir}",
+                         "refused while a job of the same name has not finished (it would share the run directory)"]),
            executable=True)
     kind, count = job.accelerator
-    print(f"SkyPilot task: {task_path} ({job.nodes} x {kind}:{count}{', spot' if job.spot else ''}; "
+    host = skypilot.HOST_VCPUS.get(kind.upper(), {}).get(count) and skypilot.host_machine_type(kind, count)
+    print(f"SkyPilot task: {task_path} ({job.nodes} x {kind}:{count}{f' on {host}' if host else ''}"
+          f"{', spot' if job.spot else ''}; restarts on errors: {job.max_restarts_on_errors}; "
           f"setup.sh and run.sh beside it; {checked})")
     print(f"run directory: {job.run_dir} (checkpoints, TensorBoard events, models)")
-    _print_plan(out, [command], args.dry_run)
+    if "secrets" in task:
+        print("registry login: SKYPILOT_DOCKER_USERNAME and SKYPILOT_DOCKER_PASSWORD from this shell, as secrets")
+    elif "envs" in task:
+        print(f"registry login: the VMs' service account pulls from {task['envs']['SKYPILOT_DOCKER_SERVER']} "
+              "(it needs roles/artifactregistry.reader: sr cloud doctor --image ... checks)")
+    elif image.docker_image(args.image):
+        print("registry login: none (a public image; for a private registry export SKYPILOT_DOCKER_USERNAME "
+              "and SKYPILOT_DOCKER_PASSWORD first)")
+    _print_plan(out, [queue, command], args.dry_run)
     if args.dry_run:
         return 0
     sky = require_gcp("sky")
+    refuse_if_running(sky, job.name, job.run_dir)
     done = _run(sky, command)
     if done.returncode != 0:
         raise ValueError(f"`sky jobs launch` failed (exit {done.returncode}); its output is above")
     print(f"submitted {job.name}: sr cloud logs {job.name} | sr cloud status {job.name} | "
           f"sr tensorboard {job.run_dir}")
     return 0
+
+
+def refuse_if_running(sky: str, name: str, run_dir: str) -> None:
+    """ValueError when a managed job called ``name`` has not finished: a second one would
+    write checkpoints into the same run directory."""
+    from infra import skypilot
+
+    done = _run(sky, skypilot.active_jobs_command(), capture=True)
+    if done.returncode != 0:
+        raise ValueError(f"`sky jobs queue` failed (exit {done.returncode}): "
+                         f"{' '.join(done.stderr.split())[-300:] or 'no output'}")
+    active = skypilot.active_jobs(done.stdout, name)
+    if active:
+        job_id, state = active[0]
+        raise ValueError(f"managed job {name} (id {job_id}) is {state}: a second one would share {run_dir}; "
+                         f"follow it (sr cloud logs {name}), stop it (sr cloud stop {name}) or use another --name")
 
 
 def run_job_command(args: argparse.Namespace) -> int:
@@ -282,7 +368,7 @@ def run_job_command(args: argparse.Namespace) -> int:
     else:
         command = skypilot.stop_command(args.name)
     out = _out_dir(args, args.name)
-    _write(os.path.join(out, "commands.sh"), _commands_sh([command], [f"sr cloud {args.action} {args.name}"]),
+    _write(os.path.join(out, "commands.sh"), _commands_sh([shlex.join(command)], [f"sr cloud {args.action} {args.name}"]),
            executable=True)
     _print_plan(out, [command], args.dry_run)
     if args.dry_run:
@@ -312,6 +398,7 @@ def run_ray_config(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker, cpus_per_gpu=args.cpus_per_gpu, min_workers=args.min_workers,
         max_workers=args.max_workers, spot=args.spot, disk_gb=args.disk_gb,
         source_image=args.source_image or raycluster.DEFAULT_SOURCE_IMAGE, docker_image=args.image,
+        worker_service_account=args.service_account,
     )
     text = "# Ray cluster launcher config written by `sr cloud ray-config`: ray up / ray down use it.\n"
     text += dump_yaml(raycluster.cluster_config(spec, project_dir()))
@@ -380,63 +467,193 @@ def run_batch(args: argparse.Namespace) -> int:
     _remote(args.output, "OUTPUT")
     _remote(args.model, "--model")
     cluster = load_cluster_config(args.cluster)
+    cluster_ray = check_ray_version(cluster, args.cluster)
     submission_id = args.submission_id or time.strftime("sr-batch-%Y%m%d-%H%M%S", time.gmtime())
     job = raycluster.BatchJob(
         input=args.input, output=args.output, model=args.model, cluster_yaml=args.cluster,
         submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
-        max_gpus=raycluster.max_gpus(cluster),
+        max_gpus=raycluster.max_gpus(cluster), cpus_per_gpu=raycluster.cpus_per_gpu(cluster),
     )
     check_batch_arguments(raycluster.batch_entrypoint(job), args.sr_parser)
-    commands = raycluster.submit_commands(job)
     out = _out_dir(args, submission_id)
     _write(os.path.join(out, "runtime_env.json"), json.dumps(raycluster.runtime_env(job), indent=2) + "\n")
-    notes = [f"cluster {cluster['cluster_name']}: `ray up` runs only when `ray get-head-ip` finds no head",
-             "`ray dashboard` forwards the head's job server to 127.0.0.1 while the job is submitted"]
-    _write(os.path.join(out, "commands.sh"), _commands_sh(commands, notes), executable=True)
-    print(f"cluster: {args.cluster} ({cluster['cluster_name']}); runtime env: {os.path.join(out, 'runtime_env.json')}")
+    notes = [f"cluster {cluster['cluster_name']}: `ray up` runs only when `ray get-head-ip` finds no head"]
+    _write(os.path.join(out, "commands.sh"), raycluster.commands_script(job, cluster_ray, notes), executable=True)
+    print(f"cluster: {args.cluster} ({cluster['cluster_name']}, Ray {cluster_ray or 'version not stated'}); "
+          f"runtime env: {os.path.join(out, 'runtime_env.json')}")
     print(f"images: {job.output}/<same relative paths>; metrics.parquet, failures.parquet, summary.json and "
           f"TensorBoard events: {job.output.rstrip('/')}/_sr_batch/{submission_id}/ (sr tensorboard {job.output})")
-    _print_plan(out, commands, args.dry_run)
+    print("PORT: a free local port, chosen when the tunnel to the head's job server starts")
+    _print_plan(out, raycluster.submit_commands(job, "PORT"), args.dry_run)
     if args.dry_run:
         return 0
     ray = require_gcp("ray")
-    get_ip, up, dashboard, submit, logs = commands
+    get_ip, up, *_ = raycluster.submit_commands(job, 0)
     if _run(ray, get_ip, capture=True).returncode != 0:
         if _run(ray, up).returncode != 0:
             raise ValueError(f"`ray up {args.cluster}` failed; its output is above")
-    _submit_through_tunnel(ray, dashboard, submit)
-    print(f"submitted {submission_id}; follow it with: {shlex.join(logs)} "
-          f"(after `{shlex.join(dashboard)}` in another terminal)")
+    port = submit_through_tunnel(ray, job, cluster_ray)
+    logs = raycluster.submit_commands(job, port)[-1]
+    print(f"submitted {submission_id}; follow it with `{shlex.join(logs)}` while "
+          f"`ray dashboard --port {port} {args.cluster}` runs in another terminal")
     return 0
 
 
-def _submit_through_tunnel(ray: str, dashboard: list[str], submit: list[str]) -> None:
-    """Keep ``ray dashboard`` (an SSH port-forward) up while ``ray job submit`` runs."""
+def check_ray_version(cluster: dict, path: str) -> str | None:
+    """The cluster's Ray version; ValueError when this machine's Ray differs (Ray's job
+    client and cluster launcher must match the cluster)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from infra import raycluster
+
+    wanted = raycluster.cluster_ray_version(cluster)
+    try:
+        here = version("ray")
+    except PackageNotFoundError:
+        raise ValueError("Ray is not installed: pip install 'sr-cloud[batch]'") from None
+    if wanted and here != wanted:
+        raise ValueError(f"{path} installs Ray {wanted} but this machine has Ray {here}: the job client must match "
+                         f"the cluster; pip install 'ray[default]=={wanted}' here or regenerate {path}")
+    return wanted
+
+
+def _free_port() -> int:
     import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_server_version(address: str) -> str | None:
+    """The Ray version a Ray job server at ``address`` reports (``/api/version``), or None
+    when nothing, or something else, answers there."""
+    import json
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    try:
+        with opener.open(f"{address}/api/version", timeout=5) as reply:
+            found = json.loads(reply.read()).get("ray_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def submit_through_tunnel(ray: str, job, cluster_ray: str | None, wait_s: float = 120.0) -> int:
+    """Forward the head's job server to a free local port with ``ray dashboard`` (an SSH
+    tunnel), submit through it once it answers as Ray's job server of the cluster's Ray
+    version, and close it. A port that was free just before the tunnel opened cannot be
+    a local Ray's (8265, where one listens by default, is never used); an answer while
+    the tunnel process is gone is refused. Returns the port."""
     import subprocess
     import time
 
-    from infra.raycluster import DASHBOARD_PORT
+    from infra import raycluster
 
+    port = _free_port()
+    _, _, dashboard, submit, _ = raycluster.submit_commands(job, port)
+    address = f"http://127.0.0.1:{port}"
     tunnel = subprocess.Popen([ray, *dashboard[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + wait_s
         while True:
-            try:
-                with socket.create_connection(("127.0.0.1", DASHBOARD_PORT), timeout=1):
-                    break
-            except OSError:
-                if tunnel.poll() is not None:
-                    raise ValueError(f"`ray dashboard` exited: {tunnel.stderr.read().strip()[-500:]}") from None
-                if time.monotonic() > deadline:
-                    raise ValueError("the cluster's job server did not answer on 127.0.0.1:"
-                                     f"{DASHBOARD_PORT} within 60 s") from None
-                time.sleep(1)
+            found = job_server_version(address)
+            if tunnel.poll() is not None:
+                raise ValueError(f"`ray dashboard` (the tunnel to the head) exited: "
+                                 f"{' '.join(tunnel.stderr.read().split())[-500:] or 'no output'}")
+            if found is not None:
+                if cluster_ray and found != cluster_ray:
+                    raise ValueError(f"the tunnel on 127.0.0.1:{port} answers as Ray {found}, not the cluster's "
+                                     f"{cluster_ray}: nothing was submitted")
+                break
+            if time.monotonic() > deadline:
+                raise ValueError(f"the cluster's job server did not answer through the tunnel on 127.0.0.1:{port} "
+                                 f"within {wait_s:.0f} s")
+            time.sleep(1)
         if _run(ray, submit).returncode != 0:
             raise ValueError("`ray job submit` failed; its output is above")
     finally:
         tunnel.terminate()
-        tunnel.wait(timeout=10)
+        try:
+            tunnel.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            tunnel.kill()
+            tunnel.wait()
+    return port
+
+
+# --- sr cloud doctor ------------------------------------------------------------------------
+
+
+def doctor_plan(args: argparse.Namespace):
+    """What `sr cloud doctor` checks, from its arguments and CLUSTER.yaml."""
+    from infra import doctor, image, skypilot
+    from infra.credentials import gcloud_project
+
+    cluster = load_cluster_config(args.cluster) if args.cluster else None
+    if cluster is not None and cluster.get("provider", {}).get("type") != "gcp":
+        raise ValueError(f"{args.cluster}: not a Google Cloud cluster config (provider.type is not gcp)")
+    project = args.project or (cluster or {}).get("provider", {}).get("project_id") or gcloud_project()
+    if not project:
+        raise ValueError("no GCP project: pass --project or run `gcloud config set project PROJECT`")
+    region = args.region or (cluster["provider"]["region"] if cluster else "us-central1")
+    if args.zone and not args.zone.startswith(region + "-"):
+        raise ValueError(f"--zone {args.zone} is not in --region {region}")
+    if args.bucket and (not args.bucket.startswith("gs://") or len(args.bucket.rstrip("/")) <= len("gs://")):
+        raise ValueError(f"--bucket {args.bucket!r}: give a Google Cloud Storage URL, e.g. gs://my-bucket")
+    train = None
+    if args.train:
+        train = skypilot.TrainJob(name="doctor", bucket=args.bucket or "gs://unchecked", nodes=args.nodes,
+                                  gpus=args.gpus, spot=args.spot, region=region, zone=args.zone,
+                                  disk_size=args.disk_size, local_ssd=args.local_ssd, image_id=args.image)
+        skypilot.check_job(train)
+        kind, count = train.accelerator
+        skypilot.host_machine_type(kind, count)
+        if kind.upper() not in doctor.GPU_TYPES:
+            raise ValueError(f"--gpus {args.gpus}: sr cloud doctor knows {', '.join(doctor.GPU_TYPES)}")
+    elif not cluster:
+        raise ValueError("--no-train without --cluster: nothing to check")
+    images = []
+    if train and image.docker_image(args.image):
+        images.append(image.docker_image(args.image))
+    cluster_image = (cluster or {}).get("docker", {}).get("image", "")
+    if cluster_image and cluster_image not in images:
+        images.append(cluster_image)
+    return doctor.Plan(project=project, region=region, bucket=args.bucket, train=train, cluster=cluster,
+                       cluster_path=args.cluster, images=images)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from infra import doctor
+    from infra.credentials import gcp_credentials
+
+    plan = doctor_plan(args)
+    print("sr cloud doctor: " + "\n  ".join(doctor.describe(plan)))
+    key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    credentials = gcp_credentials()
+    if args.dry_run or credentials is None:
+        print("would check:" if args.dry_run else "would check, with credentials:")
+        for line in doctor.would_check(plan):
+            print("  " + line)
+        sys.stdout.flush()
+        if args.dry_run:
+            return 0
+        if key:
+            raise ValueError(f"GOOGLE_APPLICATION_CREDENTIALS={key}: no such file; nothing was checked")
+        raise ValueError("no Google Cloud credentials: run `gcloud auth application-default login` (or set "
+                         "GOOGLE_APPLICATION_CREDENTIALS to a key file); nothing was checked")
+    api = doctor.Api(doctor.load_credentials(credentials))
+    checks = doctor.run_checks(api, plan)
+    for check in checks:
+        print(f"{check.status:<5} {check.what}")
+        if check.fix and check.status != "ok":
+            print(f"      fix: {check.fix}")
+    failed = sum(c.status == "FAIL" for c in checks)
+    warned = sum(c.status == "warn" for c in checks)
+    print(f"{len(checks)} checks: {failed} failed, {warned} warnings"
+          + ("" if failed else "; nothing found that would stop a launch"))
+    return 1 if failed else 0
 
 
 # --- sr tensorboard -----------------------------------------------------------------------

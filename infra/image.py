@@ -1,10 +1,16 @@
-"""What the cloud machines run: the pinned PyTorch build and how the project is installed.
+"""What the cloud machines run: the pinned PyTorch build, the base image, how the project
+is installed, and which registries need a login.
 
 One set of pins serves the SkyPilot training VMs, the Ray batch cluster and the
 Dockerfile (a test checks that the Dockerfile says the same and that pyproject allows
-it). V100s are compute capability 7.0 (sm_70): PyTorch's CUDA 12.8 builds from 2.11 on
-and its CUDA 13 builds carry no sm_70 kernels, its CUDA 12.6 builds still do, so the
-cloud environment installs the cu126 build of the same torch version CI tests on CPU.
+it).
+
+The torch pin is the V100 cliff. V100s are compute capability 7.0 (sm_70): PyTorch's
+CUDA 12.8 builds from 2.11 on and its CUDA 13 builds carry no sm_70 kernels; its CUDA
+12.6 builds still do, and PyTorch plans to stop publishing cu126 wheels after torch
+2.14. So the cloud installs the cu126 build of the torch version CI tests on CPU, and
+that version must stay <= 2.14 for as long as the project runs on V100s (a test holds
+it there); moving past it means leaving V100s for newer GPUs.
 """
 
 from __future__ import annotations
@@ -17,15 +23,21 @@ TORCH_VERSION = "2.13.0"
 TORCH_CUDA = "cu126"
 """The CUDA flavour of the torch wheel: the newest whose kernels still include sm_70."""
 
+TORCH_LAST_WITH_SM70 = (2, 14)
+"""The last torch release for which PyTorch plans cu126 wheels (the last with V100 kernels)."""
+
 TORCH_INDEX_URL = f"https://download.pytorch.org/whl/{TORCH_CUDA}"
 """PyTorch's own wheel index for that flavour (PyPI's torch wheels are another CUDA build)."""
 
 RAY_VERSION = "2.60.0"
-"""Ray on the batch cluster: the cluster launcher and job client need the same version as
-the machine submitting (the one the tests run)."""
+"""Ray on the batch cluster. Ray's job client and cluster launcher must be the version
+the cluster runs: pyproject pins the submitting side to the same (a test compares them)."""
 
-CUDA_IMAGE = "nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04"
-"""Base of the Dockerfile: CUDA 12.6 runtime libraries matching the cu126 torch wheel."""
+BASE_IMAGE = "ubuntu:22.04"
+"""Base of the Dockerfile. A plain OS image: the cu126 torch wheel brings its own CUDA
+runtime, cuDNN, cuBLAS and NCCL as pip packages, and the NVIDIA driver comes from the
+host (the container runs with ``--gpus all``). A CUDA runtime base image would carry a
+second copy of those libraries, several GB pulled again on every spot relaunch."""
 
 PYTHON = "python3.10"
 """The interpreter of the Docker image (Ubuntu 22.04's python3); pyproject needs >= 3.10."""
@@ -35,6 +47,9 @@ VENV = "$HOME/sr-venv"
 
 IMAGE_VENV = "/opt/sr-venv"
 """Where the Docker image holds the project's environment; setup links ``VENV`` to it."""
+
+ARTIFACT_REGISTRY_SUFFIX = "-docker.pkg.dev"
+"""Docker hosts of Google's Artifact Registry: ``LOCATION-docker.pkg.dev``."""
 
 
 def install_script(extra: str, also: tuple[str, ...] = ()) -> str:
@@ -62,3 +77,45 @@ fi
 "$SR_VENV/bin/python" -m pip install --quiet -e ".[{extra}]"{also_words}
 "$SR_VENV/bin/python" -c "import torch; archs = torch.cuda.get_arch_list(); assert 'sm_70' in archs, f'torch {{torch.__version__}} has no sm_70 (V100) kernels: {{archs}}'"
 """
+
+
+def docker_image(image_id: str) -> str:
+    """The Docker image of a SkyPilot ``image_id`` (``docker:REF``, or a REF whose first
+    component is a registry host such as ``us-central1-docker.pkg.dev/...``), or "" for a
+    VM image (``projects/P/global/images/...``) or none."""
+    if image_id.startswith("docker:"):
+        return image_id.removeprefix("docker:")
+    first = image_id.split("/", 1)[0]
+    if "/" in image_id and ("." in first or ":" in first):
+        return image_id
+    return ""
+
+
+def split_image(image: str) -> tuple[str, str, str]:
+    """``(host, repository path, tag or digest)`` of a Docker image reference (a
+    ``docker:`` prefix, SkyPilot's, is dropped). The host is empty for Docker Hub
+    names (``ubuntu:22.04``, ``user/name:tag``): a first component is a host only when
+    it has a dot or a port, or is ``localhost``, as Docker reads it."""
+    ref = image.removeprefix("docker:")
+    first, _, rest = ref.partition("/")
+    host = ""
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        host, ref = first, rest
+    if "@" in ref:
+        path, _, tag = ref.partition("@")
+    else:
+        path, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
+    if not path or not tag:
+        raise ValueError(f"--image {image!r}: not a Docker image reference (HOST/PATH:TAG)")
+    return host, path, tag
+
+
+def is_artifact_registry(host: str) -> bool:
+    """Google's Artifact Registry, whose images the VMs pull with their own service
+    account (after ``gcloud auth configure-docker HOST``), no password involved."""
+    return host.endswith(ARTIFACT_REGISTRY_SUFFIX)
+
+
+def artifact_registry_location(host: str) -> str:
+    """``us-central1`` for ``us-central1-docker.pkg.dev`` (multi-regions: ``us``, ``europe``...)."""
+    return host.removesuffix(ARTIFACT_REGISTRY_SUFFIX)

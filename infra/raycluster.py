@@ -6,6 +6,14 @@ them); ``submit_commands`` lists what ``sr cloud batch`` runs: ``ray up`` when t
 cluster is not there, a port-forward to the head's job server, and ``ray job submit``
 of ``sr batch``. Ray's validator (``ray.autoscaler._private.util.validate_config``)
 accepts the config; nothing here talks to a cloud.
+
+What the engines do not check, and the config therefore states: Ray's GCP provider
+gives its service account (``ray-autoscaler-sa-v1``, with roles/storage.objectAdmin) to
+the head only, and a worker VM created without ``serviceAccounts`` has no credentials,
+so every worker node type names that account with the cloud-platform scope (as Ray's
+GCP guide shows); with a Docker image from Artifact Registry, every node runs
+``gcloud auth configure-docker HOST`` before the pull, and the GPU workers wait for the
+NVIDIA driver the VM image installs on first boot (as Ray's GPU Docker example does).
 """
 
 from __future__ import annotations
@@ -26,7 +34,17 @@ covers V100s). Families are renamed over time: list the current ones with
 ``gcloud compute images list --project deeplearning-platform-release --no-standard-images``."""
 
 DASHBOARD_PORT = 8265
-"""The Ray job server (dashboard) port on the head, forwarded to the same local port."""
+"""The Ray job server (dashboard) port on the head."""
+
+RAY_SERVICE_ACCOUNT_ID = "ray-autoscaler-sa-v1"
+"""The service account Ray's cluster launcher creates and gives the head node."""
+
+SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+"""OAuth scopes of the nodes' service account: all APIs, limited by its IAM roles."""
+
+WAIT_FOR_DRIVER = ("timeout 600 bash -c 'until nvidia-smi > /dev/null 2>&1; do sleep 5; done' || "
+                   "{ echo 'no NVIDIA driver after 10 minutes' >&2; exit 1; }")
+"""A GPU worker's first command: the VM image installs the driver on first boot."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
 
@@ -80,6 +98,14 @@ class ClusterSpec:
     project_dir: str = "."
     """The project checkout copied to every node."""
 
+    worker_service_account: str = ""
+    """Service account of the GPU workers (they read inputs and write outputs in the
+    bucket); empty: Ray's own, ``ray-autoscaler-sa-v1@PROJECT.iam.gserviceaccount.com``."""
+
+
+def service_account_email(project_id: str, account_id: str = RAY_SERVICE_ACCOUNT_ID) -> str:
+    return f"{account_id}@{project_id}.iam.gserviceaccount.com"
+
 
 def worker_machine_type(spec: ClusterSpec) -> str:
     """An N1 type with ``cpus_per_gpu`` vCPUs per GPU (V100s attach only to N1 VMs)."""
@@ -101,6 +127,11 @@ def check_spec(spec: ClusterSpec) -> None:
         raise ValueError(f"need 0 <= --min-workers ({spec.min_workers}) <= --max-workers ({spec.max_workers}), max >= 1")
     if spec.disk_gb < 50:
         raise ValueError(f"--disk-gb {spec.disk_gb}: at least 50 GB (the CUDA environment alone takes ~15)")
+    if spec.worker_service_account and not spec.worker_service_account.endswith(".gserviceaccount.com"):
+        raise ValueError(f"--service-account {spec.worker_service_account!r}: give a service account's email "
+                         "(NAME@PROJECT.iam.gserviceaccount.com)")
+    if spec.docker_image:
+        image.split_image(spec.docker_image)
 
 
 def _disk(spec: ClusterSpec) -> list[dict]:
@@ -122,6 +153,7 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
     if spec.spot:
         scheduling = {**scheduling, "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE"}
     install = image.install_script("batch", also=(f"ray[default]=={image.RAY_VERSION}",))
+    login = registry_login_commands(spec.docker_image)
     config = {
         "cluster_name": spec.name,
         "max_workers": spec.max_workers,
@@ -153,7 +185,15 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
                     "metadata": {"items": [{"key": "install-nvidia-driver", "value": "True"}]},
                     "scheduling": scheduling,
                     "disks": _disk(spec),
+                    # Ray sets a service account on the head only; without one the
+                    # workers could not read the inputs or write the outputs.
+                    "serviceAccounts": [{
+                        "email": spec.worker_service_account or service_account_email(spec.project_id),
+                        "scopes": SCOPES,
+                    }],
                 },
+                # Replaces the global list on these nodes (run before Docker starts).
+                "initialization_commands": [WAIT_FOR_DRIVER, *login],
             },
         },
         "head_node_type": "head",
@@ -163,7 +203,7 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
         # The checkout's .gitignore keeps virtualenvs and outputs out of the copy.
         "rsync_exclude": ["**/.git", "**/.git/**"],
         "rsync_filter": [".gitignore"],
-        "initialization_commands": [],
+        "initialization_commands": login,
         "setup_commands": [
             f"cd {PROJECT_ON_NODES} && bash -c {shlex.quote(install)}",
             # Later commands (ray start, the job's `sr batch`) find the environment first.
@@ -193,6 +233,27 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
     return config
 
 
+def registry_login_commands(docker_image: str) -> list[str]:
+    """What a node runs before Ray's ``docker pull`` of ``docker_image``: for Artifact
+    Registry, docker's credential helper for that host (gcloud is on Google's VM images;
+    it then uses the VM's service account)."""
+    if not docker_image:
+        return []
+    host, _, _ = image.split_image(docker_image)
+    if not image.is_artifact_registry(host):
+        return []
+    return [f"gcloud auth configure-docker {shlex.quote(host)} --quiet"]
+
+
+def cluster_ray_version(config: dict) -> str | None:
+    """The Ray version the cluster's setup installs (``ray[default]==X``), if it says."""
+    for command in config.get("setup_commands", []):
+        m = re.search(r"ray\[default\]==([0-9][0-9A-Za-z.+-]*)", str(command))
+        if m:
+            return m.group(1)
+    return None
+
+
 @dataclass
 class BatchJob:
     """One ``sr cloud batch`` submission."""
@@ -206,6 +267,8 @@ class BatchJob:
     project_dir: str = "."
     max_gpus: int = 0
     """GPUs of the cluster at full size (0: none, CPU actors)."""
+    cpus_per_gpu: int = 0
+    """vCPUs beside each GPU on the GPU workers (0: unknown)."""
 
 
 def runtime_env(job: BatchJob) -> dict:
@@ -227,6 +290,24 @@ def max_gpus(config: dict) -> int:
     return total
 
 
+def cpus_per_gpu(config: dict) -> int:
+    """vCPUs per GPU on the cluster's GPU node types (the smallest ratio; 0 without GPUs)."""
+    ratios = [int(node["resources"].get("CPU", 0)) // int(node["resources"]["GPU"])
+              for node in config.get("available_node_types", {}).values()
+              if int(node.get("resources", {}).get("GPU", 0)) > 0]
+    return min(ratios) if ratios else 0
+
+
+def actor_cpus(cpus_per_gpu: int) -> int:
+    """CPUs each GPU actor reserves for its encode threads, of the ``cpus_per_gpu`` beside
+    its GPU: a quarter (at least one) stays for the read + decode tasks and Ray itself
+    (8 -> 6, 4 -> 3, 2 -> 1). PNG output needs about 2-7 encoding cores per V100
+    (docs/BATCH.md), so with Ray's 1 CPU and 2 threads the GPUs would wait."""
+    if cpus_per_gpu <= 1:
+        return 1
+    return cpus_per_gpu - max(1, cpus_per_gpu // 4)
+
+
 def batch_entrypoint(job: BatchJob) -> list[str]:
     """``sr batch`` as the job runs it: results under OUTPUT/_sr_batch/<submission id>/, and
     (on a GPU cluster) one actor per GPU, the pool growing with the autoscaler from one to
@@ -235,18 +316,85 @@ def batch_entrypoint(job: BatchJob) -> list[str]:
                "--run-id", job.submission_id]
     if job.max_gpus:
         command += ["--num-gpus-per-actor", "1", "--actors", f"1,{job.max_gpus}"]
+    if job.max_gpus and job.cpus_per_gpu:
+        # The encoding beside each GPU gets the worker's CPUs (one thread per CPU).
+        cpus = actor_cpus(job.cpus_per_gpu)
+        command += ["--cpus-per-actor", str(cpus), "--encode-threads", str(cpus)]
     return command + list(job.batch_args)
 
 
-def submit_commands(job: BatchJob) -> list[list[str]]:
-    """The commands ``sr cloud batch`` runs, in order (the first is only tried: when the
-    head answers, ``ray up`` is skipped)."""
-    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+def submit_commands(job: BatchJob, port: int | str) -> list[list[str]]:
+    """The commands ``sr cloud batch`` runs, in order: ``ray get-head-ip`` (only tried:
+    when the head answers, ``ray up`` is skipped), ``ray up``, ``ray dashboard`` (an SSH
+    port-forward of the head's job server to local ``port``, kept up while the next
+    commands run), ``ray job submit`` through it and ``ray job logs``."""
+    address = f"http://127.0.0.1:{port}"
     return [
         ["ray", "get-head-ip", job.cluster_yaml],
         ["ray", "up", "-y", "--no-restart", job.cluster_yaml],
-        ["ray", "dashboard", "--port", str(DASHBOARD_PORT), job.cluster_yaml],
+        ["ray", "dashboard", "--port", str(port), "--remote-port", str(DASHBOARD_PORT), job.cluster_yaml],
         ["ray", "job", "submit", "--address", address, "--submission-id", job.submission_id, "--no-wait",
          "--runtime-env-json", json.dumps(runtime_env(job), sort_keys=True), "--", *batch_entrypoint(job)],
         ["ray", "job", "logs", "--address", address, "--follow", job.submission_id],
     ]
+
+
+PORT_VARIABLE = "${port}"
+"""The local tunnel port in commands.sh, where the script picks a free one."""
+
+
+def commands_script(job: BatchJob, ray_version: str | None, notes: list[str]) -> str:
+    """commands.sh for ``sr cloud batch``: the same steps as a script that runs as written
+    (``ray up`` only when ``ray get-head-ip`` fails; the tunnel in the background on a free
+    local port, checked to answer as a Ray job server of the cluster's version before
+    the job is submitted through it, and closed when the script exits)."""
+    get_ip, up, dashboard, submit, logs = submit_commands(job, PORT_VARIABLE)
+
+    def line(words: list[str]) -> str:
+        return " ".join('"' + w + '"' if PORT_VARIABLE in w else shlex.quote(w) for w in words)
+
+    want = shlex.quote(ray_version or "")
+    return "\n".join([
+        "#!/usr/bin/env bash",
+        "# Written by sr cloud batch: the commands it runs (or would run with --dry-run).",
+        *[f"# {n}" for n in notes],
+        "set -euo pipefail",
+        "",
+        f"if ! {line(get_ip)} > /dev/null 2>&1; then",
+        f"  {line(up)}",
+        "fi",
+        "",
+        "# The head's job server through an SSH tunnel on a free local port (never 8265, where a",
+        "# local Ray may listen), closed when this script exits.",
+        "port=$(python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); "
+        "print(s.getsockname()[1])')",
+        f"{line(dashboard)} > /dev/null 2>&1 &",
+        "tunnel=$!",
+        "trap 'kill \"$tunnel\" 2> /dev/null || true; wait \"$tunnel\" 2> /dev/null || true' EXIT",
+        "# Submit only once the tunnel answers as Ray's job server, of the cluster's Ray version.",
+        "answers() {",
+        "  python3 - \"$1\" \"$2\" <<'PY'",
+        "import json, sys, urllib.request",
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))",
+        "try:",
+        "    found = json.load(opener.open(sys.argv[1] + '/api/version', timeout=5)).get('ray_version')",
+        "except Exception:",
+        "    sys.exit(1)",
+        "sys.exit(0 if found and (not sys.argv[2] or found == sys.argv[2]) else 1)",
+        "PY",
+        "}",
+        "for _ in $(seq 120); do",
+        f'  if answers "http://127.0.0.1:{PORT_VARIABLE}" {want}; then',
+        "    break",
+        "  fi",
+        '  if ! kill -0 "$tunnel" 2> /dev/null; then',
+        "    echo 'ray dashboard (the tunnel to the head) exited' >&2",
+        "    exit 1",
+        "  fi",
+        "  sleep 1",
+        "done",
+        f'answers "http://127.0.0.1:{PORT_VARIABLE}" {want} || '
+        "{ echo 'the tunnel did not answer as the Ray job server of the cluster' >&2; exit 1; }",
+        line(submit),
+        line(logs),
+    ]) + "\n"

@@ -5,12 +5,20 @@ IPs, and relaunches a managed job whose spot VMs were preempted. What this modul
 is the task: ``setup`` installs the project with a PyTorch build that has V100 (sm_70)
 kernels, and ``run`` turns SkyPilot's node variables into an ``accelerate launch`` of
 ``jobs.train`` that resumes from the run's newest checkpoint, so a relaunch continues
-where the preempted run stopped. The task is a plain dict (written as YAML) that
-``sky.Task.from_yaml_config`` accepts; nothing here talks to a cloud.
+where the preempted run stopped. The managed job is also restarted after an error of
+its own (a storage outage past the retry budget, an NCCL timeout, an out-of-memory):
+``resources.job_recovery.max_restarts_on_errors``, without which SkyPilot restarts after
+preemptions only. A Docker image in Artifact Registry is pulled with the VMs' own service
+account (SkyPilot's docker login settings with an empty password make it run
+``gcloud auth configure-docker`` on the VM); another private registry's login comes from
+the submitting shell's ``SKYPILOT_DOCKER_*`` variables, passed as secrets. The task is a
+plain dict (written as YAML) that ``sky.Task.from_yaml_config`` accepts; nothing here
+talks to a cloud.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,6 +34,33 @@ REMOTE_CONFIG = "~/sr-job/config.yaml"
 
 DEFAULT_PORT = 29500
 """Rendezvous port of the main process (torch.distributed's usual one)."""
+
+MAX_RESTARTS_ON_ERRORS = 3
+"""Restarts of a managed job that failed by itself (not by preemption), each resuming
+from the newest checkpoint (the number SkyPilot's task reference uses in its example)."""
+
+FINISHED_STATES = ("SUCCEEDED", "FAILED", "FAILED_SETUP", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE",
+                   "FAILED_CONTROLLER", "CANCELLED")
+"""SkyPilot's terminal managed-job states; in any other (PENDING, STARTING, RUNNING,
+RECOVERING, WINDING_DOWN, CANCELLING...) the job still owns its run directory."""
+
+N1_SIZES = (1, 2, 4, 8, 16, 32, 64, 96)
+"""vCPU counts of GCP's N1 machine types (V100s, T4s and P100s attach only to N1 VMs)."""
+
+HOST_VCPUS = {
+    "V100": {1: 8, 2: 16, 4: 32, 8: 64},
+    "P100": {1: 8, 2: 16, 4: 32},
+    "T4": {1: 4, 2: 8, 4: 48},
+}
+"""vCPUs SkyPilot asks of the host VM per accelerator count on GCP (its GCP catalog), with
+at least 4 GB of memory per vCPU; N1's standard types have 3.75, so it picks n1-highmem."""
+
+CONTROLLER_MACHINE = "n2-standard-4"
+"""The jobs controller VM: SkyPilot's default controller resources are 4+ vCPUs with 4 GB
+per vCPU (n2-standard-4 on GCP; docs/CLOUD.md pins it and its region in ~/.sky/config.yaml)."""
+
+CONTROLLER_DISK_GB = 50
+"""The jobs controller's boot disk (SkyPilot's default)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _GPUS = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)(?::([1-9][0-9]*))?$")
@@ -72,13 +107,21 @@ class TrainJob:
     """Attach a local NVMe SSD and cache the shards there; else they go on the boot disk."""
 
     image_id: str = ""
-    """SkyPilot ``image_id`` (e.g. ``docker:REGISTRY/sr-cloud:0.1.0``); empty: SkyPilot's GPU image."""
+    """SkyPilot ``image_id``: a Docker image (``docker:REGISTRY/sr-cloud:0.1.0``, the prefix
+    optional when REGISTRY is a host) or a VM image; empty: SkyPilot's GPU VM image."""
 
     launch_config: str = ""
     """``accelerate launch --config_file`` (e.g. ``jobs/launch/deepspeed.yaml``), relative to the project."""
 
     workdir: str = "."
     """The project checkout SkyPilot copies to every node (its ``workdir``)."""
+
+    max_restarts_on_errors: int = MAX_RESTARTS_ON_ERRORS
+    """Restarts after the job fails by itself (``resources.job_recovery``)."""
+
+    registry_login_from_env: bool = False
+    """A private registry outside Artifact Registry: SkyPilot's docker login settings come
+    from the submitting shell's ``SKYPILOT_DOCKER_*`` variables as secrets."""
 
     @property
     def run_dir(self) -> str:
@@ -89,6 +132,62 @@ class TrainJob:
         m = _GPUS.match(self.gpus)
         assert m, self.gpus
         return m.group(1), int(m.group(2) or 1)
+
+
+def host_machine_type(kind: str, count: int) -> str:
+    """The GCP VM SkyPilot picks for ``kind:count`` (e.g. n1-highmem-32 for V100:4)."""
+    table = HOST_VCPUS.get(kind.upper())
+    if table is None or count not in table:
+        known = ", ".join(f"{k}:{n}" for k, v in HOST_VCPUS.items() for n in v)
+        raise ValueError(f"--gpus {kind}:{count}: the host VM is known for {known}")
+    vcpus = next(n for n in N1_SIZES if n >= table[count])
+    return f"n1-highmem-{vcpus}"
+
+
+def machine_vcpus(machine_type: str) -> int:
+    """vCPUs of a predefined GCP machine type (``n1-highmem-32`` -> 32)."""
+    tail = machine_type.rsplit("-", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"{machine_type}: not a predefined machine type (FAMILY-KIND-VCPUS)")
+    return int(tail)
+
+
+def _launch_kind(config: dict) -> str:
+    kind = config.get("distributed_type", "NO")
+    # YAML 1.1 reads an unquoted NO as false.
+    return "NO" if kind is False or kind is None else str(kind).upper()
+
+
+def check_launch_config(job: TrainJob) -> None:
+    """Refuse an Accelerate launch config that cannot use the GPUs the task asks for:
+    SkyPilot's node count, rank and process count override the file's, but its kind of
+    launch and its GPU ids stay, and a single-process file would train on one GPU of many."""
+    import yaml
+
+    path = os.path.join(job.workdir, job.launch_config)
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"--launch-config {job.launch_config}: not an Accelerate config (a YAML mapping)")
+    _, per_node = job.accelerator
+    total = job.nodes * per_node
+    kind = _launch_kind(config)
+    shape = f"{job.nodes} x {job.gpus} = {total} GPU{'s' if total > 1 else ''}"
+    if config.get("use_cpu") is True:
+        raise ValueError(f"--launch-config {job.launch_config} sets use_cpu: true; the task has {shape}")
+    if kind == "NO" and total > 1:
+        raise ValueError(f"--launch-config {job.launch_config} runs one process (distributed_type NO) but the task "
+                         f"has {shape}: use a multi-GPU config (e.g. jobs/launch/one_vm_8_gpus.yaml) or none")
+    if kind == "MULTI_GPU" and total < 2:
+        raise ValueError(f"--launch-config {job.launch_config} is a multi-GPU launch but the task has {shape}: "
+                         "use jobs/launch/one_gpu.yaml or no --launch-config")
+    gpu_ids = config.get("gpu_ids")
+    if gpu_ids is not None and str(gpu_ids) != "all" and len(str(gpu_ids).split(",")) < per_node:
+        raise ValueError(f"--launch-config {job.launch_config} uses gpu_ids {gpu_ids} of the {per_node} GPUs "
+                         "per VM: set gpu_ids: all")
 
 
 def check_job(job: TrainJob) -> None:
@@ -108,6 +207,12 @@ def check_job(job: TrainJob) -> None:
     if job.launch_config and not os.path.isfile(os.path.join(job.workdir, job.launch_config)):
         raise ValueError(f"--launch-config {job.launch_config}: no such file in {job.workdir} "
                          "(give a path inside the project, e.g. jobs/launch/<file>.yaml)")
+    if job.launch_config:
+        check_launch_config(job)
+    if job.max_restarts_on_errors < 0:
+        raise ValueError(f"--max-restarts-on-errors must be >= 0, got {job.max_restarts_on_errors}")
+    if job.image_id.startswith("docker:") or image.docker_image(job.image_id):
+        image.split_image(image.docker_image(job.image_id) or job.image_id)
     for item in job.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
@@ -224,24 +329,76 @@ def build_task(job: TrainJob) -> dict:
         # One 375 GB local NVMe SSD, formatted and mounted by SkyPilot; it is lost with
         # the VM, which is fine for a cache.
         resources["volumes"] = [{"path": LOCAL_SSD, "storage_type": "instance"}]
-    if job.image_id:
-        resources["image_id"] = job.image_id
+    # A failure of the job itself (exit code != 0) is retried too: --resume auto makes a
+    # restart continue from the newest checkpoint. Exit codes cannot single out storage
+    # outages here: `accelerate launch` exits 1 whatever its processes exited with.
+    resources["job_recovery"] = {"max_restarts_on_errors": job.max_restarts_on_errors}
     task = {
         "name": job.name,
         "workdir": job.workdir,
         "num_nodes": job.nodes,
         "resources": resources,
-        "setup": setup_script(),
-        "run": run_script(job),
     }
+    docker = image.docker_image(job.image_id)
+    if docker:
+        resources["image_id"] = f"docker:{docker}"
+        task.update(registry_login(job))
+    elif job.image_id:
+        resources["image_id"] = job.image_id  # a VM image
+    task["setup"] = setup_script()
+    task["run"] = run_script(job)
     if job.config and "://" not in job.config:
         task["file_mounts"] = {REMOTE_CONFIG: job.config}
     return task
 
 
+def registry_login(job: TrainJob) -> dict:
+    """The task's docker login settings for ``job.image_id`` (``envs`` or ``secrets``), or
+    none for a public image. Artifact Registry: the server and an empty user and password,
+    so SkyPilot configures docker on the VM for that host and the VM's service account
+    (skypilot-v1, with roles/artifactregistry.reader) pulls. Another registry: all three
+    as secrets, the user and password filled from the submitting shell by ``--secret``,
+    so the password never lands in a file."""
+    docker = image.docker_image(job.image_id)
+    if not docker:
+        return {}
+    host, _, _ = image.split_image(docker)
+    if image.is_artifact_registry(host):
+        return {"envs": {"SKYPILOT_DOCKER_USERNAME": "", "SKYPILOT_DOCKER_PASSWORD": "",
+                         "SKYPILOT_DOCKER_SERVER": host}}
+    if job.registry_login_from_env:
+        return {"secrets": {"SKYPILOT_DOCKER_USERNAME": None, "SKYPILOT_DOCKER_PASSWORD": None,
+                            "SKYPILOT_DOCKER_SERVER": host or "docker.io"}}
+    return {}
+
+
 def launch_command(task_path: str, job: TrainJob) -> list[str]:
     # --detach-run: return once the job is submitted; `sr cloud logs` follows it.
-    return ["sky", "jobs", "launch", task_path, "--name", job.name, "--yes", "--detach-run"]
+    command = ["sky", "jobs", "launch", task_path, "--name", job.name, "--yes", "--detach-run"]
+    if job.image_id and job.registry_login_from_env and "secrets" in registry_login(job):
+        # Without a value, --secret takes the variable from the environment of `sky`.
+        command += ["--secret", "SKYPILOT_DOCKER_USERNAME", "--secret", "SKYPILOT_DOCKER_PASSWORD"]
+    return command
+
+
+def active_jobs_command() -> list[str]:
+    return ["sky", "jobs", "queue", "--skip-finished", "--output", "json"]
+
+
+def active_jobs(queue_json: str, name: str) -> list[tuple[int | None, str]]:
+    """``(job id, state)`` of the managed jobs named ``name`` that have not finished, read
+    from ``sky jobs queue --skip-finished --output json`` (a list of job records)."""
+    try:
+        records = json.loads(queue_json)
+    except json.JSONDecodeError:
+        raise ValueError("`sky jobs queue --output json` did not print JSON: "
+                         f"{' '.join(queue_json.split())[:200]!r}") from None
+    found = []
+    for record in records:
+        state = str(record.get("status") or "")
+        if record.get("job_name") == name and state not in FINISHED_STATES:
+            found.append((record.get("job_id"), state))
+    return found
 
 
 def status_command() -> list[str]:

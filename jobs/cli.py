@@ -123,12 +123,26 @@ def run_train(args: argparse.Namespace) -> int:
     config = train.load_job_config(args)  # a bad config fails here, before any process starts
     if args.processes == 1:
         return train.run(config, args.resume)
-    return launch_local(args)
+    return launch_local(args, config.train.run_dir)
 
 
-def launch_local(args: argparse.Namespace) -> int:
+def launch_local(args: argparse.Namespace, run_dir: str) -> int:
     """``--processes N``: the same job on N processes of this machine through Accelerate's
-    launcher. SIGTERM is passed on to them (each checkpoints and exits)."""
+    launcher. SIGTERM is passed on to them (each checkpoints and exits). This process
+    holds the run directory's lease, so a refusal is one line before any process starts."""
+    import os
+
+    from jobs import checkpoint as ckpt
+
+    with ckpt.run_lease(run_dir):
+        os.environ[ckpt.LEASE_HELD_ENV] = run_dir
+        try:
+            return _launch(args)
+        finally:
+            os.environ.pop(ckpt.LEASE_HELD_ENV, None)
+
+
+def _launch(args: argparse.Namespace) -> int:
     import os
     import signal
     import subprocess

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -466,6 +467,8 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
     else raise ``ValueError`` naming the field."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
+        if isinstance(value, float) and not math.isfinite(value):
+            return _check_value(value, float, name)  # its own message, not "matches none of"
         errors = []
         for option in typing.get_args(hint):
             try:
@@ -504,9 +507,13 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
     if hint is float:
         # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string.
         if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            return float(value)
+            value = float(value)  # 1e999 overflows to inf: checked below
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}: expected a number, got {value!r}")
+        # JSON's Infinity/NaN and YAML's .inf/.nan: a NaN learning rate trains "fine" to a
+        # NaN model, so no config number may be non-finite.
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: {value} is not a finite number; give a finite value")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -519,13 +526,18 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
     raise AssertionError(f"config field {name} has an unsupported type {hint}")
 
 
+_MAX_NAMES_LISTED = 10
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = ""):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                         f"{cls.__name__} has: {', '.join(sorted(known))}")
+        # A file of 300k stray keys must not make a megabyte-long error line.
+        shown = ", ".join(prefix + str(k)[:80] for k in unknown[:_MAX_NAMES_LISTED])
+        more = f" and {len(unknown) - _MAX_NAMES_LISTED} more" if len(unknown) > _MAX_NAMES_LISTED else ""
+        raise ValueError(f"unknown config key(s) {shown}{more}; {cls.__name__} has: {', '.join(sorted(known))}")
     kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -191,14 +191,19 @@ class ShardCache:
 
 class _FileReader:
     """Reads byte ranges of shards (local files directly, remote ones via the cache).
-    Uses ``os.pread`` so descriptors inherited by forked workers are safe to share."""
+    Uses ``os.pread`` so descriptors inherited by forked workers are safe to share.
+
+    A local shard with a size and checksum in the index is verified when this process
+    first opens it (remote ones are verified by the cache when fetched): a shard changed
+    after ``sr prepare`` would otherwise train silently on other bytes."""
 
     def __init__(self, cache: ShardCache | None):
         self.cache = cache
         self._fds: dict[str, int] = {}
+        self.verified: set[str] = set()  # local shards checked by this process
 
     def __getstate__(self):
-        return {"cache": self.cache, "_fds": {}}
+        return {"cache": self.cache, "_fds": {}, "verified": set()}
 
     def close(self) -> None:
         while self._fds:
@@ -222,6 +227,13 @@ class _FileReader:
         if fd is None:
             if storage.is_local(url):
                 fd = os.open(storage.local_path(url), os.O_RDONLY)
+                if url not in self.verified and (size is not None or sha256 is not None):
+                    try:
+                        _verify_local(fd, url, size, sha256)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    self.verified.add(url)
             else:
                 assert self.cache is not None, "remote data needs a cache"
                 fd = self._open_cached(url, size, sha256)
@@ -253,6 +265,23 @@ class _FileReader:
             raise ValueError(f"{url}: short read at {offset} ({len(data)} of {length} bytes); "
                              "the file is truncated (re-run `sr prepare`)")
         return data
+
+
+def _verify_local(fd: int, url: str, size: int | None, sha256: str | None) -> None:
+    """The open local shard ``fd`` has the size and SHA-256 that index.json records."""
+    got = os.fstat(fd).st_size
+    if size is not None and got != size:
+        raise ValueError(f"{url}: {got} bytes, but index.json records {size}: the shard was cut short or "
+                         "replaced after `sr prepare`; re-run `sr prepare`")
+    if sha256 is None:
+        return
+    digest, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 8 * 1024 * 1024, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    if digest.hexdigest() != sha256:
+        raise ValueError(f"{url}: its checksum differs from the one index.json records: the shard changed "
+                         "after `sr prepare`; re-run `sr prepare`")
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -375,13 +404,19 @@ class SubImageDataset(Dataset):
         url, nbytes, sha = self.shards[shard_id]
         try:
             if not self.raw:
-                return codecs.decode_rgb8(self.reader.read(url, offset, size, size=nbytes, sha256=sha))
+                data = self.reader.read(url, offset, size, size=nbytes, sha256=sha)
+                return codecs.decode_rgb8(data, self.names[index])
             first, end = rows or (0, height)
             row = width * 3
             data = self.reader.read(url, offset + first * row, (end - first) * row, size=nbytes, sha256=sha)
             return np.frombuffer(data, dtype=np.uint8).reshape(end - first, width, 3)
         except ValueError as exc:
-            raise ValueError(f"{url}: member {self.names[index]}: {exc}") from None
+            text = str(exc)
+            if text.startswith(url + ": "):  # about the whole shard (size, checksum)
+                raise
+            text = text[len(self.names[index]) + 2:] if text.startswith(self.names[index] + ": ") else text
+            fix = "" if "sr prepare" in text else "; the shard is damaged: re-run `sr prepare`"
+            raise ValueError(f"{url}: member {self.names[index]}: {text}{fix}") from None
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         from sr_core.resize import imresize
@@ -647,7 +682,7 @@ class TrainLoader:
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch, self.position)
-        for packed in self.loader:
+        for packed in _worker_errors_as_raised(self.loader):
             # a last partial batch of the epoch is dropped (same shapes every step)
             for batch in unpack_batch(packed, self.device, self.batch_size):
                 self.position += self.batch_size
@@ -684,6 +719,32 @@ class TrainLoader:
         # nothing then, so the interrupted epoch starts over.
         same_world = state["world_size"] == self.sampler.world_size
         self.position = int(state["position"]) if same_world else 0
+
+
+def _worker_errors_as_raised(loader):
+    """Iterate ``loader``; an error a DataLoader worker raised arrives as torch re-raises
+    it (same type, the message replaced by "Caught ValueError in DataLoader worker process
+    0. Original Traceback ...", ~25 lines). Errors that are users' (a damaged shard, a
+    storage outage: those with an exit code of their own) are raised again with their
+    original one-line message; others (bugs) keep the worker's traceback."""
+    from sr_core.errors import exit_code
+
+    iterator = iter(loader)
+    while True:
+        try:
+            packed = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            text = str(exc)
+            if "\nOriginal Traceback" not in text or exit_code(exc) is None:
+                raise
+            # The traceback's last line is "module.Type: message".
+            last = text.rstrip().splitlines()[-1]
+            name = type(exc).__qualname__
+            original = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+            raise type(exc)(original) from None
+        yield packed
 
 
 def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device: str = "cpu") -> TrainLoader:

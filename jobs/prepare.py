@@ -386,4 +386,35 @@ def read_index(url: str) -> dict:
     if index.get("format") != INDEX_FORMAT:
         raise ValueError(f"{index_url}: not an sr prepare index (format {index.get('format')!r}, "
                          f"expected {INDEX_FORMAT!r})")
+    check_index(index_url, index)
     return index
+
+
+def check_index(index_url: str, index: dict) -> None:
+    """An index the loader can trust: every shard and every member listed once, each
+    member inside its shard. An index edited by hand (or by a tool gone wrong) that lists
+    a member 30 times would train on it 30 times as often, silently."""
+    fix = "the index was edited or is damaged: re-run `sr prepare`"
+    try:
+        shards = index["shards"]
+        counts: dict[str, int] = {}
+        members: dict[str, int] = {}
+        for shard in shards:
+            name, nbytes = shard["name"], int(shard["bytes"])
+            counts[name] = counts.get(name, 0) + 1
+            for member, offset, size, height, width in shard["members"]:
+                members[member] = members.get(member, 0) + 1
+                if not (0 <= int(offset) and 0 < int(size) and int(offset) + int(size) <= nbytes
+                        and int(height) > 0 and int(width) > 0):
+                    raise ValueError(f"{index_url}: member {member} of {name} lies outside the shard "
+                                     f"({offset}+{size} of {nbytes} bytes) or has no pixels; {fix}")
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(index_url):
+            raise
+        raise ValueError(f"{index_url}: malformed shard list ({type(exc).__name__}: {exc}); {fix}") from None
+    for kind, seen in (("shard", counts), ("member", members)):
+        repeated = [(name, n) for name, n in seen.items() if n > 1]
+        if repeated:
+            name, n = repeated[0]
+            others = f" (and {len(repeated) - 1} more {kind}s)" if len(repeated) > 1 else ""
+            raise ValueError(f"{index_url}: {kind} {name} is listed {n} times{others}; {fix}")

@@ -211,7 +211,7 @@ def build_job(config: Config, resume: str) -> Job:
     from jobs import checkpoint as ckpt
     from jobs.data import build_train_loader, build_val_dataset
     from jobs.engines import Trained
-    from sr_core import build_discriminator, build_generator, load_generator, storage
+    from sr_core import build_discriminator, build_generator, storage
     from sr_core.losses import GANLoss, PerceptualLoss, build_pixel_loss
 
     t, m, lo, o = config.train, config.model, config.loss, config.optim
@@ -220,18 +220,14 @@ def build_job(config: Config, resume: str) -> Job:
     accelerator = make_accelerator(config, cuda, precision)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     gan = t.stage == "gan"
+    folder = ckpt.find_resume(t.run_dir, resume, config, rank, warn=lambda text: log(rank, text))
 
     # The networks (and a random VGG, when configured) are made from one seed in a fixed
     # order, so every rank and every resumed run builds the same ones.
     torch.manual_seed(t.seed)
     generator = build_generator(m.generator, m.generator_variant or None, scale=config.data.scale, **m.generator_options)
     if t.pretrained:
-        try:
-            start = load_generator(t.pretrained)
-            generator.load_state_dict(start.state_dict())
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"train.pretrained: {t.pretrained} does not fit model.generator "
-                             f"{m.generator} ({m.generator_variant}): {str(exc).splitlines()[0]}") from None
+        ckpt.load_pretrained(generator, t.pretrained, m.generator_variant)
     discriminator = build_discriminator(m.discriminator, m.discriminator_variant or None,
                                         **m.discriminator_options) if gan else None
     perceptual = None
@@ -270,7 +266,6 @@ def build_job(config: Config, resume: str) -> Job:
         gan_loss=GANLoss(lo.gan, loss_weight=lo.gan_weight) if gan else None,
         loader=loader, val_set=build_val_dataset(config.data), tb=None,
     )
-    folder = ckpt.find_resume(t.run_dir, resume)
     if folder:
         load_checkpoint(job, folder)
     if job.is_main:
@@ -354,16 +349,17 @@ def save_checkpoint(job: Job, step: int) -> str:
     from jobs import checkpoint as ckpt
 
     t = job.config.train
-    folder = ckpt.step_dir(t.run_dir, step)
+    writer = ckpt.CheckpointWriter(t.run_dir, step, job.rank, job.config)
+    folder = writer.folder
     sync_buffers(job)
     if t.backend == "deepspeed":
         with ckpt.LocalStaging() as local:
             for name, net in (("g", job.g), ("d", job.d)):
                 if net is not None:
                     net.engine.save_checkpoint(os.path.join(local, name), tag="ckpt")
-            ckpt.upload_folder(local, f"{folder}/ds/rank_{job.rank}")
-    ckpt.save_torch(f"{folder}/rank_{job.rank}.pt", {"rng": ckpt.rng_state(), "loader": job.loader.state_dict(),
-                                                      "digest": weights_digest(job)})
+            writer.upload_folder(local, f"ds/rank_{job.rank}")
+    writer.save_torch(f"rank_{job.rank}.pt", {"rng": ckpt.rng_state(), "loader": job.loader.state_dict(),
+                                              "digest": weights_digest(job)})
     if job.is_main:
         state = {"step": step, "best_psnr": job.best_psnr, "g": _state_dict_fp32(job.g.module),
                  "ema": _state_dict_fp32(job.ema) if job.ema is not None else None,
@@ -375,10 +371,9 @@ def save_checkpoint(job: Job, step: int) -> str:
                 state["opt_d"] = job.d.optimizer.state_dict()
             if job.accelerator.scaler is not None:
                 state["scaler"] = job.accelerator.scaler.state_dict()
-        ckpt.save_torch(f"{folder}/state.pt", state)
-    job.accelerator.wait_for_everyone()
+        writer.save_torch("state.pt", state)
+    writer.finish()  # every rank: COMPLETE, or all stop on one line
     if job.is_main:
-        ckpt.mark_complete(folder, step)
         ckpt.prune(t.run_dir, t.keep_checkpoints)
         if job.tb:
             job.tb.sync()
@@ -460,16 +455,10 @@ def export_checkpoint(run_dir: str, step: int | None = None) -> list[str]:
     """``sr train export``: the models of checkpoint ``step`` (default: the newest)."""
     from jobs import checkpoint as ckpt
 
-    steps = ckpt.complete_steps(run_dir)
-    if not steps:
-        raise ValueError(f"{run_dir}: no complete checkpoint under {run_dir}/checkpoints")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ValueError(f"{run_dir}: no complete checkpoint at step {step}; there are: {', '.join(map(str, steps))}")
-    state = ckpt.load_torch(f"{ckpt.step_dir(run_dir, step)}/state.pt")
+    folder = ckpt.export_source(run_dir, step, warn=lambda text: log(0, text))
+    state = ckpt.load_torch(f"{folder}/state.pt")
     config = config_module.from_dict(state["config"])
-    return export_models(run_dir, state["g"], state["ema"], config, step)
+    return export_models(run_dir, state["g"], state["ema"], config, ckpt.checkpoint_step(folder))
 
 
 # ---------------------------------------------------------------- validation
@@ -785,24 +774,27 @@ def adopt_deepspeed_launch(config: Config) -> None:
 
 def run(config: Config, resume: str = "") -> int:
     """Train with a validated config; returns the exit code (0 also after a preemption)."""
+    from jobs import checkpoint as ckpt
+
     adopt_deepspeed_launch(config)
-    job = build_job(config, resume)
-    try:
-        outcome = train_loop(job)
-        if outcome == "done" and job.is_main:
-            ema = _state_dict_fp32(job.ema) if job.ema is not None else None
-            written = export_models(config.train.run_dir, _state_dict_fp32(job.g.module), ema, config, job.step)
-            log(job, "exported " + ", ".join(written))
-        if job.tb:
-            best = job.best_psnr if job.best_psnr > -math.inf else 0.0
-            job.tb.hparams(_hparams(config), {"hparam/best_val_psnr": best})
-        job.accelerator.wait_for_everyone()
-    finally:
-        if job.tb:
-            job.tb.close()
-        job.loader.close()
-    job.accelerator.end_training()
-    return 0
+    with ckpt.run_lease(config.train.run_dir):  # one job per run directory
+        job = build_job(config, resume)
+        try:
+            outcome = train_loop(job)
+            if outcome == "done" and job.is_main:
+                ema = _state_dict_fp32(job.ema) if job.ema is not None else None
+                written = export_models(config.train.run_dir, _state_dict_fp32(job.g.module), ema, config, job.step)
+                log(job, "exported " + ", ".join(written))
+            if job.tb:
+                best = job.best_psnr if job.best_psnr > -math.inf else 0.0
+                job.tb.hparams(_hparams(config), {"hparam/best_val_psnr": best})
+            job.accelerator.wait_for_everyone()
+        finally:
+            if job.tb:
+                job.tb.close()
+            job.loader.close()
+        job.accelerator.end_training()
+        return 0
 
 
 def _hparams(config: Config) -> dict:

@@ -39,12 +39,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
+from PIL import Image
 
-from sr_core import metrics
+from sr_core import metrics, storage
+from sr_core.archs.multihead_rrdbnet import MEAN_OF_HEADS, MultiHeadRRDBNet
 from sr_core.codecs import INPUT_EXTENSIONS, read_image, to_rgb8
 from sr_core.datasets import hr_key, read_list
 from sr_core.errors import strip_url
 from sr_core.resize import imresize, mod_crop
+from sr_core.upscaler import Upscaler
 
 Upscale = Callable[[np.ndarray], np.ndarray]
 
@@ -91,8 +95,6 @@ def bicubic_upscaler(scale: int) -> Upscale:
 
 
 def pillow_upscaler(resample: int, scale: int) -> Upscale:
-    from PIL import Image
-
     def run(lr: np.ndarray) -> np.ndarray:
         h, w = lr.shape[:2]
         return np.asarray(Image.fromarray(lr).resize((w * scale, h * scale), resample))
@@ -102,8 +104,6 @@ def pillow_upscaler(resample: int, scale: int) -> Upscale:
 
 def baseline(name: str, scale: int) -> Method:
     """The baseline ``name`` (see the module docstring) at an integer ``scale``."""
-    from PIL import Image
-
     if name not in BASELINE_NAMES:
         raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")
     if name == "bicubic":
@@ -119,9 +119,6 @@ def model_methods(model, name: str, scale: int, device: str = "auto", tile: int 
     """The rows for one generator (an ``nn.Module`` with an integer ``scale``): one, or
     for a multi-head model one per head plus the head mean. A model whose own scale is
     not ``scale`` is followed by MATLAB bicubic to ``scale``, as ``sr upscale --outscale``."""
-    from sr_core.archs.multihead_rrdbnet import MEAN_OF_HEADS, MultiHeadRRDBNet
-    from sr_core.upscaler import Upscaler
-
     up = Upscaler(model, device=device, tile=tile)
     outscale = None if up.scale == scale else scale
     resized = "" if outscale is None else f", then MATLAB bicubic x{scale / up.scale:g}"
@@ -171,8 +168,6 @@ class ImageSet:
 def _folder_files(root: str, kind: str, image_set: ImageSet) -> list[tuple[str, str]]:
     """(relative name, URL) of the images below a folder or prefix; hidden and
     non-regular files and links out of the folder are recorded on ``image_set``."""
-    from sr_core import storage
-
     hidden: list[str] = []
     special: list[tuple[str, str]] = []
     urls = storage.list_files(root, suffixes=INPUT_EXTENSIONS, hidden=hidden, special=special)
@@ -192,8 +187,6 @@ def _folder_files(root: str, kind: str, image_set: ImageSet) -> list[tuple[str, 
 
 
 def _relative(root: str, url: str) -> str:
-    from sr_core import storage
-
     try:
         return storage.relative_key(root, url)
     except ValueError:
@@ -212,8 +205,6 @@ def list_set(source: str, lr_source: str | None = None, scale: int | None = None
     images), each HR image is paired with the LR image of the same relative path and
     stem, DIV2K's ``0801x4.png`` naming included. Raises FileNotFoundError / ValueError
     for a set that cannot be listed or holds no images."""
-    from sr_core import storage
-
     image_set = ImageSet(set_name(source), source, lr_source)
     fs, path = storage.get_fs(source)
     if not fs.exists(path):
@@ -243,8 +234,6 @@ def list_set(source: str, lr_source: str | None = None, scale: int | None = None
 
 
 def _lr_index(lr_source: str, scale: int | None, image_set: ImageSet) -> dict[str, str]:
-    from sr_core import storage
-
     fs, path = storage.get_fs(lr_source)
     if not fs.exists(path) or not fs.isdir(path):
         raise FileNotFoundError(f"{lr_source}: no such LR folder or prefix")
@@ -461,7 +450,6 @@ def load_lpips(device: str = "cpu") -> Callable[[np.ndarray, np.ndarray], float]
         import lpips
     except ImportError:
         raise ValueError(f"--lpips: the `lpips` package is not installed. {LPIPS_HELP}") from None
-    import torch
 
     try:
         net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()

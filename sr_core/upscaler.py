@@ -33,7 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sr_core.modelfile import load_generator
 from sr_core.precision import PRECISIONS, choose_precision
+from sr_core.resize import imresize
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -307,8 +309,6 @@ class Upscaler:
         memory_budget: int | None = None,
     ) -> "Upscaler":
         """An Upscaler for a model file (ours, or a foreign ESRGAN / Real-ESRGAN .pth)."""
-        from sr_core.modelfile import load_generator
-
         model = load_generator(url)
         try:
             return cls(model, device=device, precision=precision, tile=tile, overlap=overlap,
@@ -338,8 +338,6 @@ class Upscaler:
             raise ValueError(f"expected a numpy array or a torch tensor, got {type(image).__name__}")
         if outscale is None or outscale == self.scale:
             return out
-        from sr_core.resize import imresize
-
         size = (max(1, round(in_h * outscale)), max(1, round(in_w * outscale)))
         resized = imresize(out, size=size)
         return resized.clamp_(0, 1) if isinstance(resized, torch.Tensor) else resized
@@ -381,8 +379,6 @@ class Upscaler:
         for group in groups:
             src, dst = hwc[..., group], out[..., group]
             if group.start == channels - 1 and channels in (2, 4) and self.alpha == "bicubic":
-                from sr_core.resize import imresize
-
                 dst[..., 0] = imresize(np.ascontiguousarray(src[..., 0]), size=(height * r, width * r))
                 continue
             self._run_array_group(src, dst, tile, max_value)
@@ -440,8 +436,6 @@ class Upscaler:
         for group in groups:
             src, dst = bchw[:, group], out[:, group]
             if group.start == channels - 1 and channels in (2, 4) and self.alpha == "bicubic":
-                from sr_core.resize import imresize
-
                 dst.copy_(imresize(src, size=(height * r, width * r)).clamp_(0, 1))
                 continue
             self._run_tensor_group(src, dst, tile)

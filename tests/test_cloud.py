@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from cloudenv import offline_env, sr  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,43 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def offline_env(tmp_path, monkeypatch):
-    """No credentials, an empty HOME and gcloud folder, and proxies at a closed loopback
-    port (9) for anything not on loopback: set in this process (for `sr` run in-process)
-    and returned for child processes."""
-    (tmp_path / "home").mkdir()
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "CLOUDSDK_CORE_PROJECT",
-                 "GOOGLE_CLOUD_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
-    changes = {"HOME": str(tmp_path / "home"), "CLOUDSDK_CONFIG": str(tmp_path / "home" / "gcloud"),
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        changes[name] = "http://127.0.0.1:9"
-    for name, value in changes.items():
-        monkeypatch.setenv(name, value)
-    return dict(os.environ)
-
-
-@pytest.fixture
-def sr(capsys):
-    """``sr ARGS`` in this process (what the `sr` entry point runs), with its exit code and
-    output; dry runs contact nothing, so no child process is needed."""
-    from sr_cli.main import main
-
-    def run(args):
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-
-    return run
 
 
 def sr_process(args, env, timeout=60):
@@ -86,13 +50,18 @@ def check_shell(paths):
 
 
 _VALIDATE_TASKS = """
-import json, sys, yaml, sky
+import dataclasses, json, os, sys, yaml, sky
 out = []
 for path in sys.argv[1:]:
-    task = sky.Task.from_yaml_config(yaml.safe_load(open(path)))
+    config = yaml.safe_load(open(path))
+    # What `sky jobs launch --secret NAME` adds: NAME's value from the environment.
+    overrides = [(k, os.environ[k]) for k, v in (config.get("secrets") or {}).items() if v is None]
+    task = sky.Task.from_yaml_config(config, secrets_overrides=overrides or None)
     (r,) = task.resources
+    login = r.docker_login_config
     out.append({"num_nodes": task.num_nodes, "accelerators": r.accelerators, "spot": r.use_spot,
-                "cloud": str(r.cloud), "region": r.region, "zone": r.zone, "image_id": r.image_id})
+                "cloud": str(r.cloud), "region": r.region, "zone": r.zone, "image_id": r.image_id,
+                "job_recovery": r.job_recovery, "docker_login": login and dataclasses.asdict(login)})
 try:
     sky.Task.from_yaml_config({"name": "x", "resources": {"acelerators": "V100:4"}})
 except Exception as exc:
@@ -102,7 +71,8 @@ print(json.dumps(out))
 
 
 def validate_with_skypilot(paths, env):
-    """SkyPilot's own task validation, in a child process (importing sky writes ~/.sky)."""
+    """SkyPilot's own task validation, in a child process (importing sky writes ~/.sky),
+    and what it makes of the resources: the parsed job recovery and docker login."""
     done = subprocess.run([sys.executable, "-c", _VALIDATE_TASKS, *map(str, paths)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -114,31 +84,59 @@ def validate_with_skypilot(paths, env):
 # --- training on SkyPilot -----------------------------------------------------------------
 
 
-def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr):
+def test_train_dry_run_writes_a_task_skypilot_accepts(tmp_path, offline_env, sr, monkeypatch):
     config = tmp_path / "psnr.yaml"
     config.write_text("data:\n  gt_size: 64\n")
     runs = {}
     for name, extra in {
         "multi": ["--nodes", "2", "--gpus", "V100:4", "--spot", "--zone", "us-central1-a"],
-        "single": ["--gpus", "V100", "--no-local-ssd", "--image", "docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"],
+        "single": ["--gpus", "V100", "--no-local-ssd", "--image", "docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0",
+                   "--max-restarts-on-errors", "10"],
         "ds": ["--nodes", "2", "--gpus", "V100:8", "--launch-config", "jobs/launch/deepspeed_zero2_8_gpus.yaml"],
+        "private": ["--image", "ghcr.io/acme/sr-cloud:0.1.0"],
+        "public": ["--image", "docker:nvidia/cuda:12.6.3-base-ubuntu22.04"],
     }.items():
         out = tmp_path / name
         backend = ["train.backend=deepspeed"] if name == "ds" else []
+        if name == "private":  # the login of a registry outside Google, from this shell
+            monkeypatch.setenv("SKYPILOT_DOCKER_USERNAME", "acme-bot")
+            monkeypatch.setenv("SKYPILOT_DOCKER_PASSWORD", "ghp_not-a-real-token")
         done = sr(["cloud", "train", str(config), "data.train_shards=gs://b/div2k-sub", "data.batch_size=8", *backend,
                    "--preset", "tiny", "--name", f"esrgan-{name}", "--bucket", "gs://b", *extra,
                    "--dry-run", "--out", str(out)])
+        monkeypatch.delenv("SKYPILOT_DOCKER_USERNAME", raising=False)
+        monkeypatch.delenv("SKYPILOT_DOCKER_PASSWORD", raising=False)
         assert done.returncode == 0, done.stderr
-        assert f"sky jobs launch {out}/task.yaml --name esrgan-{name} --yes --detach-run" in done.stdout
+        secrets = " --secret SKYPILOT_DOCKER_USERNAME --secret SKYPILOT_DOCKER_PASSWORD" if name == "private" else ""
+        assert f"sky jobs launch {out}/task.yaml --name esrgan-{name} --yes --detach-run{secrets}" in done.stdout
         assert "config checked" in done.stdout
+        if name == "multi":  # the VM SkyPilot picks for V100:4 (4 GB per vCPU: n1-highmem)
+            assert "(2 x V100:4 on n1-highmem-32, spot; restarts on errors: 3;" in done.stdout
         runs[name] = out
 
-    multi, single, ds = validate_with_skypilot([runs[n] / "task.yaml" for n in ("multi", "single", "ds")],
-                                               offline_env)
+    env = dict(offline_env, SKYPILOT_DOCKER_USERNAME="acme-bot", SKYPILOT_DOCKER_PASSWORD="ghp_not-a-real-token")
+    multi, single, ds, private, public = validate_with_skypilot(
+        [runs[n] / "task.yaml" for n in ("multi", "single", "ds", "private", "public")], env)
     assert multi == {"num_nodes": 2, "accelerators": {"V100": 4}, "spot": True, "cloud": "GCP",
-                     "region": "us-central1", "zone": "us-central1-a", "image_id": None}
+                     "region": "us-central1", "zone": "us-central1-a", "image_id": None,
+                     "job_recovery": {"strategy": None, "max_restarts_on_errors": 3}, "docker_login": None}
     assert single["num_nodes"] == 1 and single["accelerators"] == {"V100": 1} and single["spot"] is False
     assert list(single["image_id"].values()) == ["docker:us-docker.pkg.dev/p/sr/sr-cloud:0.1.0"]
+    # The managed job restarts after errors of its own, not only after preemptions.
+    assert single["job_recovery"] == {"strategy": None, "max_restarts_on_errors": 10}  # SkyPilot's default strategy
+    assert ds["job_recovery"] == {"strategy": None, "max_restarts_on_errors": 3}
+    # Artifact Registry: the server with an empty password, which makes SkyPilot run
+    # `gcloud auth configure-docker us-docker.pkg.dev` on the VM (its service account pulls).
+    assert single["docker_login"] == {"username": "", "password": "", "server": "us-docker.pkg.dev"}
+    # Another private registry: logged in with this shell's variables, passed as secrets.
+    assert private["docker_login"] == {"username": "acme-bot", "password": "ghp_not-a-real-token",
+                                       "server": "ghcr.io"}
+    assert public["docker_login"] is None and list(public["image_id"].values()) == [
+        "docker:nvidia/cuda:12.6.3-base-ubuntu22.04"]
+    private_files = "".join(p.read_text() for p in runs["private"].iterdir())
+    assert "ghp_not-a-real-token" not in private_files  # the password is never written
+    assert yaml.safe_load((runs["private"] / "task.yaml").read_text())["secrets"] == {
+        "SKYPILOT_DOCKER_USERNAME": None, "SKYPILOT_DOCKER_PASSWORD": None, "SKYPILOT_DOCKER_SERVER": "ghcr.io"}
 
     task = yaml.safe_load((runs["multi"] / "task.yaml").read_text())
     assert task["workdir"] == str(ROOT)
@@ -197,6 +195,13 @@ def test_train_refuses_bad_arguments_in_one_line(tmp_path, offline_env, sr):
         ("missing.yaml",): "missing.yaml",
         ("--gpus", "V100:four"): "--gpus",
         ("--launch-config", "jobs/launch/none.yaml"): "jobs/launch/none.yaml",
+        # A launch config that cannot use the GPUs asked for (it would silently train on one).
+        ("--gpus", "V100:4", "--launch-config", "jobs/launch/one_gpu.yaml"): "runs one process (distributed_type NO) "
+                                                                            "but the task has 1 x V100:4 = 4 GPUs",
+        ("--nodes", "2", "--launch-config", "jobs/launch/one_gpu.yaml"): "2 x V100:1 = 2 GPUs",
+        ("--launch-config", "jobs/launch/one_vm_8_gpus.yaml"): "is a multi-GPU launch but the task has 1 x V100:1",
+        ("--max-restarts-on-errors", "-1"): "--max-restarts-on-errors",
+        ("--image", "docker:"): "--image",
     }
     for extra, named in cases.items():
         done = sr([*base, *extra])
@@ -222,6 +227,78 @@ def test_job_commands_map_onto_managed_jobs(tmp_path, offline_env, sr):
     done = sr(["cloud", "logs", "esrgan-psnr", "--no-follow", "--controller", "--dry-run",
                "--out", str(tmp_path / "c")])
     assert "  sky jobs logs --name esrgan-psnr --no-follow --controller" in done.stdout.splitlines()
+
+
+_QUEUE_JSON = """
+import json
+from sky.jobs.state import ManagedJobStatus
+from sky.schemas.api.responses import ManagedJobRecord
+records = [
+    ManagedJobRecord(job_id=7, task_id=0, job_name="esrgan-psnr", task_name="esrgan-psnr",
+                     status=ManagedJobStatus.RECOVERING, recovery_count=2, submitted_at=1764950000.0),
+    ManagedJobRecord(job_id=8, task_id=0, job_name="esrgan-psnr-2x4", task_name="esrgan-psnr-2x4",
+                     status=ManagedJobStatus.RUNNING, recovery_count=0, submitted_at=1764951000.0),
+]
+print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+"""
+
+
+def fake_tool(folder: Path, name: str, body: str) -> Path:
+    """A stand-in for a cloud CLI (``sky``, ``ray``): a Python script on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
+FAKE_SKY = """
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[:2] == ["jobs", "queue"]:
+    sys.stdout.write(open(os.environ["FAKE_SKY_QUEUE"]).read())
+"""
+
+
+def test_a_second_job_of_the_same_name_is_refused(tmp_path, offline_env, sr, monkeypatch):
+    """`sr cloud train --name X` while a managed job X has not finished would put two jobs
+    on one run directory: refused, from `sky jobs queue --output json` as SkyPilot's own
+    record model writes it, both by `sr cloud train` and by its commands.sh."""
+    from infra.cli import refuse_if_running
+
+    done = subprocess.run([sys.executable, "-c", _QUEUE_JSON], env=offline_env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    queue = tmp_path / "queue.json"
+    queue.write_text(done.stdout)
+    sky = fake_tool(tmp_path / "bin", "sky", FAKE_SKY)
+    log = tmp_path / "sky.log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_SKY_QUEUE", str(queue))
+    with pytest.raises(ValueError, match=r"managed job esrgan-psnr \(id 7\) is RECOVERING: a second one would "
+                                         r"share gs://b/runs/esrgan-psnr"):
+        refuse_if_running(str(sky), "esrgan-psnr", "gs://b/runs/esrgan-psnr")
+    refuse_if_running(str(sky), "esrgan-psnr-2", "gs://b/runs/esrgan-psnr-2")  # another name: fine
+    assert json.loads(log.read_text().splitlines()[0]) == ["jobs", "queue", "--skip-finished", "--output", "json"]
+
+    # commands.sh, as written, with `sky` on PATH: refused while the job runs, launched when not.
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for name, refused in (("esrgan-psnr", True), ("esrgan-gan", False)):
+        out = tmp_path / name
+        assert sr(["cloud", "train", "--preset", "tiny", "--name", name, "--bucket", "gs://b", "--dry-run",
+                   "--out", out]).returncode == 0
+        log.write_text("")
+        done = subprocess.run(["bash", str(out / "commands.sh")], env=env, capture_output=True, text=True,
+                              timeout=60)
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        if refused:
+            assert done.returncode == 2 and f"a managed job named {name} has not finished" in done.stderr
+            assert [c[:2] for c in calls] == [["jobs", "queue"]]
+        else:
+            assert done.returncode == 0, done.stderr
+            assert calls[-1] == ["jobs", "launch", str(out / "task.yaml"), "--name", name, "--yes", "--detach-run"]
 
 
 def test_without_credentials_every_command_fails_at_once(tmp_path, offline_env, sr, monkeypatch):
@@ -265,6 +342,24 @@ def test_ray_config_passes_rays_validator(tmp_path, offline_env, sr):
             {"acceleratorType": "nvidia-tesla-v100", "acceleratorCount": 4}]
         assert worker["node_config"]["machineType"] == "n1-standard-32"
         assert ("provisioningModel" in worker["node_config"]["scheduling"]) == ("--spot" in extra)
+        # Ray's GCP provider gives its service account to the head only: every worker node
+        # type names one, with a scope that reaches Cloud Storage, and keeps it through the
+        # defaults `ray up` fills in.
+        for prepared in (config, prepare_config(copy.deepcopy(config))):
+            workers = {n: t for n, t in prepared["available_node_types"].items() if n != prepared["head_node_type"]}
+            assert workers
+            for node_type in workers.values():
+                (account,) = node_type["node_config"]["serviceAccounts"]
+                assert account["email"] == "ray-autoscaler-sa-v1@my-project.iam.gserviceaccount.com"
+                assert set(account["scopes"]) & {"https://www.googleapis.com/auth/cloud-platform",
+                                                 "https://www.googleapis.com/auth/devstorage.read_write",
+                                                 "https://www.googleapis.com/auth/devstorage.full_control"}
+        # GPU workers wait for the driver the VM image installs on first boot; with an
+        # Artifact Registry image every node configures docker for it before the pull.
+        login = ["gcloud auth configure-docker us-docker.pkg.dev --quiet"] if "--image" in extra else []
+        assert config["initialization_commands"] == login
+        assert worker["initialization_commands"][0].startswith("timeout 600 bash -c 'until nvidia-smi")
+        assert worker["initialization_commands"][1:] == login
         setup = "\n".join(config["setup_commands"])
         assert "torch==2.13.0" in setup and "whl/cu126" in setup and "ray[default]==2.60.0" in setup
         assert config["file_mounts"] == {"~/sr-cloud": str(ROOT)}
@@ -277,6 +372,12 @@ def test_ray_config_passes_rays_validator(tmp_path, offline_env, sr):
         validate_config(broken)
     done = sr(["cloud", "ray-config", "--project", "p", "--gpus-per-worker", "3"])
     assert done.returncode == 2 and "--gpus-per-worker" in done.stderr
+    # Workers may run as another account of the user's.
+    done = sr(["cloud", "ray-config", "--project", "p", "--service-account", "sr-workers@p.iam.gserviceaccount.com"])
+    (account,) = yaml.safe_load(done.stdout)["available_node_types"]["gpu_worker"]["node_config"]["serviceAccounts"]
+    assert account["email"] == "sr-workers@p.iam.gserviceaccount.com"
+    done = sr(["cloud", "ray-config", "--project", "p", "--service-account", "sr-workers"])
+    assert done.returncode == 2 and "--service-account" in done.stderr
 
 
 def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
@@ -291,10 +392,13 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
     assert f"  ray get-head-ip {cluster}" in lines and f"  ray up -y --no-restart {cluster}" in lines
     submit = next(line for line in lines if line.startswith("  ray job submit"))
     argv = shlex.split(submit)
-    # The default cluster has 4 one-GPU workers at most: one actor per GPU, 1 to 4 of them.
+    # The default cluster has 4 one-GPU workers at most: one actor per GPU, 1 to 4 of them;
+    # each worker has 8 vCPUs per GPU, of which each actor's encoding gets 6 (threads and
+    # CPUs), 2 staying for decoding and Ray. Options given in --batch-args come last (win).
     assert argv[argv.index("--") + 1:] == ["sr", "batch", "gs://in/photos", "gs://out/photos", "--model",
                                            "gs://m/x4.safetensors", "--address", "auto", "--run-id", "job1",
-                                           "--num-gpus-per-actor", "1", "--actors", "1,4", "--overwrite"]
+                                           "--num-gpus-per-actor", "1", "--actors", "1,4",
+                                           "--cpus-per-actor", "6", "--encode-threads", "6", "--overwrite"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env == json.loads((out / "runtime_env.json").read_text())
     assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
@@ -303,6 +407,8 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**yaml.safe_load(cluster.read_text()), "max_wokers": 2}))
+    old_ray = tmp_path / "old-ray.yaml"
+    old_ray.write_text(cluster.read_text().replace("ray[default]==2.60.0", "ray[default]==2.59.0"))
     for args, named in (
         (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(bad)], "not a valid Ray cluster config"),
         (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(tmp_path / "no.yaml")], "no.yaml"),
@@ -310,10 +416,180 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
         (["gs://in/a", "gs://out/a", "--model", "x4.safetensors", "--cluster", str(cluster)], "--model"),
         (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(cluster), "--batch-args=--bogus 2"],
          "unrecognized arguments: --bogus 2"),  # sr batch's own parser, here
+        (["gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", str(old_ray)],
+         "installs Ray 2.59.0 but this machine has Ray 2.60.0"),  # the job client must match the cluster
     ):
         done = sr(["cloud", "batch", *args, "--dry-run", "--out", str(tmp_path / "o")])
         assert done.returncode == 2 and named in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_batch_actors_get_the_cpus_of_the_cluster_shape(tmp_path, offline_env, sr):
+    """The CPUs and encode threads of each GPU actor follow the workers' vCPUs per GPU."""
+    for shape, (actors, cpus) in {("--gpus-per-worker", "2", "--cpus-per-gpu", "4", "--max-workers", "3"): ("1,6", "3"),
+                                  ("--gpus-per-worker", "4", "--cpus-per-gpu", "2"): ("1,16", "1")}.items():
+        cluster = tmp_path / "cluster.yaml"
+        assert sr(["cloud", "ray-config", "--project", "p", *shape, "-o", cluster]).returncode == 0
+        config = yaml.safe_load(cluster.read_text())
+        worker = config["available_node_types"]["gpu_worker"]["resources"]
+        done = sr(["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", cluster,
+                   "--submission-id", "j", "--dry-run", "--out", tmp_path / "o", "--batch-args=--encode-threads 9"])
+        assert done.returncode == 0, done.stderr
+        argv = shlex.split(next(line for line in done.stdout.splitlines() if line.startswith("  ray job submit")))
+        entry = argv[argv.index("--") + 1:]
+        assert entry[entry.index("--actors") + 1] == actors
+        assert worker["CPU"] // worker["GPU"] == int(shape[3])
+        assert entry[entry.index("--cpus-per-actor") + 1] == cpus == entry[entry.index("--encode-threads") + 1]
+        assert entry[-2:] == ["--encode-threads", "9"]  # the user's choice comes last and wins
+
+
+FAKE_RAY = """
+import http.server, json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps([os.getpid(), *args]) + "\\n")
+if args[0] == "get-head-ip":
+    sys.exit(0 if os.path.exists(os.environ["FAKE_RAY_UP"]) else 1)
+if args[0] == "up":
+    open(os.environ["FAKE_RAY_UP"], "w").close()
+elif args[0] == "dashboard":  # the SSH tunnel: the head's job server, here a stand-in on --port
+    if os.environ.get("FAKE_RAY_TUNNEL_FAILS"):
+        sys.exit("ssh: connect to host 34.56.78.90 port 22: Connection refused")
+    version = os.environ.get("FAKE_RAY_CLUSTER_VERSION", "2.60.0")
+    class JobServer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"version": "4", "ray_version": version, "ray_commit": "c0ffee",
+                               "session_name": "session_2026-12-04_10-00-00_000000_1"}).encode()
+            self.send_response(200 if self.path == "/api/version" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), JobServer).serve_forever()
+"""
+
+
+class LocalRay:
+    """Something on 127.0.0.1:8265 that answers like a local Ray's job server (or whatever
+    already listens there): a job must never be submitted to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class JobServer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "local",
+                                   "session_name": "session_local"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        try:
+            self.server = http.server.HTTPServer(("127.0.0.1", 8265), JobServer)
+        except OSError:  # a listener is there already: the same situation
+            self.server = None
+        else:
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def _ray_calls(log: Path) -> list[list]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.fixture
+def fake_ray(tmp_path, monkeypatch):
+    ray = fake_tool(tmp_path / "bin", "ray", FAKE_RAY)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "ray.log"))
+    monkeypatch.setenv("FAKE_RAY_UP", str(tmp_path / "head-is-up"))
+    (tmp_path / "ray.log").write_text("")
+    local = LocalRay()
+    yield ray
+    local.close()
+
+
+def test_batch_commands_sh_runs_as_written(tmp_path, offline_env, sr, fake_ray):
+    """commands.sh with `ray` on PATH: `ray up` only when `ray get-head-ip` fails, the
+    tunnel in the background on a free port (a local Ray holds 8265), the job submitted
+    through it once it answers as the cluster's Ray, the logs followed, the tunnel closed."""
+    cluster = tmp_path / "cluster.yaml"
+    assert sr(["cloud", "ray-config", "--project", "p", "-o", cluster]).returncode == 0
+    out = tmp_path / "job"
+    assert sr(["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", cluster,
+               "--submission-id", "job1", "--dry-run", "--out", out]).returncode == 0
+    env = dict(os.environ, PATH=f"{fake_ray.parent}{os.pathsep}{os.environ['PATH']}")
+    log = tmp_path / "ray.log"
+    for run in range(2):
+        log.write_text("")
+        done = subprocess.run(["bash", str(out / "commands.sh")], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        calls = _ray_calls(log)
+        verbs = [c[1] if c[1] != "job" else f"job {c[2]}" for c in calls]
+        # The first run starts the cluster; the second finds its head and skips `ray up`.
+        assert verbs == (["get-head-ip", "up"] if run == 0 else ["get-head-ip"]) + [
+            "dashboard", "job submit", "job logs"]
+        tunnel = calls[verbs.index("dashboard")]
+        port = tunnel[tunnel.index("--port") + 1]
+        assert port != "8265" and tunnel[tunnel.index("--remote-port") + 1] == "8265"
+        submit = calls[verbs.index("job submit")]
+        assert submit[submit.index("--address") + 1] == f"http://127.0.0.1:{port}"
+        assert submit[submit.index("--") + 1:][:2] == ["sr", "batch"]
+        assert not _alive(tunnel[0])  # closed when the script ended
+
+    # A tunnel that cannot be opened: nothing is submitted, not even to the local Ray on 8265.
+    log.write_text("")
+    done = subprocess.run(["bash", str(out / "commands.sh")], env=dict(env, FAKE_RAY_TUNNEL_FAILS="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "the tunnel to the head) exited" in done.stderr
+    assert "job submit" not in " ".join(" ".join(map(str, c)) for c in _ray_calls(log))
+
+
+def test_batch_submits_through_the_tunnel_only(tmp_path, offline_env, fake_ray, monkeypatch):
+    """`sr cloud batch`'s own submission: through a tunnel on a free port, checked to be
+    the cluster's Ray; a dead tunnel or another Ray version submits nothing."""
+    from infra import raycluster
+    from infra.cli import submit_through_tunnel
+
+    job = raycluster.BatchJob(input="gs://in/a", output="gs://out/a", model="gs://m/x",
+                              cluster_yaml=str(tmp_path / "cluster.yaml"), submission_id="job2", project_dir=str(ROOT),
+                              max_gpus=4, cpus_per_gpu=8)
+    log = tmp_path / "ray.log"
+    port = submit_through_tunnel(str(fake_ray), job, "2.60.0")
+    calls = _ray_calls(log)
+    assert [c[1] for c in calls] == ["dashboard", "job"] and port != 8265
+    assert calls[1][calls[1].index("--address") + 1] == f"http://127.0.0.1:{port}"
+    assert not _alive(calls[0][0])
+
+    for variable, value, message in (("FAKE_RAY_TUNNEL_FAILS", "1", "Connection refused"),
+                                     ("FAKE_RAY_CLUSTER_VERSION", "2.59.0", "answers as Ray 2.59.0, not the "
+                                                                            "cluster's 2.60.0")):
+        log.write_text("")
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValueError, match=message):
+            submit_through_tunnel(str(fake_ray), job, "2.60.0", wait_s=60)
+        monkeypatch.delenv(variable)
+        assert [c[1] for c in _ray_calls(log)] == ["dashboard"]  # nothing submitted
+        assert not _alive(_ray_calls(log)[0][0])
 
 
 # --- the image ------------------------------------------------------------------------------
@@ -333,8 +609,13 @@ def test_dockerfile_agrees_with_pyproject_and_the_cloud_pins():
     dockerfile = (ROOT / "Dockerfile").read_text()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
-    assert re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1) == image.CUDA_IMAGE
-    assert "cuda:12.6" in image.CUDA_IMAGE and image.TORCH_CUDA == "cu126"
+    # A plain OS base: the cu126 wheel brings CUDA's libraries, the host brings the driver.
+    base = re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1)
+    assert base == image.BASE_IMAGE and "cuda" not in base and "nvidia" not in base
+    assert image.TORCH_CUDA == "cu126"
+    # The V100 cliff: cu126, the last CUDA flavour with sm_70 kernels, ends after torch 2.14.
+    pinned = tuple(int(p) for p in image.TORCH_VERSION.split(".")[:2])
+    assert pinned <= image.TORCH_LAST_WITH_SM70 == (2, 14), image.TORCH_VERSION
     assert args == {"TORCH_VERSION": image.TORCH_VERSION, "TORCH_CUDA": image.TORCH_CUDA,
                     "RAY_VERSION": image.RAY_VERSION}
     assert re.search(r'image\.version="([^"]+)"', dockerfile).group(1) == pyproject["version"]
@@ -351,6 +632,24 @@ def test_dockerfile_agrees_with_pyproject_and_the_cloud_pins():
     assert torch.__version__.split("+")[0] == image.TORCH_VERSION
     assert version("ray") == image.RAY_VERSION
     assert '".[train,batch]"' in dockerfile and "sm_70" in dockerfile
+
+
+def test_ray_pin_on_the_submitting_side_equals_the_clusters(tmp_path, offline_env, sr):
+    """Ray's job client and cluster launcher must run the cluster's Ray version: pyproject
+    pins the submitting side to exactly the version the generated cluster installs."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (ray,) = [Requirement(r) for r in extras["batch"] if Requirement(r).name == "ray"]
+    (spec,) = ray.specifier
+    assert spec.operator == "==", ray
+    cluster = tmp_path / "cluster.yaml"
+    assert sr(["cloud", "ray-config", "--project", "p", "-o", cluster]).returncode == 0
+    installs = set(re.findall(r"ray\[default\]==([0-9.]+)", cluster.read_text()))
+    dockerfile = dict(re.findall(r"^ARG (\w+)=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert installs == {spec.version} == {dockerfile["RAY_VERSION"]} == {version("ray")}
 
 
 # --- TensorBoard ------------------------------------------------------------------------------
@@ -465,16 +764,23 @@ def test_every_sr_command_in_the_cloud_doc_runs_as_a_dry_run(tmp_path, offline_e
     commands = _doc_commands()
     cloud = [c for c in commands if c.startswith("sr cloud ")]
     assert len(cloud) >= 8 and {c.split()[2] for c in cloud} >= {
-        "train", "status", "logs", "stop", "ray-config", "batch"}
+        "train", "status", "logs", "stop", "ray-config", "batch", "doctor"}
     parser = build_parser()
     monkeypatch.chdir(tmp_path)  # the doc's relative files (cluster.yaml) land here
+    # The doc's `gcloud config set project my-project`, as gcloud writes it.
+    gcloud = Path(os.environ["CLOUDSDK_CONFIG"])
+    (gcloud / "configurations").mkdir(parents=True)
+    (gcloud / "active_config").write_text("default")
+    (gcloud / "configurations" / "config_default").write_text("[core]\nproject = my-project\n")
     for i, command in enumerate(commands):
         command, _, redirect = command.partition(">")
         argv = shlex.split(command)
         parser.parse_args(argv[1:])  # every sr line of the doc is a valid invocation
         if argv[1] != "cloud":
             continue
-        if argv[2] != "ray-config":  # it only prints; the others get --dry-run
+        if argv[2] == "doctor":  # what it would check, with no credentials needed
+            argv[3:3] = ["--dry-run"]
+        elif argv[2] != "ray-config":  # it only prints; the others get --dry-run
             argv[3:3] = ["--dry-run", "--out", str(tmp_path / f"out{i}")]
         done = sr(argv[1:])
         assert done.returncode == 0, (command, done.stderr)

@@ -422,3 +422,85 @@ def test_close_releases_the_open_shards(local_shards):
         epoch_batches(loader)
         assert open_fds() >= before + 7  # one descriptor per shard read
     assert open_fds() == before
+
+
+# ---------------------------------------------------------------- issue 17
+
+
+def _shard_copy(local_shards, tmp_path) -> str:
+    import shutil
+
+    shutil.copytree(local_shards, tmp_path / "shards")
+    return str(tmp_path / "shards")
+
+
+def test_local_shards_are_verified_against_the_index_once_per_process(local_shards, tmp_path):
+    """Issue 17 #11: a local shard whose bytes changed after `sr prepare` (its tar padding:
+    every member still decodes) or that was cut short is refused on first open, naming
+    it; intact shards read on. Each shard is checked once per process."""
+    shards = _shard_copy(local_shards, tmp_path)
+    ds = SubImageDataset(shards, gt_size=32, scale=2, augment=NO_AUGMENT)
+    first, last = ds.shards[0][0], ds.shards[-1][0]
+    with open(first, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) - 1024)
+    by_shard = {s: [i for i, sample in enumerate(ds.samples) if sample[0] == s] for s in range(len(ds.shards))}
+    with pytest.raises(ValueError, match=rf"^{first}: .*index.json.*sr prepare") as info:
+        ds[by_shard[0][0]]
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=rf"^{last}: .*bytes.*index.json.*sr prepare"):
+        ds[by_shard[len(ds.shards) - 1][0]]
+    for s in range(1, len(ds.shards) - 1):  # the others are intact
+        for i in by_shard[s]:
+            ds[i]
+    assert ds.reader.verified == {url for url, _, _ in ds.shards[1:-1]}
+
+
+def test_a_member_a_worker_cannot_decode_reaches_the_loop_as_one_line(local_shards, tmp_path):
+    """Issue 17 #1 at the loader: the worker's ValueError arrives as the same one-line
+    ValueError (naming shard, member and `sr prepare`), not torch's re-raise carrying the
+    worker's traceback."""
+    import hashlib
+    import json
+
+    shards = _shard_copy(local_shards, tmp_path)
+    index_path = os.path.join(shards, "index.json")
+    index = json.load(open(index_path))
+    for shard in index["shards"]:  # every member damaged; checksums made to match
+        path = os.path.join(shards, shard["name"])
+        blob = bytearray(open(path, "rb").read())
+        for _name, offset, size, _h, _w in shard["members"]:
+            blob[offset + 40: offset + size] = bytes(size - 40)
+        open(path, "wb").write(bytes(blob))
+        shard["bytes"], shard["sha256"] = len(blob), hashlib.sha256(blob).hexdigest()
+    json.dump(index, open(index_path, "w"))
+    ds = SubImageDataset(shards, gt_size=32, scale=2, augment=NO_AUGMENT)
+    with TrainLoader(ds, 4, num_workers=1) as loader:
+        with pytest.raises(ValueError) as info:
+            epoch_batches(loader, 1)
+    text = str(info.value)
+    assert "\n" not in text and "Traceback" not in text and "DataLoader worker" not in text, text
+    assert text.startswith(f"{shards}/shards/") and ": member " in text and "sr prepare" in text, text
+
+
+@pytest.mark.parametrize("what", ["members", "shards"])
+def test_an_index_listing_a_member_or_shard_twice_is_refused(local_shards, tmp_path, what):
+    """Issue 17, minor: an index listing each member 30 times was accepted (30x the
+    samples, all the same); duplicates are refused naming one and the fix."""
+    import json
+
+    shards = _shard_copy(local_shards, tmp_path)
+    index_path = os.path.join(shards, "index.json")
+    index = json.load(open(index_path))
+    if what == "members":
+        for shard in index["shards"]:
+            shard["members"] = shard["members"] * 30
+        name = index["shards"][0]["members"][0][0]
+    else:
+        index["shards"] = index["shards"] + index["shards"][:1]
+        name = index["shards"][0]["name"]
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(ValueError, match=rf"{index_path}: .*{name}.*listed \d+ times.*sr prepare"):
+        SubImageDataset(shards, gt_size=32, scale=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -98,3 +99,273 @@ def test_a_pickled_pretrained_file_is_refused_and_never_runs(data, tmp_path, mon
     assert code == 2 and "evil.pth" in err and "weights_only=False" not in err, err[-2000:]
     assert len(err.splitlines()) == 1, err[-2000:]
     assert not (tmp_path / "PWNED").exists()
+
+
+# ---------------------------------------------------------------- issue 17: one line, the right exit code
+
+
+def _copy_shards(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _rewrite_index_checksums(shards: str) -> None:
+    """Make index.json agree with the shard files as they are now (a shard damaged before
+    its checksum was taken: only decoding can tell)."""
+    import hashlib
+    import json
+
+    path = os.path.join(shards, "index.json")
+    index = json.load(open(path))
+    for shard in index["shards"]:
+        data = open(os.path.join(shards, shard["name"]), "rb").read()
+        shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def _after_header(err: str) -> list[str]:
+    """The lines after the job's start-up header (all of them when it stopped before)."""
+    lines = err.strip().splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("stage ") and ("fresh start" in ln or "resumed from" in ln)]
+    return lines[starts[-1] + 1:] if starts else lines
+
+
+def _sr_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sr_cli", "train", *args], env=_env(threads=2),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_a_damaged_member_read_by_a_dataloader_worker_is_one_line_naming_it(data, tmp_path, damage):
+    """Issue 17 #1: the member's bytes are damaged but the index's checksums agree (so
+    the decode in the DataLoader worker is what fails): one line naming the shard, the
+    member and `sr prepare`, exit 2; no worker traceback."""
+    import json
+
+    shards = _copy_shards(data["shards"], tmp_path / "shards")
+    index = json.load(open(os.path.join(shards, "index.json")))
+    for shard in index["shards"]:  # every member, so the first sample read is damaged
+        path = os.path.join(shards, shard["name"])
+        blob = bytearray(open(path, "rb").read())
+        for _name, offset, size, _h, _w in shard["members"]:
+            if damage == "corrupt":
+                blob[offset + 40: offset + size] = bytes(range(256)) * ((size - 40) // 256) + bytes((size - 40) % 256)
+            else:  # the PNG cut short: its second half zeros
+                blob[offset + size // 2: offset + size] = bytes(size - size // 2)
+        open(path, "wb").write(bytes(blob))
+    _rewrite_index_checksums(shards)
+    done = _sr_train(*COMMON, "data.num_workers=1", f"data.train_shards={shards}", "data.batch_size=2",
+                     "train.max_steps=1", f"train.run_dir={tmp_path}/run")
+    err = done.stderr.strip()
+    assert done.returncode == 2, err[-3000:]
+    assert len(_after_header(err)) == 1 and "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    err = _after_header(err)[0]
+    assert f"{shards}/shards/" in err and ": member " in err and "sr prepare" in err, err
+
+
+def test_a_changed_local_shard_is_refused_naming_it(data, tmp_path):
+    """Issue 17 #11: a local shard whose bytes changed after `sr prepare` (here: in tar
+    padding, so every member still decodes) is refused on first open, one line naming
+    it, exit 2 (it used to train silently)."""
+    shards = _copy_shards(data["shards"], tmp_path / "shards")
+    for name in sorted(os.listdir(f"{shards}/shards")):
+        path = f"{shards}/shards/{name}"
+        blob = bytearray(open(path, "rb").read())
+        blob[-1] ^= 0xFF  # the tar's final zero padding
+        open(path, "wb").write(bytes(blob))
+    done = _sr_train(*COMMON, f"data.train_shards={shards}", "data.batch_size=2", "train.max_steps=1",
+                     f"train.run_dir={tmp_path}/run")
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(_after_header(err)) == 1, err[-3000:]
+    err = _after_header(err)[0]
+    assert f"{shards}/shards/" in err and "index.json" in err and "sr prepare" in err, err
+
+
+def _can_mount() -> bool:
+    import shutil
+
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs user+mount namespaces (unshare -rm) to make a small full filesystem")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(data, tmp_path, processes):
+    """Issue 17 #3, on a really full filesystem: RUN is a 512 KiB tmpfs that holds the
+    step-1 checkpoint (~330 KiB) but not the step-2 one beside it. One line saying what
+    was kept and how to resume, exit 2; no step-2 folder is left (nothing mistaken for
+    a checkpoint); after the filesystem is enlarged, --resume auto continues from step 1.
+    With 2 processes, both ranks stop at that checkpoint with the same line (none hangs
+    waiting for the other) and the partial folder is gone before they exit."""
+    import shlex
+
+    run = tmp_path / "run"
+    run.mkdir()
+    args = [*COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2", "train.max_steps=3",
+            "train.checkpoint_every=1", f"train.run_dir={run}", "--resume", "auto", "--processes", str(processes)]
+    train = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sr_cli", "train", *args])
+    script = (f"mount -t tmpfs -o size=512k tmpfs {run} && "
+              f"{{ {train} 2>{tmp_path}/err1; echo EXIT1=$?; }} && "
+              f"cp -a {run} {tmp_path}/after_full && "
+              f"mount -o remount,size=8m {run} && "
+              f"{{ {train} 2>{tmp_path}/err2; echo EXIT2=$?; }} && "
+              f"cp -a {run} {tmp_path}/after_resume")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(threads=2 // processes),
+                          capture_output=True, text=True, timeout=600)
+    err1 = (tmp_path / "err1").read_text().strip()
+    if processes == 1:
+        assert "EXIT1=2" in proc.stdout, (proc.stdout, proc.stderr, err1[-3000:])
+        assert len(_after_header(err1)) == 1 and "Traceback" not in err1, err1[-3000:]
+        lines = _after_header(err1)
+    else:  # Accelerate's launcher adds its own report of the ranks' exit codes
+        assert "EXIT1=0" not in proc.stdout, (proc.stdout, proc.stderr, err1[-3000:])
+        lines = [ln for ln in err1.splitlines() if ln.startswith("jobs.train: error:")]
+        assert len(lines) == 2 and lines[0] == lines[1], err1[-3000:]
+    line = lines[0]
+    assert "No space left on device" in line and "step_000000002" in line, line
+    assert "step 1" in line and "--resume auto" in line, line
+    full = tmp_path / "after_full" / "checkpoints"
+    assert sorted(os.listdir(full)) == ["step_000000001"]
+    assert ckpt.complete_steps(str(tmp_path / "after_full")) == [1]
+    err2 = (tmp_path / "err2").read_text()
+    assert "EXIT2=0" in proc.stdout, (proc.stdout, err2[-3000:])
+    assert "resumed from" in err2 and "step_000000001 at step 1" in err2, err2[-3000:]
+    assert ckpt.complete_steps(str(tmp_path / "after_resume")) == [1, 2, 3]
+    assert not os.path.exists(tmp_path / "after_resume" / ".sr-lease.json")
+
+
+def _run_two_steps(data, run) -> list[str]:
+    args = [*COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2", "train.checkpoint_every=1"]
+    assert train_main([*args, f"train.run_dir={run}", "train.max_steps=2"]) == 0
+    assert ckpt.complete_steps(str(run)) == [1, 2]
+    return args
+
+
+@pytest.mark.parametrize("change, theirs, ours", [
+    (["model.generator_variant=small"], "rrdbnet (tiny) x2", "rrdbnet (small) x2"),
+    (["data.scale=4"], "rrdbnet (tiny) x2", "rrdbnet (tiny) x4"),
+    (["model.generator=srresnet", "model.generator_variant=tiny"], "rrdbnet (tiny) x2", "srresnet (tiny) x2"),
+])
+def test_resume_onto_a_checkpoint_of_another_architecture_is_refused_before_any_model_is_built(
+        data, tmp_path, monkeypatch, capsys, change, theirs, ours):
+    """Issue 17 #4: one line naming the checkpoint's configuration and the requested one,
+    exit 2, and no model is built first (building one would fail this test)."""
+    import sr_core
+
+    run = tmp_path / "run"
+    args = _run_two_steps(data, run)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(sr_core, "build_generator", no_model)
+    capsys.readouterr()
+    code = sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=3", *change, "--resume", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err[-3000:]
+    assert "step_000000002" in err and theirs in err and ours in err, err
+
+
+def _damage(path: str, how: str) -> None:
+    blob = open(path, "rb").read()
+    if how == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:  # flip bytes in the middle (inside the zip's payload)
+        middle = len(blob) // 2
+        blob = blob[:middle] + bytes(b ^ 0xFF for b in blob[middle:middle + 8]) + blob[middle + 8:]
+    open(path, "wb").write(blob)
+
+
+@pytest.mark.parametrize("file, how", [("state.pt", "truncate"), ("rank_0.pt", "flip")])
+def test_a_damaged_complete_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsys, file, how):
+    """Issue 17 #5: COMPLETE records each file's size and checksum; --resume auto verifies
+    them, warns and resumes from the previous complete checkpoint; with none left it stops
+    on one line; `sr train export` does the same. torch's advice to retry with
+    weights_only=False is never shown."""
+    run = tmp_path / "run"
+    args = _run_two_steps(data, run)
+    _damage(f"{ckpt.step_dir(str(run), 2)}/{file}", how)
+    capsys.readouterr()
+    assert sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=3", "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    warning = [ln for ln in err.splitlines() if "step_000000002" in ln and file in ln]
+    assert len(warning) == 1 and "step 1" in warning[0], err[-3000:]
+    assert f"resumed from {ckpt.step_dir(str(run), 1)} at step 1" in err, err[-3000:]
+    assert ckpt.complete_steps(str(run)) == [1, 2, 3]  # step 2 written anew
+    assert "weights_only" not in err
+
+    # export: the newest is damaged -> a warning and the one before; a named damaged one -> one line
+    _damage(f"{ckpt.step_dir(str(run), 3)}/{file}", how)
+    assert sr_main(["train", "export", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{run}/model.safetensors" in out
+    assert "step_000000003" in err and file in err and "step 2" in err, err
+    from sr_core.modelfile import read_metadata
+
+    assert read_metadata(f"{run}/model.safetensors")["provenance"]["step"] == 2
+    assert sr_main(["train", "export", str(run), "--step", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step_000000003" in err and file in err, err
+
+    # nothing intact left: one line, exit 2, nothing trained
+    assert ckpt.complete_steps(str(run)) == [1, 2, 3]  # export marks nothing
+    for step in (1, 2):  # step 3 is damaged already (a second flip would repair it)
+        _damage(f"{ckpt.step_dir(str(run), step)}/{file}", how)
+    assert sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=4", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(_after_header(err)) == 1 and "no intact checkpoint" in err, err[-3000:]
+    assert "weights_only" not in err and "Traceback" not in err
+    assert not os.path.exists(ckpt.step_dir(str(run), 4))
+
+
+def test_a_second_train_on_a_busy_run_dir_is_refused_naming_the_holder(data, tmp_path, capsys):
+    """Issue 17 #12: while one `sr train --resume auto` runs, a second one on the same
+    run directory exits 2 with one line naming the holder (host and pid); the first
+    finishes unharmed (SIGTERM: checkpoint, exit 0) and releases the lease."""
+    import socket
+
+    run = tmp_path / "run"
+    args = [*COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2", "train.max_steps=100000",
+            "train.checkpoint_every=1", "train.keep_checkpoints=1", f"train.run_dir={run}", "--resume", "auto"]
+    first = subprocess.Popen([sys.executable, "-m", "sr_cli", "train", *args], env=_env(threads=1),
+                             stderr=subprocess.DEVNULL)
+    try:
+        # The first checkpoint exists: the loop runs (its SIGTERM handler is installed)
+        # and the lease is held.
+        deadline = time.monotonic() + 300
+        while not os.path.exists(f"{ckpt.step_dir(str(run), 1)}/{ckpt.COMPLETE}"):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        capsys.readouterr()
+        assert sr_main(["train", *args, "train.max_steps=1"]) == 2  # bounded, should it train
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err[-3000:]
+        assert str(run) in err and f"pid {first.pid}" in err and socket.gethostname() in err, err
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0  # checkpointed and exited as usual
+    assert not [n for n in os.listdir(run) if "lease" in n]  # released
+    assert ckpt.complete_steps(str(run))
+
+
+def test_a_pretrained_file_of_another_scale_names_both(data, tmp_path, capsys):
+    """Issue 17, minor: the message names the file's architecture and scale and the run's,
+    instead of stopping at "Error(s) in loading state_dict"."""
+    from sr_core import build_generator, save_generator
+
+    x4 = str(tmp_path / "x4.safetensors")
+    save_generator(build_generator("rrdbnet", "small", scale=4), x4)
+    capsys.readouterr()
+    code = sr_main(["train", *COMMON, f"data.train_shards={data['shards']}", f"train.run_dir={tmp_path}/run",
+                    f"train.pretrained={x4}", "train.max_steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err[-3000:]
+    assert "x4.safetensors" in err and "rrdbnet x4" in err and "rrdbnet (tiny) x2" in err, err
+    assert "num_feat" in err and "Error(s)" not in err, err  # and what differs
