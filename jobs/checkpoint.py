@@ -81,13 +81,6 @@ def find_resume(run_dir: str, resume: str) -> str | None:
     return resume
 
 
-def checkpoint_step(folder: str) -> int:
-    match = _STEP_DIR.match(os.path.basename(folder.rstrip("/")))
-    if not match:
-        raise ValueError(f"{folder}: not a checkpoint folder (expected .../step_NNNNNNNNN)")
-    return int(match.group(1))
-
-
 # ---------------------------------------------------------------- RNG
 
 
@@ -114,16 +107,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- DeepSpeed files
-
-
-def upload_folder(local: str, url: str) -> None:
-    """Copy every file below ``local`` to ``url`` (same relative paths)."""
-    for folder, _dirs, files in os.walk(local):
-        for name in files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, local).replace(os.sep, "/")
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(url, storage.safe_key(rel)), f.read())
 
 
 def download_folder(url: str, local: str) -> None:
