@@ -5,6 +5,10 @@ by the table in ``sr_cli.main``). Heavy imports stay inside the handlers so
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
 
 from jobs.config import PRESETS
 from sr_cli.options import add_include_exclude
@@ -80,8 +84,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    import sys
-
     from jobs.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(
@@ -149,11 +151,6 @@ def run_train(args: argparse.Namespace) -> int:
 def launch_local(args: argparse.Namespace) -> int:
     """``--processes N``: the same job on N processes of this machine through Accelerate's
     launcher. SIGTERM is passed on to them (each checkpoints and exits)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     import torch
 
     from jobs import train

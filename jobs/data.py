@@ -30,8 +30,11 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from jobs.preemption import ignore_sigterm
+from jobs.prepare import read_index
 from sr_core import codecs, datasets, storage
+from sr_core.degradations import apply_degradations
 from sr_core.errors import is_unwritable
+from sr_core.resize import imresize, mod_crop
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sr-cloud", "shards")
 
@@ -285,8 +288,6 @@ class Augment:
     def degrade(self, rng: np.random.Generator, lr: np.ndarray) -> np.ndarray:
         if not self.degradation_probs:
             return lr
-        from sr_core.degradations import apply_degradations
-
         return apply_degradations(lr, self.degradation_probs, rng)
 
 
@@ -325,8 +326,6 @@ class SubImageDataset(Dataset):
 
     def __init__(self, shards_url: str, gt_size: int, scale: int, augment: Augment | None = None,
                  cache: ShardCache | None = None):
-        from jobs.prepare import read_index
-
         if gt_size % scale:
             raise ValueError(f"gt_size {gt_size} must be a multiple of scale {scale}")
         self.shards_url, self.gt_size, self.scale = shards_url, gt_size, scale
@@ -384,8 +383,6 @@ class SubImageDataset(Dataset):
             raise ValueError(f"{url}: member {self.names[index]}: {exc}") from None
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        from sr_core.resize import imresize
-
         index, rng = _rng_for(key)
         height, width = self.samples[index][3:]
         y, x = _random_crop(rng, height, width, self.gt_size)
@@ -478,9 +475,6 @@ class ValidationDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        from sr_core.resize import mod_crop
-        from sr_core.resize import imresize
-
         url = self.files[index]
         hr = codecs.decode_rgb8(storage.read_bytes(url), url)
         h, w = hr.shape[:2]

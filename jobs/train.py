@@ -263,7 +263,8 @@ def _forever(loader):
 class _Float32View:
     """A module's tensors as fp32, for ``AveragedModel.update_parameters`` (it reads
     ``parameters()`` and ``buffers()`` and needs one dtype): DeepSpeed fp16/bf16 engines
-    convert the generator, the EMA stays fp32."""
+    convert the generator, the EMA stays fp32. (A GPU path: untested here, where
+    DeepSpeed runs fp32.)"""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
