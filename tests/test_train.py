@@ -4,6 +4,7 @@ with EventAccumulator, SIGKILL/SIGTERM and exact (bitwise) resume."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -204,11 +205,17 @@ def test_psnr_stage_in_the_gcs_emulator_resumes_exactly_and_logs_to_tensorboard(
     assert read_metadata(f"{bucket}/split/model_ema.safetensors")["provenance"]["step"] == 3
 
 
-def sigterm_pending() -> None:
-    """A ``preexec_fn``: the child starts with SIGTERM blocked, so a SIGTERM sent right
-    after Popen waits until the job installs its handler (which unblocks it) instead of
-    racing the job's start-up: the job answers it at the end of its first step."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+@contextlib.contextmanager
+def sigterm_blocked():
+    """Processes started inside start with SIGTERM blocked (a child inherits its parent's
+    signal mask), so a SIGTERM sent right after Popen waits until the job installs its
+    handler, which unblocks it, instead of racing the job's start-up: the job answers it
+    at the end of its first step."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path):
@@ -234,8 +241,8 @@ def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path):
 
     # SIGTERM while the resumed run starts: it trains step 4, writes a checkpoint there
     # (not a scheduled one) and exits 0.
-    process = subprocess.Popen(command, env=_env(threads=2), stderr=subprocess.PIPE, text=True,
-                               preexec_fn=sigterm_pending)
+    with sigterm_blocked():
+        process = subprocess.Popen(command, env=_env(threads=2), stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)
     rest = process.communicate(timeout=300)[1]
     assert process.returncode == 0, rest[-3000:]

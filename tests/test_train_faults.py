@@ -34,7 +34,7 @@ from test_train import (  # noqa: F401  (data: the fixture)
     assert_same_state,
     data,
     scalars,
-    sigterm_pending,
+    sigterm_blocked,
 )
 
 pytestmark = pytest.mark.faults_full
@@ -183,9 +183,10 @@ def test_sigterm_during_start_up_is_answered_after_the_first_step(data, tmp_path
     """A SIGTERM that arrives while `sr train` starts (before a model exists) gets what
     any SIGTERM gets: the step in progress, here the first, a checkpoint, exit 0."""
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "sr_cli", "train", *COMMON,
-                                f"data.train_shards={data['shards']}", "train.max_steps=50", f"train.run_dir={run}"],
-                               env=_env(threads=2), stderr=subprocess.PIPE, text=True, preexec_fn=sigterm_pending)
+    with sigterm_blocked():
+        process = subprocess.Popen([sys.executable, "-m", "sr_cli", "train", *COMMON,
+                                    f"data.train_shards={data['shards']}", "train.max_steps=50",
+                                    f"train.run_dir={run}"], env=_env(threads=2), stderr=subprocess.PIPE, text=True)
     process.send_signal(signal.SIGTERM)
     err = process.communicate(timeout=300)[1]
     assert process.returncode == 0, err[-3000:]
