@@ -37,7 +37,16 @@ from jobs import config as config_module
 from jobs import validation
 from jobs.config import Config
 from jobs.data import TrainLoader, ValidationDataset, build_train_loader, build_val_dataset
-from jobs.engines import BACKENDS, DDPNetwork, DeepSpeedNetwork, fp32_state_dict, resolve_precision, sync_buffers
+from jobs.engines import (
+    BACKENDS,
+    DDPBackend,
+    DDPNetwork,
+    DeepSpeedBackend,
+    DeepSpeedNetwork,
+    fp32_state_dict,
+    resolve_precision,
+    sync_buffers,
+)
 from jobs.progress import log
 from jobs.tblog import TensorBoardLog
 from sr_core import build_discriminator, build_generator, load_generator, storage
@@ -51,8 +60,7 @@ class TrainingState:
     """Everything the train loop works on, built by :func:`build_state`."""
 
     config: Config
-    backend: object
-    """``jobs.engines.DDPBackend`` or ``DeepSpeedBackend``."""
+    backend: DDPBackend | DeepSpeedBackend
     accelerator: Accelerator
     precision: str
     generator: Network
