@@ -12,8 +12,9 @@ the tables are rewritten every ``checkpoint_seconds`` while the run goes on, so 
 killed run leaves the rows of what it had finished at its last checkpoint. The rows
 of outputs it wrote after that are made by the next run (``recorded_inputs`` finds
 them missing; their rows say ``recovered``). TensorBoard's writer appends to its
-file, which object stores cannot do (a writer pointed at gs:// loses data): it writes
-to a local folder whose files are uploaded whole with each checkpoint.
+file, which object stores cannot do (a writer pointed at gs:// loses data): for a
+remote OUTPUT it writes to a local folder whose files are uploaded whole with each
+checkpoint (``sr_core.storage.UploadedFolder``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -121,10 +119,10 @@ class RunResults:
         """Rows of outputs an earlier, killed run wrote (measured, not upscaled, here)."""
         self._last_checkpoint = time.perf_counter()
         self._last_scalars = 0.0
-        self._tb_dir = tempfile.mkdtemp(prefix="sr-batch-tb-")
+        self._tb = storage.UploadedFolder(self.url, prefix="sr-batch-tb-")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(self._tb_dir)
+        self.writer = SummaryWriter(self._tb.path)
 
     @property
     def num_done(self) -> int:
@@ -193,9 +191,7 @@ class RunResults:
         storage.write_bytes(storage.join(self.url, "metrics.parquet"), _table_bytes(self.rows, METRIC_COLUMNS))
         storage.write_bytes(storage.join(self.url, "failures.parquet"), _table_bytes(self.failures, FAILURE_COLUMNS))
         self.writer.flush()
-        for name in sorted(os.listdir(self._tb_dir)):
-            with open(os.path.join(self._tb_dir, name), "rb") as f:
-                storage.write_bytes(storage.join(self.url, name), f.read())
+        self._tb.upload()
         # Rewriting whole tables costs time proportional to the rows: keep it a small
         # share of the run however long it gets.
         self.checkpoint_seconds = max(self.checkpoint_seconds, 20 * (time.perf_counter() - started))
@@ -233,8 +229,8 @@ class RunResults:
                 self.writer.add_scalar(f"mean/{name}", float(values.mean()), step)
         self.checkpoint()
         self.writer.close()
+        self._tb.close()
         storage.write_bytes(summary["files"]["summary"], (json.dumps(_finite(summary), indent=2) + "\n").encode())
-        shutil.rmtree(self._tb_dir, ignore_errors=True)
         return summary
 
 

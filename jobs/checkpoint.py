@@ -40,8 +40,11 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from sr_core import storage
+from jobs import config as config_module
+from sr_core import load_generator, storage
+from sr_core.lease import Lease
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -226,8 +229,6 @@ def check_compatible(folder: str, marker: dict, config, what: str) -> None:
     for (its networks would not load), naming both."""
     if config is None:
         return
-    from jobs import config as config_module
-
     saved = marker.get("config")
     if saved is None:  # written before COMPLETE held the config
         saved = load_torch(storage.join(folder, "state.pt")).get("config", {})
@@ -239,6 +240,7 @@ def check_compatible(folder: str, marker: dict, config, what: str) -> None:
 
 
 def checkpoint_step(folder: str) -> int:
+    """The step of a checkpoint folder (``.../step_NNNNNNNNN``)."""
     match = _STEP_DIR.match(os.path.basename(folder.rstrip("/")))
     if not match:
         raise ValueError(f"{folder}: not a checkpoint folder (expected .../step_NNNNNNNNN)")
@@ -271,21 +273,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- DeepSpeed files
-
-
-def _files_below(local: str):
-    """``(path, relative key)`` of every file below the local folder ``local``."""
-    for folder, _dirs, files in os.walk(local):
-        for name in files:
-            path = os.path.join(folder, name)
-            yield path, storage.safe_key(os.path.relpath(path, local).replace(os.sep, "/"))
-
-
-def upload_folder(local: str, url: str) -> None:
-    """Copy every file below ``local`` to ``url`` (same relative paths)."""
-    for path, rel in _files_below(local):
-        with open(path, "rb") as f:
-            storage.write_bytes(storage.join(url, rel), f.read())
 
 
 def download_folder(url: str, local: str) -> None:
@@ -322,8 +309,6 @@ class CheckpointWriter:
     (a ``ValueError``, or a ``StorageError`` for an outage: exit 2 or 75)."""
 
     def __init__(self, run_dir: str, step: int, rank: int, config=None):
-        from jobs import config as config_module
-
         self.run_dir, self.step, self.rank = run_dir, step, rank
         self.folder = step_dir(run_dir, step)
         self.config = config_module.to_dict(config) if config is not None else None
@@ -348,7 +333,7 @@ class CheckpointWriter:
 
     def upload_folder(self, local: str, rel: str) -> None:
         """Every file below the local folder ``local``, under ``rel/`` (same relative paths)."""
-        for path, sub in _files_below(local):
+        for path, sub in storage.local_files(local):
             with open(path, "rb") as f:
                 self.write(f"{rel}/{sub}", f.read())
 
@@ -394,8 +379,6 @@ class CheckpointWriter:
 
 def _on_rank0(compute):
     """``compute()`` on rank 0; its result, or the exception it raised, on every rank."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return compute()
     box: list = [None]
@@ -413,8 +396,6 @@ def _on_rank0(compute):
 
 def _all_gather(value) -> list:
     """``value`` of every rank, in rank order ([value] without a process group)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [value]
     out = [None] * dist.get_world_size()
@@ -428,8 +409,6 @@ def run_lease(run_dir: str):
     refused naming this one. A holder on another host is waited for until it beats or
     goes stale (at most ~2 minutes): a spot VM that vanished without SIGTERM leaves its
     lease behind, and its replacement must take it over rather than fail."""
-    from sr_core.lease import Lease
-
     if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LEASE_HELD_ENV) == run_dir:
         return contextlib.nullcontext()
     return Lease(run_dir, "sr train", wait_for_stale=True)
@@ -438,8 +417,6 @@ def run_lease(run_dir: str):
 def load_pretrained(generator, url: str, variant: str = "") -> None:
     """``train.pretrained`` into ``generator``; a file of another architecture or scale
     is refused naming both."""
-    from sr_core import load_generator
-
     try:
         start = load_generator(url)
     except ValueError as exc:

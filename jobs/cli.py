@@ -5,7 +5,12 @@ by the table in ``sr_cli.main``). Heavy imports stay inside the handlers so
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
 
+from jobs.config import PRESETS
 from sr_cli.options import add_include_exclude
 
 
@@ -53,9 +58,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         ),
         epilog="example: sr train --preset tiny data.train_shards=shards/ train.run_dir=runs/tiny --resume auto",
     )
-    from jobs.train import add_arguments
-
-    add_arguments(p)
+    add_train_arguments(p)
     # Overrides and options may be intermixed (`sr train a=1 --resume auto b=2`):
     # the handler parses what follows the first override itself.
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -67,9 +70,20 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    import sys
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training job's arguments, shared by ``sr train`` and ``python -m jobs.train``
+    (defined here, not in jobs.train, so that ``sr --help`` imports no torch)."""
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.field=value ...]",
+                        help="an optional YAML or JSON config file, then dotted overrides applied over it "
+                             "(e.g. train.run_dir=gs://bucket/runs/x4 data.batch_size=8)")
+    parser.add_argument("--preset", default="default",
+                        help=f"starting values: {', '.join(PRESETS)} (default: default)")
+    parser.add_argument("--resume", default="", metavar="auto|CHECKPOINT",
+                        help="'auto': continue from the run's newest complete checkpoint, or start fresh "
+                             "when there is none; or a checkpoint folder URL (default: start fresh)")
 
+
+def run_prepare(args: argparse.Namespace) -> int:
     from jobs.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(
@@ -106,34 +120,43 @@ def _intermixed(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from jobs import train
-
     args = _intermixed(args)
-
     if args.args[:1] == ["export"]:
         if len(args.args) != 2:
             raise ValueError("usage: sr train export RUN [--step N]")
-        for url in train.export_checkpoint(args.args[1], args.step):
+        from jobs.export import export_checkpoint
+
+        for url in export_checkpoint(args.args[1], args.step):
             print(url)
         return 0
     if args.step is not None:
         raise ValueError("--step is for `sr train export RUN --step N`")
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
-    config = train.load_job_config(args)  # a bad config fails here, before any process starts
-    if args.processes == 1:
-        return train.run(config, args.resume)
-    return launch_local(args, config.train.run_dir)
+    if args.processes > 1:
+        return launch_local(args)
+    from jobs import preemption
+
+    # Before torch is imported (seconds): a SIGTERM from now on is answered with a
+    # checkpoint and exit 0, start-up included.
+    previous_handler = preemption.install()
+    try:
+        from jobs import train
+
+        return train.run(train.load_job_config(args.args, args.preset), args.resume)
+    finally:
+        preemption.restore(previous_handler)
 
 
-def launch_local(args: argparse.Namespace, run_dir: str) -> int:
+def launch_local(args: argparse.Namespace) -> int:
     """``--processes N``: the same job on N processes of this machine through Accelerate's
     launcher. SIGTERM is passed on to them (each checkpoints and exits). This process
     holds the run directory's lease, so a refusal is one line before any process starts."""
-    import os
-
     from jobs import checkpoint as ckpt
+    from jobs import train
 
+    config = train.load_job_config(args.args, args.preset)  # a bad config fails here, before any process starts
+    run_dir = config.train.run_dir
     with ckpt.run_lease(run_dir):
         os.environ[ckpt.LEASE_HELD_ENV] = run_dir
         try:
@@ -143,14 +166,9 @@ def launch_local(args: argparse.Namespace, run_dir: str) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    import os
-    import signal
-    import subprocess
-    import sys
-
     import torch
 
-    from jobs.train import free_port
+    from jobs.engines import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

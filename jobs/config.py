@@ -469,12 +469,11 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
     if origin in (Union, types.UnionType):
         if isinstance(value, float) and not math.isfinite(value):
             return _check_value(value, float, name)  # its own message, not "matches none of"
-        errors = []
         for option in typing.get_args(hint):
             try:
                 return _check_value(value, option, name)
-            except ValueError as exc:
-                errors.append(str(exc))
+            except ValueError:
+                pass
         raise ValueError(f"{name}: {value!r} matches none of {hint}")
     if hint is type(None):
         if value is None:
@@ -616,17 +615,30 @@ def read_config_file(path: str) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default",
-                cls: type = Config):
-    """Build ``cls`` from ``preset``, then the YAML or JSON file at ``path`` (any fsspec
-    URL), then ``overrides`` (``section.field=value`` strings)."""
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] section.field=value ...`` (what ``sr train`` and ``python -m jobs.train``
+    take) -> (the config file or None, the overrides)."""
+    path, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" not in item and i == 0:
+            path = item
+        elif "=" not in item:
+            raise ValueError(f"{item!r}: expected section.field=value (only the first argument may be a config file)")
+        else:
+            overrides.append(item)
+    return path, overrides
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), preset: str = "default") -> Config:
+    """Build the config from ``preset``, then the YAML or JSON file at ``path`` (any
+    fsspec URL), then ``overrides`` (``section.field=value`` strings)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-    values = _merge({}, _nest(PRESETS[preset], f"preset {preset}"), cls)
+    values = _merge({}, _nest(PRESETS[preset], f"preset {preset}"), Config)
     if path:
-        values = _merge(values, read_config_file(path), cls)
-    values = _merge(values, _nest(dict(parse_override(o) for o in overrides), "overrides"), cls)
-    config = _build(cls, values)
+        values = _merge(values, read_config_file(path), Config)
+    values = _merge(values, _nest(dict(parse_override(o) for o in overrides), "overrides"), Config)
+    config = _build(Config, values)
     validate(config)
     return config
 
@@ -643,20 +655,17 @@ def to_dict(config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def from_dict(values: dict[str, Any], cls: type = Config):
+def from_dict(values: dict[str, Any]) -> Config:
     """Inverse of :func:`to_dict` (validated)."""
-    config = _build(cls, values)
+    config = _build(Config, values)
     validate(config)
     return config
 
 
 def validate(config) -> None:
-    """Checks that involve several fields or value ranges, section by section (a config
-    class without some section, e.g. a test's data-only config, skips its checks)."""
-    for name, check in (("data", validate_data), ("model", validate_model), ("loss", validate_loss),
-                        ("optim", validate_optim), ("train", validate_train)):
-        if hasattr(config, name):
-            check(config)
+    """Checks that involve several fields or value ranges, section by section."""
+    for check in (validate_data, validate_model, validate_loss, validate_optim, validate_train):
+        check(config)
 
 
 def validate_data(config) -> None:

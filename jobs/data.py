@@ -30,8 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from jobs.preemption import ignore_sigterm
+from jobs.prepare import read_index
 from sr_core import codecs, datasets, storage
-from sr_core.errors import is_unwritable
+from sr_core.degradations import apply_degradations
+from sr_core.errors import exit_code, is_unwritable
+from sr_core.resize import imresize, mod_crop
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "sr-cloud", "shards")
 
@@ -314,8 +318,6 @@ class Augment:
     def degrade(self, rng: np.random.Generator, lr: np.ndarray) -> np.ndarray:
         if not self.degradation_probs:
             return lr
-        from sr_core.degradations import apply_degradations
-
         return apply_degradations(lr, self.degradation_probs, rng)
 
 
@@ -354,8 +356,6 @@ class SubImageDataset(Dataset):
 
     def __init__(self, shards_url: str, gt_size: int, scale: int, augment: Augment | None = None,
                  cache: ShardCache | None = None):
-        from jobs.prepare import read_index
-
         if gt_size % scale:
             raise ValueError(f"gt_size {gt_size} must be a multiple of scale {scale}")
         self.shards_url, self.gt_size, self.scale = shards_url, gt_size, scale
@@ -419,8 +419,6 @@ class SubImageDataset(Dataset):
             raise ValueError(f"{url}: member {self.names[index]}: {text}{fix}") from None
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        from sr_core.resize import imresize
-
         index, rng = _rng_for(key)
         height, width = self.samples[index][3:]
         y, x = _random_crop(rng, height, width, self.gt_size)
@@ -518,9 +516,6 @@ class ValidationDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        from sr_core.resize import mod_crop
-        from sr_core.resize import imresize
-
         url = self.files[index]
         hr = codecs.decode_rgb8(storage.read_bytes(url), url)
         h, w = hr.shape[:2]
@@ -610,8 +605,8 @@ class ShardSampler(Sampler):
 def collate_packed(items: list[dict]) -> tuple[torch.Tensor, int, tuple, tuple]:
     """Batch items into ONE uint8 buffer (indices, then LR, then GT). Every tensor that
     crosses from a worker to the training process costs a shared-memory segment and a
-    socket round trip (~0.5 ms each here): at a small model's step time, three per
-    batch were a visible share of the step."""
+    socket round trip: at a small model's step time, three per batch were a visible
+    share of the step (docs/PERFORMANCE.md)."""
     b = len(items)
     lr_shape, gt_shape = tuple(items[0]["lr"].shape), tuple(items[0]["gt"].shape)
     n_lr, n_gt = items[0]["lr"].numel(), items[0]["gt"].numel()
@@ -656,7 +651,7 @@ class TrainLoader:
                  window_shards: int = 4, num_workers: int = 0, prefetch_factor: int = 2,
                  pin_memory: bool = False, device: str | torch.device = "cpu", samples_per_transfer: int = 32):
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
-        # Each hand-over from a worker costs the training process ~1 ms (a queue read, a
+        # Each hand-over from a worker costs the training process time (a queue read, a
         # shared-memory mapping) whatever its size, so workers make several batches at a time.
         self.batches_per_transfer = max(1, -(-samples_per_transfer // batch_size))
         self.sampler = ShardSampler(dataset.groups, rank, world_size, seed, window_shards)
@@ -672,6 +667,7 @@ class TrainLoader:
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_sigterm,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
 
@@ -727,8 +723,6 @@ def _worker_errors_as_raised(loader):
     0. Original Traceback ...", ~25 lines). Errors that are users' (a damaged shard, a
     storage outage: those with an exit code of their own) are raised again with their
     original one-line message; others (bugs) keep the worker's traceback."""
-    from sr_core.errors import exit_code
-
     iterator = iter(loader)
     while True:
         try:
@@ -776,10 +770,11 @@ class DataWaitMeter:
 
     Wrap the loader: ``for batch in meter.wrap(loader): ...``. Time inside ``next()``
     is waiting; the rest of each iteration is the step. ``fraction()`` covers the
-    iterations since the last ``reset()``.
+    iterations since the last ``reset()``. ``clock`` returns seconds.
     """
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.reset()
 
     def reset(self) -> None:
@@ -791,14 +786,14 @@ class DataWaitMeter:
         iterator = iter(iterable)
         last = None  # when the previous batch was handed to the loop
         while True:
-            t0 = time.perf_counter()
+            t0 = self.clock()
             try:
                 item = next(iterator)
             except StopIteration:
                 if last is not None:  # the last step's own time
                     self.total_seconds += t0 - last
                 return
-            t1 = time.perf_counter()
+            t1 = self.clock()
             self.wait_seconds += t1 - t0
             self.total_seconds += t1 - (t0 if last is None else last)
             self.steps += 1

@@ -20,12 +20,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import tarfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
 
 from sr_core import codecs, storage
 from sr_core.errors import is_unwritable
@@ -203,8 +207,6 @@ class _PartWriter:
 
 def prepare_unit(src: str, dst: str, unit: int, sources: list[str], settings: PrepareSettings) -> dict:
     """Cut one unit's images into sub-images, write its tar parts, then its manifest."""
-    import numpy as np
-
 
     writer = _PartWriter(dst, unit, int(settings.max_shard_mb * 1024 * 1024))
     fs, root = storage.get_fs(src)
@@ -323,8 +325,6 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
             manifests[u] = found
     pending = [(src, dst, u, units[u], settings) for u in range(len(units)) if u not in manifests]
 
-    from tqdm import tqdm
-
     done_images = sum(len(units[u]) for u in manifests)
     bar = tqdm(total=len(sources), initial=done_images, unit="img", desc="prepare",
                disable=not progress, file=sys.stderr)
@@ -338,8 +338,6 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
                 manifests[m["unit"]] = m
                 bar.update(len(m["sources"]))
         else:
-            import multiprocessing
-
             # spawn: gcsfs holds an event-loop thread and sockets that must not be forked
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(min(num_workers, len(pending))) as pool:

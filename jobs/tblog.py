@@ -1,17 +1,18 @@
-"""TensorBoard logging for a run: events are written to a local folder and copied to
-``RUN/tb`` on remote storage.
+"""TensorBoard logging for a run: rank 0 writes ``RUN/tb``.
 
 A ``SummaryWriter`` pointed at ``gs://`` raises nothing but loses data (object stores
-have no append, so every flush replaces the object), so remote runs write locally and
-upload the event files whole every ``sync_seconds`` and at checkpoints and the end.
-``tensorboard --logdir gs://bucket/runs/`` then shows every run; reading gs:// works.
+have no append, so every flush replaces the object): remote runs write to a local
+folder whose event files are uploaded whole every ``sync_seconds``, at checkpoints and
+at the end (``sr_core.storage.UploadedFolder``). A resumed run adds new event files
+beside the old ones; TensorBoard merges every events file of the folder, and
+``tensorboard --logdir gs://bucket/runs/`` shows every run (reading gs:// works).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
+
+from torch.utils.tensorboard import SummaryWriter
 
 from sr_core import storage
 
@@ -20,19 +21,8 @@ class TensorBoardLog:
     """Rank 0's TensorBoard writer for ``RUN/tb``."""
 
     def __init__(self, run_dir: str, sync_seconds: float = 60.0):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.remote = None
-        if storage.is_local(run_dir):
-            self.local = storage.join(run_dir, "tb")
-            self._tmp = None
-        else:
-            self.remote = storage.join(run_dir, "tb")
-            self._tmp = tempfile.mkdtemp(prefix="sr-tb-")
-            self.local = self._tmp
-            # A resumed run appends new event files beside the old ones: fetch nothing,
-            # TensorBoard merges every events file of the folder.
-        self.writer = SummaryWriter(self.local, flush_secs=30)
+        self.folder = storage.UploadedFolder(storage.join(run_dir, "tb"), prefix="sr-tb-")
+        self.writer = SummaryWriter(self.folder.path, flush_secs=30)
         self.sync_seconds = sync_seconds
         self._last_sync = time.monotonic()
 
@@ -46,25 +36,17 @@ class TensorBoardLog:
     def hparams(self, hparams: dict, metrics: dict) -> None:
         self.writer.add_hparams(hparams, metrics, run_name=".")
 
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        self.writer.add_text(tag, text, step)
-
     def maybe_sync(self) -> None:
-        if self.remote and time.monotonic() - self._last_sync >= self.sync_seconds:
+        if self.folder.remote and time.monotonic() - self._last_sync >= self.sync_seconds:
             self.sync()
 
     def sync(self) -> None:
-        """Flush, and upload every local event file to ``RUN/tb`` (whole files: an upload
+        """Flush, and upload every event file to ``RUN/tb`` (whole files: an upload
         replaces the object)."""
         self.writer.flush()
         self._last_sync = time.monotonic()
-        if self.remote:
-            from jobs.checkpoint import upload_folder
-
-            upload_folder(self.local, self.remote)
+        self.folder.upload()
 
     def close(self) -> None:
-        self.sync()
         self.writer.close()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        self.folder.close()

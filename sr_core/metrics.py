@@ -167,10 +167,16 @@ def _prepare_torch(sr: torch.Tensor, hr: torch.Tensor, crop_border: int, y_chann
     return out[0], out[1]
 
 
+def mse_torch(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 0, y_channel: bool = False) -> torch.Tensor:
+    """Per-image mean squared error (0..255 scale, shape ``(B,)``, float64) of BCHW tensors
+    in [0, 1], 8-bit quantized."""
+    sr, hr = _prepare_torch(sr, hr, crop_border, y_channel, "mse_torch")
+    return ((sr - hr) ** 2).mean(dim=(1, 2, 3))
+
+
 def psnr_torch(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 0, y_channel: bool = False) -> torch.Tensor:
     """Per-image PSNR (dB, shape ``(B,)``, float64) of BCHW tensors in [0, 1], 8-bit quantized."""
-    sr, hr = _prepare_torch(sr, hr, crop_border, y_channel, "psnr_torch")
-    error = ((sr - hr) ** 2).mean(dim=(1, 2, 3))
+    error = mse_torch(sr, hr, crop_border, y_channel)
     return 10.0 * torch.log10(255.0**2 / error)  # error 0 -> inf, as in psnr()
 
 

@@ -489,6 +489,8 @@ def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
     """Refuse, before any work, an output folder that cannot take files: read-only,
     not ours, full. Writes and removes a small probe object (local folders are created)."""
     probe = join(url, f"{TMP_PREFIX}{_HOST}-{os.getpid()}-write-check")
+    if is_local(url) and os.path.exists(local_path(url)) and not os.path.isdir(local_path(url)):
+        raise ValueError(f"{url}: is a file, not a folder; choose a folder (it is created if missing)")
     try:
         if is_local(url):
             os.makedirs(local_path(url), exist_ok=True)
@@ -509,6 +511,50 @@ def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
         # Allowed to create but not to delete (GCS's objectCreator role): writes work.
         # The probe keeps a temporary's name, which listings skip.
         pass
+
+
+def local_files(local: str):
+    """``(path, relative key)`` of every file below the local folder ``local``, in a
+    stable order; the keys are safe (``safe_key``) to join under any prefix."""
+    for folder, dirs, names in os.walk(local):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            yield path, safe_key(os.path.relpath(path, local).replace(os.sep, "/"))
+
+
+def upload_folder(local: str, url: str) -> None:
+    """Copy every file below the local folder ``local`` to ``url`` (same relative keys),
+    each written whole."""
+    for path, rel in local_files(local):
+        with open(path, "rb") as f:
+            write_bytes(join(url, rel), f.read())
+
+
+class UploadedFolder:
+    """A local folder for files that grow by appending (TensorBoard's event files), kept
+    at ``url``. Object stores cannot append: a writer pointed at ``gs://`` raises nothing
+    but loses data, each flush replacing the object. So a remote ``url`` gets a local
+    temporary folder whose files :meth:`upload` copies there whole (and :meth:`close`
+    removes); a local ``url`` is written in place, and uploading is nothing to do."""
+
+    def __init__(self, url: str, prefix: str = "sr-"):
+        self.url = url
+        self.remote = not is_local(url)
+        self._temporary = tempfile.mkdtemp(prefix=prefix) if self.remote else None
+        self.path = self._temporary or local_path(url)
+
+    def upload(self) -> None:
+        if self.remote:
+            upload_folder(self.path, self.url)
+
+    def close(self) -> None:
+        """Upload, then remove the local temporary folder."""
+        try:
+            self.upload()
+        finally:
+            if self._temporary:
+                shutil.rmtree(self._temporary, ignore_errors=True)
 
 
 def list_files(url: str, suffixes: Iterable[str] | None = None, hidden: list[str] | None = None,
@@ -624,5 +670,5 @@ def link_out_of(root: str, url: str) -> str | None:
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
     "write_bytes", "create_bytes", "swap_if_unchanged", "list_files", "special_kind", "relative_key", "safe_key",
-    "remove_stale_temporaries", "check_writable", "printable",
+    "remove_stale_temporaries", "check_writable", "printable", "local_files", "upload_folder", "UploadedFolder",
 ]

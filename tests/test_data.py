@@ -5,7 +5,6 @@ local cache, paired folders, validation sets, typed config and the data-wait met
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -197,10 +196,10 @@ def test_cache_checks_checksums_and_evicts_least_recently_used(gcs_emulator, tmp
     import hashlib
 
     cache = ShardCache(str(tmp_path / "c"), max_bytes=2500)
-    for name, data in blobs.items():
+    for i, (name, data) in enumerate(blobs.items()):
         path = cache.local_path(f"{bucket}/{name}", len(data), hashlib.sha256(data).hexdigest())
         assert open(path, "rb").read() == data
-        time.sleep(0.01)
+        os.utime(path, (1000 + i, 1000 + i))  # used in this order, whatever the clock's resolution
     assert cache.total_bytes() <= 2500
     assert sorted(p.rsplit("-", 1)[1] for p in cache.entries()) == ["f2.bin", "f3.bin"]
     with pytest.raises(ValueError, match="checksum"):
@@ -243,8 +242,8 @@ def test_reader_fetches_again_when_its_entry_is_evicted_before_open(gcs_emulator
         _FileReader(always).read(f"{bucket}/shard.tar", size=len(data), sha256=sha)
 
 
-def _fetch_all(folder: str, urls: list[str], start_at: float) -> int:
-    time.sleep(max(0.0, start_at - time.time()))  # both processes start together
+def _fetch_all(folder: str, urls: list[str], start) -> int:
+    start.wait()  # both processes start together
     cache = ShardCache(folder)
     for url in urls:
         cache.local_path(url)
@@ -260,9 +259,10 @@ def test_cache_is_shared_by_processes_each_file_fetched_once(gcs_emulator, tmp_p
     for i in range(3):
         fs.pipe_file(f"{bucket[5:]}/s{i}.tar", bytes([i]) * 3_000_000)
         urls.append(f"{bucket}/s{i}.tar")
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        start_at = time.time() + 2.0
-        counts = pool.starmap(_fetch_all, [(str(tmp_path), urls, start_at), (str(tmp_path), urls[::-1], start_at)])
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(2) as pool:
+        start = manager.Barrier(2)
+        counts = pool.starmap(_fetch_all, [(str(tmp_path), urls, start), (str(tmp_path), urls[::-1], start)])
     assert sum(counts) == 3  # a file wanted by both was downloaded by one and awaited by the other
     cache = ShardCache(str(tmp_path))
     assert [open(cache.local_path(u), "rb").read() == bytes([i]) * 3_000_000 for i, u in enumerate(urls)] == [True] * 3
@@ -326,20 +326,35 @@ def test_config_yaml_overrides_and_errors_name_the_field(tmp_path):
     assert set(docs) == {f for f in DataConfig.__dataclass_fields__} and all(docs.values())
 
 
+class _Clock:
+    """Seconds that pass only when the test says so: the meter's arithmetic is checked
+    exactly, whatever the machine's load (its real-time figures are bench/bench_data.py's)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_data_wait_meter_measures_the_waiting_share():
+    clock = _Clock()
+
     def slow_source(n, delay):
         for i in range(n):
-            time.sleep(delay)
+            clock.now += delay  # the loader takes this long to hand over an item
             yield i
 
-    waiting = DataWaitMeter()
+    waiting = DataWaitMeter(clock)
     for _ in waiting.wrap(slow_source(5, 0.04)):
-        time.sleep(0.01)
-    assert 0.65 < waiting.fraction() < 0.9 and waiting.steps == 5
-    fed = DataWaitMeter()
+        clock.now += 0.01  # the step itself
+    assert waiting.fraction() == pytest.approx(0.8) and waiting.steps == 5
+    fed = DataWaitMeter(clock)
     for _ in fed.wrap(slow_source(5, 0.0)):
-        time.sleep(0.04)
-    assert fed.fraction() < 0.05
+        clock.now += 0.04
+    assert fed.fraction() == 0.0
+    fed.reset()
+    assert fed.fraction() == 0.0 and fed.steps == 0
 
 
 def test_cache_folder_unusable_or_full_is_a_clear_error_and_leaves_nothing(gcs_emulator, tmp_path):

@@ -128,7 +128,7 @@ def test_schedules_are_functions_of_the_step_only():
 
 
 def test_data_config_alone_still_loads():
-    cfg = load_config(None, ["data.gt_size=96"], cls=Config)
+    cfg = load_config(None, ["data.gt_size=96"])
     assert isinstance(cfg.data, DataConfig) and cfg.data.gt_size == 96
 
 

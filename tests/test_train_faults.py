@@ -1,25 +1,48 @@
 """`sr train` under faults: SIGKILLed at seeded points and resumed each time, it ends
 with weights identical to an uninterrupted run; its shard reads, checkpoints and
 TensorBoard writes through the fault-injecting proxy give the same state as without
-faults; a pickled `train.pretrained` is refused and never runs."""
+faults; storage that stays down ends `python -m jobs.train` with exit code 75 and a
+rerun finishes; a pickled `train.pretrained` is refused and never runs; SIGTERM to the
+whole process group or during start-up gives a checkpoint and exit 0; a read-only run
+directory, a run directory that is a file and a validation folder of broken images
+are refused before training; a run whose loss stops being finite stops with one line,
+its last good checkpoint kept. Issue 17: a damaged or changed shard, a full disk while
+checkpointing, a checkpoint of another model or a damaged one, a busy run directory and
+a pretrained file of another scale each end in one line (or a warning and a fallback)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import jobs.state
 from faultproxy import FaultProxy, FaultRates
 from jobs import checkpoint as ckpt
 from jobs.train import main as train_main
 from sr_cli.main import main as sr_main
-from test_train import COMMON, _env, assert_same_state, data, scalars  # noqa: F401  (data: the fixture)
+from test_reliability_cli import _can_mount
+from test_train import (  # noqa: F401  (data: the fixture)
+    COMMON,
+    _env,
+    assert_same_state,
+    data,
+    scalars,
+    sigterm_blocked,
+)
 
 pytestmark = pytest.mark.faults_full
 
@@ -31,27 +54,29 @@ STEPS = 10 if FULL else 4
 def test_training_killed_at_seeded_points_resumes_to_identical_weights(data, tmp_path):
     torch.set_num_threads(2)
     args = [*COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2", f"train.max_steps={STEPS}",
-            "train.checkpoint_every=1"]
+            "train.checkpoint_every=1", "train.keep_checkpoints=1000"]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     assert train_main([*args, f"train.run_dir={straight}"]) == 0
-    command = [sys.executable, "-m", "jobs.train", *args, f"train.run_dir={broken}", "--resume", "auto"]
+    # The killed runs are asked for many more steps (the schedule does not depend on
+    # train.max_steps), so every kill lands in a running job however slow the machine.
+    command = [sys.executable, "-m", "jobs.train", *args, "train.max_steps=100000", f"train.run_dir={broken}",
+               "--resume", "auto"]
     rng = random.Random(0)
     points = sorted(rng.sample(range(1, STEPS), NUM_KILLS))  # kill after these checkpoints...
     kills = 0
     for point in points:
+        # ...as soon as it is complete, or once the next one has started (mid-checkpoint)
+        wait_for = f"{ckpt.step_dir(broken, point)}/{ckpt.COMPLETE}" if rng.random() < 0.5 else \
+            ckpt.step_dir(broken, point + 1)
         process = subprocess.Popen(command, env=_env(threads=2), stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
-        while not os.path.exists(f"{ckpt.step_dir(broken, point)}/{ckpt.COMPLETE}"):
-            if process.poll() is not None:
-                break
-            assert time.monotonic() < deadline
+        while not os.path.exists(wait_for):
+            assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))  # ...plus a seeded moment: mid-step or mid-checkpoint
-        if process.poll() is None:
-            process.kill()
-            kills += 1
+        process.kill()
+        kills += 1
         process.wait()
-    assert kills >= max(1, NUM_KILLS - 1)
+    assert kills == NUM_KILLS
     assert train_main([*args, f"train.run_dir={broken}", "--resume", "auto"]) == 0
     assert_same_state(ckpt.load_torch(f"{ckpt.step_dir(straight, STEPS)}/state.pt"),
                       ckpt.load_torch(f"{ckpt.step_dir(broken, STEPS)}/state.pt"))
@@ -105,8 +130,6 @@ def test_a_pickled_pretrained_file_is_refused_and_never_runs(data, tmp_path, mon
 
 
 def _copy_shards(src: str, dst) -> str:
-    import shutil
-
     shutil.copytree(src, dst)
     return str(dst)
 
@@ -114,9 +137,6 @@ def _copy_shards(src: str, dst) -> str:
 def _rewrite_index_checksums(shards: str) -> None:
     """Make index.json agree with the shard files as they are now (a shard damaged before
     its checksum was taken: only decoding can tell)."""
-    import hashlib
-    import json
-
     path = os.path.join(shards, "index.json")
     index = json.load(open(path))
     for shard in index["shards"]:
@@ -143,8 +163,6 @@ def test_a_damaged_member_read_by_a_dataloader_worker_is_one_line_naming_it(data
     """Issue 17 #1: the member's bytes are damaged but the index's checksums agree (so
     the decode in the DataLoader worker is what fails): one line naming the shard, the
     member and `sr prepare`, exit 2; no worker traceback."""
-    import json
-
     shards = _copy_shards(data["shards"], tmp_path / "shards")
     index = json.load(open(os.path.join(shards, "index.json")))
     for shard in index["shards"]:  # every member, so the first sample read is damaged
@@ -184,30 +202,23 @@ def test_a_changed_local_shard_is_refused_naming_it(data, tmp_path):
     assert f"{shards}/shards/" in err and "index.json" in err and "sr prepare" in err, err
 
 
-def _can_mount() -> bool:
-    import shutil
-
-    return bool(shutil.which("unshare")) and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True).returncode == 0
-
-
 @pytest.mark.skipif(not _can_mount(), reason="needs user+mount namespaces (unshare -rm) to make a small full filesystem")
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(data, tmp_path, processes):
-    """Issue 17 #3, on a really full filesystem: RUN is a 512 KiB tmpfs that holds the
-    step-1 checkpoint (~330 KiB) but not the step-2 one beside it. One line saying what
+    """Issue 17 #3, on a really full filesystem: RUN is a 1.5 MiB tmpfs (enough for the
+    start-up check, which wants 1 MiB free) that holds the step-1 checkpoint (~1 MiB: the
+    generator has 16 features) but not the step-2 one beside it. One line saying what
     was kept and how to resume, exit 2; no step-2 folder is left (nothing mistaken for
     a checkpoint); after the filesystem is enlarged, --resume auto continues from step 1.
     With 2 processes, both ranks stop at that checkpoint with the same line (none hangs
     waiting for the other) and the partial folder is gone before they exit."""
-    import shlex
-
     run = tmp_path / "run"
     run.mkdir()
     args = [*COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2", "train.max_steps=3",
+            "model.generator_options={num_feat: 16, num_block: 1, num_grow_ch: 8}",
             "train.checkpoint_every=1", f"train.run_dir={run}", "--resume", "auto", "--processes", str(processes)]
     train = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "sr_cli", "train", *args])
-    script = (f"mount -t tmpfs -o size=512k tmpfs {run} && "
+    script = (f"mount -t tmpfs -o size=1536k tmpfs {run} && "
               f"{{ {train} 2>{tmp_path}/err1; echo EXIT1=$?; }} && "
               f"cp -a {run} {tmp_path}/after_full && "
               f"mount -o remount,size=8m {run} && "
@@ -253,15 +264,15 @@ def test_resume_onto_a_checkpoint_of_another_architecture_is_refused_before_any_
         data, tmp_path, monkeypatch, capsys, change, theirs, ours):
     """Issue 17 #4: one line naming the checkpoint's configuration and the requested one,
     exit 2, and no model is built first (building one would fail this test)."""
-    import sr_core
-
     run = tmp_path / "run"
     args = _run_two_steps(data, run)
 
     def no_model(*a, **k):
         raise AssertionError("a model was built before the checkpoint was checked")
 
-    monkeypatch.setattr(sr_core, "build_generator", no_model)
+    # jobs.state builds the networks (with the names it imported from sr_core)
+    monkeypatch.setattr(jobs.state, "build_generator", no_model)
+    monkeypatch.setattr(jobs.state, "build_discriminator", no_model)
     capsys.readouterr()
     code = sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=3", *change, "--resume", "auto"])
     err = capsys.readouterr().err.strip()
@@ -325,8 +336,6 @@ def test_a_second_train_on_a_busy_run_dir_is_refused_naming_the_holder(data, tmp
     """Issue 17 #12: while one `sr train --resume auto` runs, a second one on the same
     run directory exits 2 with one line naming the holder (host and pid); the first
     finishes unharmed (SIGTERM: checkpoint, exit 0) and releases the lease."""
-    import socket
-
     run = tmp_path / "run"
     args = [*COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2", "train.max_steps=100000",
             "train.checkpoint_every=1", "train.keep_checkpoints=1", f"train.run_dir={run}", "--resume", "auto"]
@@ -369,3 +378,145 @@ def test_a_pretrained_file_of_another_scale_names_both(data, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err[-3000:]
     assert "x4.safetensors" in err and "rrdbnet x4" in err and "rrdbnet (tiny) x2" in err, err
     assert "num_feat" in err and "Error(s)" not in err, err  # and what differs
+
+
+# ---------------------------------------------------------------- exit codes, SIGTERM, refusals before training
+
+
+def test_python_m_jobs_train_exits_75_when_storage_stays_down_and_a_rerun_finishes(data, gcs_emulator, tmp_path):
+    """What a training VM runs: storage down past the retries is exit code 75 (a managed
+    job restarts on it) with one line naming the object; the same command again
+    finishes the run."""
+    bucket = gcs_emulator.make_bucket("tdown")
+    command = [sys.executable, "-m", "jobs.train", *COMMON, f"data.train_shards={data['shards']}",
+               "data.batch_size=2", "train.max_steps=3", "train.checkpoint_every=1", f"train.run_dir={bucket}/run",
+               "--resume", "auto"]
+    with FaultProxy(gcs_emulator.url, seed=0) as proxy:
+        # The write check's probe and config.yaml get through, then storage goes away.
+        proxy.outage_after_uploads = 2
+        env = {**_env(threads=2), "STORAGE_EMULATOR_HOST": proxy.url, "SR_STORAGE_ATTEMPTS": "3",
+               "SR_STORAGE_BACKOFF": "0.02"}
+        failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert failed.returncode == 75, failed.stderr[-3000:]
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("jobs.train: error: ") and f"{bucket}/run/" in last, last
+        assert "still failing after 3 attempts" in last and "rerun the same command" in last, last
+        assert "Traceback" not in failed.stderr
+        assert proxy.counts["outage"] >= 3, proxy.counts
+        proxy.lift_outage()
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert ckpt.complete_steps(f"{bucket}/run")[-1] == 3
+    assert gcs_emulator.fs().exists(f"{bucket[5:]}/run/model.safetensors")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_0(data, tmp_path):
+    """`timeout`, `kill -- -PGID`, systemd and a VM shutdown signal every process of the
+    group, DataLoader workers included: the job still checkpoints and exits 0, and no
+    worker outlives it."""
+    run = tmp_path / "run"
+    args = [*COMMON, f"data.train_shards={data['shards']}", "data.num_workers=2", "data.batch_size=2",
+            "train.checkpoint_every=1", "train.keep_checkpoints=1000", f"train.run_dir={run}"]
+    process = subprocess.Popen([sys.executable, "-m", "jobs.train", *args, "train.max_steps=100000"],
+                               env=_env(threads=2), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = f"{ckpt.step_dir(str(run), 1)}/{ckpt.COMPLETE}"  # a step trained: the workers are up
+    deadline = time.monotonic() + 300
+    while not os.path.exists(first):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)
+    err = process.communicate(timeout=300)[1]
+    assert process.returncode == 0, err[-3000:]
+    assert "SIGTERM: checkpoint" in err and "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert not _group_alive(process.pid)
+    stopped = ckpt.complete_steps(str(run))[-1]
+    # the checkpoint resumes
+    assert train_main([*args, f"train.max_steps={stopped + 1}", "--resume", "auto"]) == 0
+    assert ckpt.complete_steps(str(run))[-1] == stopped + 1
+
+
+def test_sigterm_during_start_up_is_answered_after_the_first_step(data, tmp_path):
+    """A SIGTERM that arrives while `sr train` starts (before a model exists) gets what
+    any SIGTERM gets: the step in progress, here the first, a checkpoint, exit 0."""
+    run = tmp_path / "run"
+    with sigterm_blocked():
+        process = subprocess.Popen([sys.executable, "-m", "sr_cli", "train", *COMMON,
+                                    f"data.train_shards={data['shards']}", "train.max_steps=50",
+                                    f"train.run_dir={run}"], env=_env(threads=2), stderr=subprocess.PIPE, text=True)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=300)[1]
+    assert process.returncode == 0, err[-3000:]
+    assert f"SIGTERM: checkpoint {ckpt.step_dir(str(run), 1)} written at step 1; exiting" in err, err[-3000:]
+    assert ckpt.complete_steps(str(run)) == [1]
+    assert not (run / "model.safetensors").exists()  # stopped, not finished
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs user+mount namespaces (unshare -rm) to make a read-only "
+                                              "filesystem")
+def test_a_read_only_run_dir_is_refused_before_training(data, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "jobs.train", *COMMON,
+                                                 f"data.train_shards={data['shards']}", f"train.run_dir={mnt}/run"])
+    script = f"mount -t tmpfs -o size=4m tmpfs {mnt} && mount -o remount,ro {mnt} && {command}; echo EXIT=$?"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert "EXIT=2" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"jobs.train: error: train.run_dir: {mnt}/run: cannot write there (Read-only "
+                               "file system"), lines[0]
+
+
+def test_a_run_dir_that_is_a_file_is_named_as_such(data, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    capsys.readouterr()
+    code = sr_main(["train", *COMMON, f"data.train_shards={data['shards']}", f"train.run_dir={tmp_path}/notes.txt"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err[-2000:]
+    assert f"train.run_dir: {tmp_path}/notes.txt: is a file, not a folder" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "not a folder"
+
+
+def test_a_validation_folder_of_broken_images_is_refused_before_training(data, tmp_path, capsys):
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "noise.png").write_bytes(os.urandom(2000))
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    (val / "cut.png").write_bytes(good.read_bytes()[:6000])  # truncated
+    run = tmp_path / "run"
+    capsys.readouterr()
+    code = sr_main(["train", *COMMON, f"data.train_shards={data['shards']}", f"data.val_folder={val}",
+                    "train.max_steps=3", f"train.run_dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err[-2000:]
+    assert "data.val_folder: 2 of 2 validation images cannot be used" in err, err
+    assert f"{val}/cut.png: " in err and f"{val}/noise.png: " in err, err
+    assert not any(run.iterdir())  # nothing trained, nothing written
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_keeping_the_last_good_checkpoint(data, tmp_path, capsys):
+    # A learning rate of 1e30 moves every weight by about 1e30 in the first step: its
+    # checkpoint is finite, the second step's forward overflows to inf and NaN.
+    run = tmp_path / "run"
+    capsys.readouterr()
+    code = sr_main(["train", *COMMON, f"data.train_shards={data['shards']}", "optim.lr_g=1e30",
+                    "train.max_steps=6", "train.checkpoint_every=1", f"train.run_dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("sr train: error: step 2: the loss is not finite") and \
+        f"the last good checkpoint, step 1 ({ckpt.step_dir(str(run), 1)}), is kept" in last, last
+    assert ckpt.complete_steps(str(run)) == [1]
+    state = ckpt.load_torch(f"{ckpt.step_dir(str(run), 1)}/state.pt")
+    assert all(torch.isfinite(t).all() for t in state["g"].values())
+    assert not (run / "model.safetensors").exists()
