@@ -9,13 +9,15 @@ import argparse
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a generator file (ours, BasicSR/Real-ESRGAN or old ESRGAN .pth) to ours, or ours to BasicSR .pth",
+        help="convert a generator file (ours, BasicSR/Real-ESRGAN or old ESRGAN .pth) to ours, or ours to "
+             "BasicSR/Real-ESRGAN .pth",
         description=(
             "Convert a generator file. Any supported input (our .safetensors, a bare safetensors "
-            "state dict, BasicSR/Real-ESRGAN .pth, the ESRGAN repository's .pth, the oldest ESRGAN "
-            "model.N .pth) is written as our self-describing .safetensors, or — when OUT ends in "
-            ".pth or --to basicsr is given — as a BasicSR .pth with params_ema that Real-ESRGAN "
-            "and chaiNNer load."
+            "state dict, BasicSR/Real-ESRGAN .pth with RRDBNet or the compact SRVGGNetCompact, the "
+            "ESRGAN repository's .pth, the oldest ESRGAN model.N .pth) is written as our "
+            "self-describing .safetensors, or — when OUT ends in .pth or --to basicsr is given — as "
+            "the .pth that Real-ESRGAN, BasicSR and chaiNNer load (params_ema for RRDBNet, params "
+            "for the compact generator)."
         ),
     )
     p.add_argument("input", metavar="IN", help="input model file (path or fsspec URL)")

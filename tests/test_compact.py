@@ -313,7 +313,7 @@ def test_realesrgan_pth_through_sr_batch_matches_the_reference(tmp_path, capsys)
 # ---- training ---------------------------------------------------------------------
 
 
-def test_demo_x2_preset_learns_validation_psnr_rises_past_its_start(tmp_path):
+def test_demo_x2_preset_learns_then_its_gan_stage_runs(tmp_path):
     """The demo's preset, at test sizes (the `tiny` compact variant, 32 px crops, a few
     hundred steps): the run starts from a saved random generator, and its validation
     PSNR on a held-out photograph ends far above that start, both as the job's own
@@ -360,3 +360,16 @@ def test_demo_x2_preset_learns_validation_psnr_rises_past_its_start(tmp_path):
     # than sr eval's 8-bit one, hence the tolerance) and it rose too.
     assert logged[-1] == pytest.approx(after, abs=0.1)
     assert logged[-1] > before + 3.0
+
+    # The GAN stage trains the compact generator from those weights against the preset's
+    # discriminator, with the usual losses; what it exports loads as the same architecture.
+    gan_run = tmp_path / "gan"
+    assert train_main(["--preset", "demo_x2", "train.stage=gan", f"data.train_shards={shards}",
+                       f"train.run_dir={gan_run}", f"train.pretrained={run / 'model.safetensors'}",
+                       "model.generator_variant=tiny", "data.gt_size=32", "data.batch_size=4", "data.num_workers=0",
+                       "train.max_steps=4", "train.log_every=2", "train.progress=false"]) == 0
+    acc = EventAccumulator(str(gan_run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert {"loss/d", "loss/g_gan", "loss/g_perceptual", "loss/g_pixel"} <= set(acc.Tags()["scalars"])
+    gan_model = load_generator(str(gan_run / "model_ema.safetensors"))
+    assert gan_model.arch_name == "srvgg_compact" and gan_model.hparams["num_conv"] == 4
