@@ -63,11 +63,11 @@ def run_convert(args: argparse.Namespace) -> int:
     target = args.to or ("basicsr" if args.output.lower().endswith(".pth") else "sr")
     _refuse_existing(args.output, args.overwrite)
     model = modelfile.load_generator(args.input)
+    provenance = dict(modelfile.read_metadata(args.input).get("provenance") or {})
     if target == "basicsr":
-        modelfile.save_basicsr_pth(model, args.output)
+        # The export carries the model's own provenance (a .pth converted back names it).
+        modelfile.save_basicsr_pth(model, args.output, **provenance)
     else:
-        meta = modelfile.read_metadata(args.input)
-        provenance = dict(meta.get("provenance") or {})
         provenance.setdefault("converted_from", args.input)
         modelfile.save_generator(model, args.output, **provenance)
     print(f"wrote {args.output}: {model.arch_name} x{model.scale} {model.hparams} ({target} format)")

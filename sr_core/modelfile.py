@@ -397,6 +397,9 @@ def _srvgg_hparams_from_shapes(url: str, state: dict) -> dict:
         raise ModelFileError(f"{url}: a compact (SRVGGNetCompact) layout needs at least a first and a last "
                              f"convolution, starting at body.0; found convolutions at body indices {convs[:8]}")
     num_feat, num_in_ch = state["body.0.weight"].shape[:2]
+    if num_in_ch < 1 or num_feat < 1:
+        raise ModelFileError(f"{url}: body.0.weight has shape {tuple(state['body.0.weight'].shape)}; "
+                             "not a compact generator's first convolution")
     last_out = state[f"body.{convs[-1]}.weight"].shape[0]
     # Input and output channels are equal (the upscaled input is added to the output).
     scale = round((last_out / num_in_ch) ** 0.5)

@@ -77,7 +77,7 @@ def reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor, scale: in
 
 
 def reference_uint8(state, image: np.ndarray, scale: int) -> np.ndarray:
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         y = reference_forward(state, x, scale).clamp(0, 1)
     return (y[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
@@ -158,6 +158,7 @@ def test_relu_layout_is_refused_because_the_tensors_cannot_name_the_activation(t
     ("extra_key", "unexpected"),
     ("non_square_scale", "channels x scale"),
     ("scale_8", "scale one of"),
+    ("zero_input_channels", "first convolution"),
 ])
 def test_damaged_realesrgan_files_are_refused_naming_the_file(tmp_path, damage, named):
     state = realesrgan_compact_state(8, 3, 2, seed=1)
@@ -169,6 +170,8 @@ def test_damaged_realesrgan_files_are_refused_naming_the_file(tmp_path, damage, 
         state["body.99.weight"] = torch.rand(8)
     elif damage == "non_square_scale":
         state["body.8.weight"], state["body.8.bias"] = torch.rand(5 * 3, 8, 3, 3), torch.rand(5 * 3)
+    elif damage == "zero_input_channels":
+        state["body.0.weight"] = torch.rand(8, 0, 3, 3)
     elif damage == "scale_8":
         state["body.8.weight"], state["body.8.bias"] = torch.rand(3 * 64, 8, 3, 3), torch.rand(3 * 64)
     path = tmp_path / f"{damage}.pth"
@@ -233,7 +236,7 @@ def test_sr_convert_to_realesrgan_pth_and_back_is_lossless(tmp_path, activation)
     assert loaded.hparams == model.hparams
     reloaded_state = loaded.state_dict()
     assert all(torch.equal(v, reloaded_state[k]) for k, v in model.state_dict().items())
-    assert read_metadata(back)["provenance"]["converted_from"] == pth
+    assert read_metadata(back)["provenance"] == {"run": "unit", "converted_from": pth}
     x = seeded_input(1, 3, 5, 4)
     with torch.no_grad():
         assert torch.equal(loaded(x), reference_forward(obj["params"], x, 3, activation))
