@@ -242,12 +242,12 @@ def test_sr_convert_to_realesrgan_pth_and_back_is_lossless(tmp_path, activation)
         assert torch.equal(loaded(x), reference_forward(obj["params"], x, 3, activation))
 
 
-def test_realesrgan_pth_through_sr_upscale_and_sr_eval_matches_the_reference(tmp_path):
-    scale = 2
+@pytest.mark.parametrize("scale", [2, 3])
+def test_realesrgan_pth_through_sr_upscale_and_sr_eval_matches_the_reference(tmp_path, scale):
     state = realesrgan_compact_state(8, 2, scale, seed=7)
     model_path = str(tmp_path / "realesr-animevideo-like.pth")
     torch.save({"params": state}, model_path)
-    hr = photo("chelsea.png", (40, 30))
+    hr = photo("chelsea.png", (12 * scale, 9 * scale))
     lr = imresize(hr, scale=1 / scale)
     (tmp_path / "lr").mkdir()
     (tmp_path / "hr").mkdir()
