@@ -13,6 +13,13 @@ Variants (each on the same PNG inputs, x4 model, tile, 1 torch thread for the mo
 - ``sr batch, encode stage``: 1 actor returning its outputs through the object store
   to separate encode + write tasks (what the pipeline does not do; measured to say why).
 
+A second table runs `sr batch` (1 actor) with each generator at its published size
+(RRDBNet as RealESRGAN_x4plus, the compact generator as realesr-general-x4v3 and
+realesr-animevideov3) on fewer, smaller inputs: the steady output Mpx/s on this CPU and
+the FLOP model's figure per output pixel; from those, what a V100 would produce with
+each under the stated assumption, and how many CPU cores its decoding, encoding and
+metrics need.
+
 Plain rates include the actor pool's start (a new worker process: torch import, model
 load); "steady" rates are those between the first and the last output written. Ray's
 own start is timed separately. "outside the model": the share of the steady time per
@@ -39,8 +46,10 @@ from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from batch.run import BatchConfig, run_batch  # noqa: E402
+from bench_upscaler import conv_flops_per_input_pixel  # noqa: E402
 from sr_core import build_generator, codecs, metrics, save_generator  # noqa: E402
 from sr_cli.main import main as sr_main  # noqa: E402
 from sr_core.resize import imresize  # noqa: E402
@@ -50,8 +59,13 @@ from sr_core.upscaler import Upscaler  # noqa: E402
 IMAGES = REPO / "assets" / "images"
 MODEL = dict(num_feat=32, num_block=4, num_grow_ch=16)  # 2.15 MFLOP per input pixel at x4
 TILE = 128
-# The FLOP model of the full ESRGAN x4 (64 features, 23 blocks): conv multiply-adds x2.
-ESRGAN_FLOP_PER_OUTPUT_PIXEL = 2.24e6
+# The generators side by side through sr batch, at their published sizes:
+# (label, registry name, variant); all x4.
+GENERATOR_ROWS = [
+    ("RRDBNet esrgan (RealESRGAN_x4plus)", "rrdbnet", "esrgan"),
+    ("compact realesr_general (realesr-general-x4v3)", "srvgg_compact", "realesr_general"),
+    ("compact animevideo (realesr-animevideov3)", "srvgg_compact", "animevideo"),
+]
 V100_FP16_PEAK = 125e12
 # ASSUMPTION, not measured here (no GPU): the share of the V100's fp16 tensor-core peak
 # that ESRGAN's 3x3 convolutions reach end to end.
@@ -145,6 +159,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=128, help="input side in pixels (output is 4x)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each variant keeps its best")
     parser.add_argument("--quick", action="store_true", help="8 images of 64 px, 1 round: a smoke run")
+    parser.add_argument("--generators-only", action="store_true",
+                        help="only the generators through sr batch, and the per-image CPU costs")
     args = parser.parse_args()
     if args.quick:
         args.images, args.side, args.rounds = 8, 64, 1
@@ -153,85 +169,129 @@ def main() -> None:
           f"{platform.python_version()}, torch {torch.__version__}")
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     try:
-        src = work / "in"
-        files = make_inputs(src, args.images, args.side)
-        torch.manual_seed(0)
-        model_path = str(work / "x4.safetensors")
-        save_generator(build_generator("rrdbnet", scale=4, **MODEL), model_path)
-        print(f"# {args.images} PNG inputs {args.side}x{args.side}, RRDBNet x4 {MODEL}, tile {TILE}, PNG level 1 out")
-
         import ray
 
         start = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - start
-        variants = [("sr batch, 1 actor", 1, 1.0, True), ("sr batch, 2 actors", 2, 0.5, True),
-                    ("sr batch, encode stage", 1, 1.0, False)]
-        # The machine is shared and noisy: the variants run interleaved, round after
-        # round, and each keeps its best round.
-        best: dict[str, dict] = {}
-
-        def keep(name: str, seconds: float, steady: float, model_per_image: float, first=None) -> None:
-            """The best round of each measure (they may come from different rounds)."""
-            b = best.setdefault(name, {"seconds": seconds, "steady": steady, "model": model_per_image, "first": first})
-            b["seconds"] = min(b["seconds"], seconds)
-            if steady <= b["steady"]:
-                b.update(steady=steady, model=model_per_image)
-            if first is not None:
-                b["first"] = min(b["first"], first)
-
-        for round_index in range(args.rounds):
-            seconds, pixels = bare_loop(model_path, files)
-            keep("upscaler loop", seconds, seconds, seconds / args.images)
-            seconds = run_sr_upscale(model_path, src, work / "out-upscale")
-            keep("sr upscale", seconds, seconds, best["upscaler loop"]["model"])
-            for name, actors, cpus, here in variants:
-                s = run_sr_batch(model_path, src, work / "out-batch", f"{name}-{round_index}".replace(" ", "_")
-                                 .replace(",", ""), actors, cpus, here)
-                keep(name, s["call_seconds"], args.images / s["steady_images_per_second"],
-                     s["metrics"]["model_s"]["mean"] / actors, s["first_result_seconds"])
+        if not args.generators_only:
+            compare_variants(args, work)
+            print(f"\nRay start (ray.init, local, 2 CPUs): {ray_start:.1f} s. \"first result\": seconds from the "
+                  "pipeline's start (Ray up) to the first output, i.e. the actor's start (new worker, torch import, "
+                  "model load) and one batch")
+        generators = compare_generators(work, args.quick)
         ray.shutdown()
-
-        mpx = pixels / 1e6
-        upscale_s = best["sr upscale"]["steady"]
-        print()
-        print("| variant | seconds | img/s | out Mpx/s | img/s (steady) | out Mpx/s (steady) "
-              "| steady vs sr upscale | outside the model | first result s |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name, b in best.items():
-            outside = 1 - b["model"] * args.images / b["steady"]
-            first = f"{b['first']:.1f}" if b["first"] is not None else "-"
-            print(f"| {name} | {b['seconds']:.2f} | {args.images / b['seconds']:.2f} | {mpx / b['seconds']:.3f} | "
-                  f"{args.images / b['steady']:.2f} | {mpx / b['steady']:.3f} | {upscale_s / b['steady']:.2f} | "
-                  f"{max(outside, 0):.0%} | {first} |")
-        print(f"\nRay start (ray.init, local, 2 CPUs): {ray_start:.1f} s. \"first result\": seconds from the "
-              "pipeline's start (Ray up) to the first output, i.e. the actor's start (new worker, torch import, "
-              "model load) and one batch")
-
-        costs, shape = cpu_costs()
-        print(f"\nCPU cost per image, one core, for a {shape[1] // 4}x{shape[0] // 4} input -> "
-              f"{shape[1]}x{shape[0]} output ({shape[0] * shape[1] / 1e6:.2f} Mpx), best of 3:\n")
-        print("| step | ms per image | s per output Mpx |")
-        print("|---|---|---|")
-        for name, sec, per_mpx in costs:
-            print(f"| {name} | {sec * 1e3:.1f} | {per_mpx:.4f} |")
-        per = {name: per_mpx for name, _, per_mpx in costs}
-        gpu_rate = V100_FP16_PEAK * V100_ASSUMED_EFFICIENCY / ESRGAN_FLOP_PER_OUTPUT_PIXEL / 1e6
-        print(f"\nV100 running full ESRGAN x4 (ASSUMED {V100_ASSUMED_EFFICIENCY:.0%} of {V100_FP16_PEAK / 1e12:.0f} "
-              f"TFLOP/s fp16 = {V100_FP16_PEAK * V100_ASSUMED_EFFICIENCY / 1e12:.1f} TFLOP/s, "
-              f"{ESRGAN_FLOP_PER_OUTPUT_PIXEL / 1e6:.2f} MFLOP/output px): {gpu_rate:.1f} output Mpx/s")
-        print("\n| output | CPU s per output Mpx (decode + encode + metrics) | cores per V100 |")
-        print("|---|---|---|")
-        for label, decode, encode in [("PNG in, PNG out (level 1)", "decode input PNG",
-                                       "encode output PNG (level 1, default)"),
-                                      ("JPEG in, JPEG out (q95)", "decode input JPEG",
-                                       "encode output JPEG (q95, default)"),
-                                      ("JPEG in, PNG out (level 1)", "decode input JPEG",
-                                       "encode output PNG (level 1, default)")]:
-            total = per[decode] + per[encode] + per["LR-consistency metrics"]
-            print(f"| {label} | {total:.4f} | {total * gpu_rate:.1f} |")
+        print_cpu_costs(generators)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def compare_variants(args: argparse.Namespace, work: Path) -> None:
+    """The same RRDBNet through the Upscaler loop, sr upscale and sr batch, interleaved."""
+    src = work / "in"
+    files = make_inputs(src, args.images, args.side)
+    torch.manual_seed(0)
+    model_path = str(work / "x4.safetensors")
+    save_generator(build_generator("rrdbnet", scale=4, **MODEL), model_path)
+    print(f"# {args.images} PNG inputs {args.side}x{args.side}, RRDBNet x4 {MODEL}, tile {TILE}, PNG level 1 out")
+    variants = [("sr batch, 1 actor", 1, 1.0, True), ("sr batch, 2 actors", 2, 0.5, True),
+                ("sr batch, encode stage", 1, 1.0, False)]
+    # The machine is shared and noisy: the variants run interleaved, round after
+    # round, and each keeps its best round.
+    best: dict[str, dict] = {}
+
+    def keep(name: str, seconds: float, steady: float, model_per_image: float, first=None) -> None:
+        """The best round of each measure (they may come from different rounds)."""
+        b = best.setdefault(name, {"seconds": seconds, "steady": steady, "model": model_per_image, "first": first})
+        b["seconds"] = min(b["seconds"], seconds)
+        if steady <= b["steady"]:
+            b.update(steady=steady, model=model_per_image)
+        if first is not None:
+            b["first"] = min(b["first"], first)
+
+    for round_index in range(args.rounds):
+        seconds, pixels = bare_loop(model_path, files)
+        keep("upscaler loop", seconds, seconds, seconds / args.images)
+        seconds = run_sr_upscale(model_path, src, work / "out-upscale")
+        keep("sr upscale", seconds, seconds, best["upscaler loop"]["model"])
+        for name, actors, cpus, here in variants:
+            s = run_sr_batch(model_path, src, work / "out-batch", f"{name}-{round_index}".replace(" ", "_")
+                             .replace(",", ""), actors, cpus, here)
+            keep(name, s["call_seconds"], args.images / s["steady_images_per_second"],
+                 s["metrics"]["model_s"]["mean"] / actors, s["first_result_seconds"])
+
+    mpx = pixels / 1e6
+    upscale_s = best["sr upscale"]["steady"]
+    print()
+    print("| variant | seconds | img/s | out Mpx/s | img/s (steady) | out Mpx/s (steady) "
+          "| steady vs sr upscale | outside the model | first result s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, b in best.items():
+        outside = 1 - b["model"] * args.images / b["steady"]
+        first = f"{b['first']:.1f}" if b["first"] is not None else "-"
+        print(f"| {name} | {b['seconds']:.2f} | {args.images / b['seconds']:.2f} | {mpx / b['seconds']:.3f} | "
+              f"{args.images / b['steady']:.2f} | {mpx / b['steady']:.3f} | {upscale_s / b['steady']:.2f} | "
+              f"{max(outside, 0):.0%} | {first} |")
+
+
+def compare_generators(work: Path, quick: bool) -> list[dict]:
+    """Each generator at its published size through `sr batch` (1 actor, 1 torch
+    thread) on the same inputs: steady output Mpx/s, seconds in the model per output
+    Mpx, and the FLOP model's figure per output pixel."""
+    count, side = (4, 32) if quick else (8, 64)
+    src = work / "in-generators"
+    make_inputs(src, count, side)
+    rows = []
+    for label, arch, variant in GENERATOR_ROWS:
+        torch.manual_seed(0)
+        model = build_generator(arch, variant, scale=4)
+        flop_per_output_px = conv_flops_per_input_pixel(model) / 16
+        model_path = str(work / f"{arch}-{variant}.safetensors")
+        save_generator(model, model_path)
+        s = run_sr_batch(model_path, src, work / f"out-{arch}-{variant}", f"gen-{arch}-{variant}", 1, 1.0)
+        out_mpx = count * (side * 4) ** 2 / 1e6
+        rows.append(dict(label=label, flop=flop_per_output_px, steady=out_mpx * s["steady_images_per_second"] / count,
+                         model_s_per_mpx=s["metrics"]["model_s"]["mean"] * count / out_mpx))
+    print(f"\n# Generators through sr batch (1 actor, 1 torch thread, PNG level 1 out): {count} PNG inputs "
+          f"{side}x{side}, x4, tile {TILE}")
+    print("| generator (x4) | MFLOP / output px | FLOP vs RRDBNet | out Mpx/s (steady) | model s / output Mpx "
+          "| speed vs RRDBNet |")
+    print("|---|---|---|---|---|---|")
+    reference = rows[0]
+    for r in rows:
+        ratio = "1" if r is reference else f"1/{reference['flop'] / r['flop']:.1f}"
+        print(f"| {r['label']} | {r['flop'] / 1e6:.3f} | {ratio} | {r['steady']:.3f} | {r['model_s_per_mpx']:.1f} | "
+              f"{reference['model_s_per_mpx'] / r['model_s_per_mpx']:.1f}x |")
+    return rows
+
+
+def print_cpu_costs(generators: list[dict]) -> None:
+    """Per-image CPU costs of decoding, encoding and metrics, and what they mean for the
+    cores a V100 needs beside it with each generator."""
+    costs, shape = cpu_costs()
+    print(f"\nCPU cost per image, one core, for a {shape[1] // 4}x{shape[0] // 4} input -> "
+          f"{shape[1]}x{shape[0]} output ({shape[0] * shape[1] / 1e6:.2f} Mpx), best of 3:\n")
+    print("| step | ms per image | s per output Mpx |")
+    print("|---|---|---|")
+    for name, sec, per_mpx in costs:
+        print(f"| {name} | {sec * 1e3:.1f} | {per_mpx:.4f} |")
+    per = {name: per_mpx for name, _, per_mpx in costs}
+    sustained = V100_FP16_PEAK * V100_ASSUMED_EFFICIENCY
+    print(f"\nV100 (ASSUMED {V100_ASSUMED_EFFICIENCY:.0%} of {V100_FP16_PEAK / 1e12:.0f} TFLOP/s fp16 = "
+          f"{sustained / 1e12:.1f} TFLOP/s on every generator's 3x3 convolutions)")
+    outputs = [("PNG in, PNG out (level 1)", "decode input PNG", "encode output PNG (level 1, default)"),
+               ("JPEG in, JPEG out (q95)", "decode input JPEG", "encode output JPEG (q95, default)"),
+               ("JPEG in, PNG out (level 1)", "decode input JPEG", "encode output PNG (level 1, default)")]
+    print("\n| generator (x4) | V100 output Mpx/s | " + " | ".join(f"cores per V100: {o[0]}" for o in outputs) + " |")
+    print("|---|---|" + "---|" * len(outputs))
+    for g in generators:
+        gpu_rate = sustained / g["flop"] / 1e6
+        cores = [(per[decode] + per[encode] + per["LR-consistency metrics"]) * gpu_rate for _, decode, encode in outputs]
+        print(f"| {g['label']} | {gpu_rate:.0f} | " + " | ".join(f"{c:.1f}" for c in cores) + " |")
+    print("\n| output | CPU s per output Mpx (decode + encode + metrics) |")
+    print("|---|---|")
+    for label, decode, encode in outputs:
+        print(f"| {label} | {per[decode] + per[encode] + per['LR-consistency metrics']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,12 @@ Variants, on the same images, model and tile settings:
   output, converted to uint8 at the end.
 
 Each variant runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own.
-A second table upscales one 3840x2160 frame x4 with the ``tiny`` preset and reports
-peak RSS against the uint8 output size.
+A second table upscales one 3840x2160 frame x4 with the ``tiny`` variant and reports
+peak RSS against the uint8 output size. A third puts the generators side by side
+(RRDBNet at ESRGAN's published size, the compact generator at Real-ESRGAN's
+``realesr-general-x4v3`` and ``realesr-animevideov3`` sizes, and the two x2 models the
+demo and the learning-curve benchmark train): the FLOP model's figure per output pixel
+and the ``Upscaler``'s measured output Mpx/s on this CPU, same images, same settings.
 
 FLOP model: 2 x multiply-accumulates of every Conv2d, counted from the model's layers
 on a probe input (per input pixel); activations, upsampling and concatenations are
@@ -45,7 +49,17 @@ PHOTOS = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
 # A small-ish RRDBNet that finishes on a CPU in minutes but has the real layer mix.
 BENCH_MODEL = dict(num_feat=32, num_block=4, num_grow_ch=16, scale=4)
 TILE, OVERLAP = 128, 16
-REPEATS = {"photos": 3, "4k": 1}
+REPEATS = {"photos": 3, "4k": 1, "generators": 3}
+# The generators compared per output pixel: (label, registry name, variant, scale).
+GENERATOR_ROWS = [
+    ("RRDBNet esrgan x4 (RealESRGAN_x4plus)", "rrdbnet", "esrgan", 4),
+    ("compact realesr_general x4 (realesr-general-x4v3)", "srvgg_compact", "realesr_general", 4),
+    ("compact animevideo x4 (realesr-animevideov3)", "srvgg_compact", "animevideo", 4),
+    ("RRDBNet small x2", "rrdbnet", "small", 2),
+    ("compact small x2 (demo_x2)", "srvgg_compact", "small", 2),
+]
+# A generator's timed runs stop after this many seconds (the full RRDBNet is slow here).
+GENERATOR_TIME_BUDGET_S = 60.0
 
 
 # ---------------------------------------------------------------- helpers run in workers
@@ -99,8 +113,8 @@ def build_model(spec: dict):
     from sr_core import build_generator
 
     torch.manual_seed(0)
-    if "preset" in spec:
-        return build_generator("rrdbnet", spec["preset"], scale=spec["scale"])
+    if "variant" in spec:
+        return build_generator(spec.get("arch", "rrdbnet"), spec["variant"], scale=spec["scale"])
     return build_generator("rrdbnet", **spec)
 
 
@@ -165,8 +179,12 @@ def worker(variant: str, case: str, quick: bool, threads: int) -> dict:
     torch.set_num_threads(threads)
     if case == "photos":
         spec, images, tile = BENCH_MODEL, load_photos(96 if quick else 256), TILE
+    elif case == "generators":
+        _, arch, name, scale = GENERATOR_ROWS[int(variant)]
+        spec, images, tile = dict(arch=arch, variant=name, scale=scale), load_photos(32 if quick else 64), TILE
+        variant = "upscaler"
     else:
-        spec, images, tile = dict(preset="tiny", scale=4), [frame_4k()], None  # automatic tile
+        spec, images, tile = dict(variant="tiny", scale=4), [frame_4k()], None  # automatic tile
     model = build_model(spec)
     flop_per_px = conv_flops_per_input_pixel(model)
     up = Upscaler(build_model(spec), device="cpu", precision="fp32", tile=tile, overlap=OVERLAP,
@@ -216,12 +234,15 @@ def worker(variant: str, case: str, quick: bool, threads: int) -> dict:
         raise ValueError(variant)
     # Best of a few runs: the machine is shared, and the best run is the one least
     # disturbed by other processes.
-    seconds = float("inf")
+    seconds, began = float("inf"), time.perf_counter()
     for _ in range(REPEATS[case]):
         start = time.perf_counter()
         run()
         seconds = min(seconds, time.perf_counter() - start)
-    return dict(variant=variant, case=case, seconds=seconds, out_px=out_px, work_px=work_px,
+        if case == "generators" and time.perf_counter() - began > GENERATOR_TIME_BUDGET_S:
+            break
+    params = sum(p.numel() for p in model.parameters())
+    return dict(variant=variant, case=case, seconds=seconds, out_px=out_px, work_px=work_px, params=params,
                 flop_per_px=flop_per_px, peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline,
                 tile=chosen_tile, tiles_per_batch=tiles_per_batch, images=len(images),
                 in_size=f"{images[0].shape[1]}x{images[0].shape[0]}", model=spec)
@@ -260,6 +281,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--case", default="photos", help=argparse.SUPPRESS)
     parser.add_argument("--skip-4k", action="store_true", help="skip the 3840x2160 memory case")
+    parser.add_argument("--generators-only", action="store_true",
+                        help="only the generators side by side (RRDBNet and compact per output pixel)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker (default 1: on a shared machine, OpenMP threads "
                              "waiting for a descheduled sibling make 2 threads up to 10x slower than 1)")
@@ -276,6 +299,9 @@ def main() -> None:
           "(expected: 35.85)")
     del full
 
+    if args.generators_only:
+        compare_generators(args.quick, args.threads)
+        return
     variants = ("floor", "upscaler", "upscaler-b4", "reference")
     rows = [run_worker(v, "photos", args.quick, args.threads) for v in variants]
     first = rows[0]
@@ -291,6 +317,30 @@ def main() -> None:
               f"automatic tile ({big[0]['tile']}, {big[0]['tiles_per_batch']} per batch), overlap {OVERLAP}; "
               "each variant in its own process")
         print_table(big, floor=None, output_mb=out_mb)
+    compare_generators(args.quick, args.threads)
+
+
+def compare_generators(quick: bool, threads: int) -> None:
+    """FLOP model per output pixel and measured Upscaler output Mpx/s of each generator,
+    every one in its own process on the same images and tiles."""
+    rows = [run_worker(str(i), "generators", quick, threads) for i in range(len(GENERATOR_ROWS))]
+    first = rows[0]
+    print(f"\nGenerators: Upscaler end to end (uint8 in and out), {first['images']} photos cropped to "
+          f"{first['in_size']}, tile {first['tile']}, overlap {OVERLAP}, fp32, CPU, {threads} torch thread(s); "
+          f"best of up to {REPEATS['generators']} runs (fewer past {GENERATOR_TIME_BUDGET_S:.0f} s)")
+    reference = rows[0]
+    ref_flop = reference["flop_per_px"] / reference["model"]["scale"] ** 2
+    ref_rate = reference["out_px"] / reference["seconds"]
+    print("| generator | parameters | MFLOP / output px | FLOP vs RRDBNet esrgan | out Mpx/s | "
+          "speed vs RRDBNet esrgan | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for (label, *_), r in zip(GENERATOR_ROWS, rows):
+        flop_out = r["flop_per_px"] / r["model"]["scale"] ** 2
+        rate = r["out_px"] / r["seconds"]
+        gflops = r["work_px"] * r["flop_per_px"] / r["seconds"] / 1e9
+        ratio = "1" if r is reference else f"1/{ref_flop / flop_out:.1f}"
+        print(f"| {label} | {r['params']:,} | {flop_out / 1e6:.3f} | {ratio} | "
+              f"{rate / 1e6:.3f} | {rate / ref_rate:.1f}x | {gflops:.1f} |")
 
 
 def print_table(rows: list[dict], floor: dict | None, output_mb: float | None = None) -> None:

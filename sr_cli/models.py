@@ -9,13 +9,15 @@ import argparse
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a generator file (ours, BasicSR/Real-ESRGAN or old ESRGAN .pth) to ours, or ours to BasicSR .pth",
+        help="convert a generator file (ours, BasicSR/Real-ESRGAN or old ESRGAN .pth) to ours, or ours to "
+             "BasicSR/Real-ESRGAN .pth",
         description=(
             "Convert a generator file. Any supported input (our .safetensors, a bare safetensors "
-            "state dict, BasicSR/Real-ESRGAN .pth, the ESRGAN repository's .pth, the oldest ESRGAN "
-            "model.N .pth) is written as our self-describing .safetensors, or — when OUT ends in "
-            ".pth or --to basicsr is given — as a BasicSR .pth with params_ema that Real-ESRGAN "
-            "and chaiNNer load."
+            "state dict, BasicSR/Real-ESRGAN .pth with RRDBNet or the compact SRVGGNetCompact, the "
+            "ESRGAN repository's .pth, the oldest ESRGAN model.N .pth) is written as our "
+            "self-describing .safetensors, or — when OUT ends in .pth or --to basicsr is given — as "
+            "the .pth that Real-ESRGAN, BasicSR and chaiNNer load (params_ema for RRDBNet, params "
+            "for the compact generator)."
         ),
     )
     p.add_argument("input", metavar="IN", help="input model file (path or fsspec URL)")
@@ -61,11 +63,11 @@ def run_convert(args: argparse.Namespace) -> int:
     target = args.to or ("basicsr" if args.output.lower().endswith(".pth") else "sr")
     _refuse_existing(args.output, args.overwrite)
     model = modelfile.load_generator(args.input)
+    provenance = dict(modelfile.read_metadata(args.input).get("provenance") or {})
     if target == "basicsr":
-        modelfile.save_basicsr_pth(model, args.output)
+        # The export carries the model's own provenance (a .pth converted back names it).
+        modelfile.save_basicsr_pth(model, args.output, **provenance)
     else:
-        meta = modelfile.read_metadata(args.input)
-        provenance = dict(meta.get("provenance") or {})
         provenance.setdefault("converted_from", args.input)
         modelfile.save_generator(model, args.output, **provenance)
     print(f"wrote {args.output}: {model.arch_name} x{model.scale} {model.hparams} ({target} format)")

@@ -10,9 +10,12 @@ file — and their layout is recognized from the keys:
   wrapped in ``params_ema`` / ``params`` and prefixed ``module.``;
 - the ESRGAN repository's: ``RRDB_trunk.N.RDBK.convM``, ``trunk_conv``, ``upconv1``,
   ``HRconv``;
-- the oldest ESRGAN one: ``model.0``, ``model.1.sub.N.RDBK.convM.0``, ``model.3``, ...
+- the oldest ESRGAN one: ``model.0``, ``model.1.sub.N.RDBK.convM.0``, ``model.3``, ...;
+- Real-ESRGAN's compact generator (SRVGGNetCompact: ``realesr-animevideov3``,
+  ``realesr-general-x4v3``): ``body.0``, ``body.1``, ... alternating conv and PReLU.
 
-For foreign files, num_feat / num_block / num_grow_ch / scale come from tensor shapes.
+For foreign files the hyperparameters come from tensor shapes (RRDBNet: num_feat /
+num_block / num_grow_ch / scale; compact: num_feat / num_conv / scale / activation).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from sr_core import storage
 from sr_core.archs import GENERATORS, build_generator
+from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
 
 FORMAT = "sr-cloud"
 FORMAT_VERSION = "1"
@@ -81,15 +85,31 @@ def save_generator(model: nn.Module, url: str, /, **provenance) -> None:
     storage.write_bytes(url, data)
 
 
-def save_basicsr_pth(model: nn.Module, url: str) -> None:
-    """Write ``model`` as a BasicSR / Real-ESRGAN ``.pth`` (``{"params_ema": state}``),
-    loadable by their tools and by chaiNNer. Only RRDBNet has their key layout."""
-    if getattr(model, "arch_name", None) != "rrdbnet":
-        raise ValueError(f"BasicSR .pth export supports rrdbnet only, not {getattr(model, 'arch_name', '?')}")
+# Beside the tensors, our .pth exports carry our metadata under this key (plain strings,
+# which weights_only loading reads and which BasicSR, Real-ESRGAN and chaiNNer ignore:
+# they read only their wrapper key). It makes the export self-describing, which matters
+# where the tensors cannot tell (a compact model's ReLU from its LeakyReLU).
+PTH_METADATA_KEY = "sr_cloud_metadata"
+
+# The wrapper key each architecture's own project uses: BasicSR / Real-ESRGAN read
+# ``params_ema`` (else ``params``); Real-ESRGAN's compact files hold ``params``, the only
+# key its network interpolation (``--denoise_strength``) reads.
+PTH_WRAPPER = {"rrdbnet": "params_ema", "srvgg_compact": "params"}
+
+
+def save_basicsr_pth(model: nn.Module, url: str, /, **provenance) -> None:
+    """Write ``model`` as a BasicSR / Real-ESRGAN ``.pth`` that their tools and chaiNNer
+    load: ``{"params_ema": state}`` for RRDBNet, ``{"params": state}`` for the compact
+    generator (Real-ESRGAN's own layouts), plus our metadata under ``PTH_METADATA_KEY``.
+    Only these two architectures exist in their code."""
+    arch = getattr(model, "arch_name", None)
+    if arch not in PTH_WRAPPER:
+        raise ValueError(f"BasicSR/Real-ESRGAN .pth export supports {' and '.join(PTH_WRAPPER)} only, not {arch}")
     if model.hparams.get("upsampler", "nearest") != "nearest":
         raise ValueError("BasicSR's RRDBNet has nearest upsampling only; this model uses pixelshuffle")
     buf = io.BytesIO()
-    torch.save({"params_ema": _plain_state_dict(model)}, buf)
+    torch.save({PTH_WRAPPER[arch]: _plain_state_dict(model),
+                PTH_METADATA_KEY: generator_metadata(model, **provenance)}, buf)
     storage.write_bytes(url, buf.getvalue())
 
 
@@ -107,7 +127,7 @@ def read_model_file(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if _looks_like_safetensors(data):
         return _read_safetensors(url, data)
     if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
-        return _read_torch_file(url, data), {}
+        return _read_torch_file(url, data)
     raise ModelFileError(f"{url}: not a model file (neither .safetensors nor a PyTorch .pth)")
 
 
@@ -128,7 +148,7 @@ def _read_safetensors(url: str, data: bytes) -> tuple[dict[str, torch.Tensor], d
     return tensors, dict(header.get("__metadata__") or {})
 
 
-def _read_torch_file(url: str, data: bytes) -> dict[str, torch.Tensor]:
+def _read_torch_file(url: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -143,7 +163,10 @@ def _read_torch_file(url: str, data: bytes) -> dict[str, torch.Tensor]:
             "tensors (torch.save(model.state_dict(), 'weights.pth') or safetensors' save_file), then "
             "`sr convert weights.pth model.safetensors`"
         ) from None
-    return _unwrap_state_dict(url, obj)
+    meta = obj.get(PTH_METADATA_KEY) if isinstance(obj, dict) else None
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        meta = {}  # another tool's file, or an entry of the wrong shape: read as a foreign file
+    return _unwrap_state_dict(url, obj), meta
 
 
 def _unwrap_state_dict(url: str, obj) -> dict[str, torch.Tensor]:
@@ -290,9 +313,12 @@ def infer_architecture(url: str, state: dict[str, torch.Tensor]) -> tuple[str, d
         state = _rename_keys(state, _ESRGAN_RENAMES)
     if "conv_first.weight" in state and "body.0.rdb1.conv1.weight" in state:
         return "rrdbnet", _rrdbnet_hparams_from_shapes(url, state), state
+    if "body.0.weight" in state and all(_COMPACT_KEY.match(k) for k in state):
+        return "srvgg_compact", _srvgg_hparams_from_shapes(url, state), state
     sample = ", ".join(sorted(state)[:4])
     raise ModelFileError(f"{url}: unrecognized weight layout (keys begin {sample}, ...); supported: "
-                         "ESRGAN/Real-ESRGAN RRDBNet in BasicSR, ESRGAN-repository or oldest model.N layout")
+                         "ESRGAN/Real-ESRGAN RRDBNet in BasicSR, ESRGAN-repository or oldest model.N layout, "
+                         "Real-ESRGAN's compact SRVGGNetCompact")
 
 
 def _rename_keys(state: dict, renames: list) -> dict:
@@ -355,6 +381,40 @@ def _rrdbnet_hparams_from_shapes(url: str, state: dict) -> dict:
     upsampler = "pixelshuffle" if state["conv_up1.weight"].shape[0] == 4 * num_feat else "nearest"
     return dict(num_in_ch=in_channels // unshuffle_sq, num_out_ch=num_out_ch, scale=scale,
                 num_feat=num_feat, num_block=num_block, num_grow_ch=num_grow_ch, upsampler=upsampler)
+
+
+_COMPACT_KEY = re.compile(r"^body\.\d+\.(weight|bias)$")
+
+
+def _srvgg_hparams_from_shapes(url: str, state: dict) -> dict:
+    """Real-ESRGAN's compact layout: convolutions (4-D weights) at body.0, body.2, ...,
+    activations between them. The first conv gives num_in_ch and num_feat, the last one
+    ``num_out_ch * scale**2`` outputs, the count of convs num_conv + 2. Whether the
+    layout is complete and consistent is checked afterwards, tensor by tensor, against
+    the model these values describe."""
+    convs = sorted(int(k.split(".")[1]) for k, v in state.items() if k.endswith(".weight") and v.ndim == 4)
+    if len(convs) < 2 or convs[0] != 0:
+        raise ModelFileError(f"{url}: a compact (SRVGGNetCompact) layout needs at least a first and a last "
+                             f"convolution, starting at body.0; found convolutions at body indices {convs[:8]}")
+    num_feat, num_in_ch = state["body.0.weight"].shape[:2]
+    if num_in_ch < 1 or num_feat < 1:
+        raise ModelFileError(f"{url}: body.0.weight has shape {tuple(state['body.0.weight'].shape)}; "
+                             "not a compact generator's first convolution")
+    last_out = state[f"body.{convs[-1]}.weight"].shape[0]
+    # Input and output channels are equal (the upscaled input is added to the output).
+    scale = round((last_out / num_in_ch) ** 0.5)
+    if num_in_ch * scale * scale != last_out or scale not in COMPACT_SCALES:
+        raise ModelFileError(f"{url}: the last convolution has {last_out} outputs for {num_in_ch} input channels; "
+                             f"a compact generator has channels x scale^2 of them, scale one of {list(COMPACT_SCALES)}")
+    # PReLU has one slope per channel; ReLU and LeakyReLU have no weights, and nothing in
+    # the tensors tells them apart (Real-ESRGAN's published compact models all use PReLU).
+    if "body.1.weight" not in state:
+        raise ModelFileError(f"{url}: a compact generator whose activations hold no weights (ReLU or LeakyReLU), "
+                             "and the tensors cannot tell which: build it with sr_core.build_generator("
+                             "'srvgg_compact', activation='relu' or 'leakyrelu', ...), load these tensors into it "
+                             "and write it with sr_core.save_generator, whose files record the activation")
+    return dict(num_in_ch=num_in_ch, num_out_ch=num_in_ch, scale=scale, num_feat=num_feat,
+                num_conv=len(convs) - 2, activation="prelu")
 
 
 # ---------------------------------------------------------------- interpolation

@@ -16,6 +16,7 @@ from sr_core.archs import DISCRIMINATORS, GENERATORS, VARIANTS, build_discrimina
 from sr_core.modelfile import load_generator, save_generator
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "keys_shapes.json").read_text())
+COMPACT_FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "compact_keys_shapes.json").read_text())
 
 # Scales each generator supports, and extra hyperparameter variants worth covering.
 # test_every_registry_entry_is_covered fails when a new entry is missing here.
@@ -23,11 +24,13 @@ GENERATOR_SCALES = {
     "rrdbnet": [1, 2, 4, 8],
     "multihead_rrdbnet": [1, 2, 4, 8],
     "srresnet": [2, 4, 8],
+    "srvgg_compact": [1, 2, 3, 4],
 }
 GENERATOR_VARIANTS = {
     "rrdbnet": [{"upsampler": "nearest"}, {"upsampler": "pixelshuffle"}],
     "multihead_rrdbnet": [{"upsampler": "nearest"}, {"upsampler": "pixelshuffle"}, {"output_head": 2}],
     "srresnet": [{}],
+    "srvgg_compact": [{"activation": "prelu"}, {"activation": "relu"}, {"activation": "leakyrelu"}],
 }
 # What a discriminator scores: one logit per image, or one per pixel.
 DISCRIMINATOR_OUTPUT = {
@@ -114,6 +117,7 @@ def test_unknown_name_or_variant_is_a_value_error_naming_it(build, args, named):
         (build_generator, "rrdbnet", {"num_blocks": 2}, "num_blocks"),  # typo of num_block
         (build_generator, "multihead_rrdbnet", {"heads": 2}, "heads"),
         (build_generator, "srresnet", {"upsampler": "nearest"}, "upsampler"),
+        (build_generator, "srvgg_compact", {"upscale": 4}, "upscale"),  # Real-ESRGAN's name for scale
         (build_discriminator, "vgg_style_any", {"input_size": 128}, "input_size"),
         (build_discriminator, "srgan", {"skip_connection": True}, "skip_connection"),
         (build_discriminator, "unet_sn", {"num_feats": 8}, "num_feats"),
@@ -134,6 +138,9 @@ def test_unknown_hyperparameter_is_a_value_error_naming_it(build, name, hparams,
         (build_generator, "multihead_rrdbnet", {"num_heads": 3, "output_head": 3}, "output_head"),
         (build_generator, "multihead_rrdbnet", {"output_head": -2}, "output_head"),
         (build_generator, "srresnet", {"scale": 1}, "scale"),
+        (build_generator, "srvgg_compact", {"scale": 8}, "scale"),
+        (build_generator, "srvgg_compact", {"activation": "gelu"}, "gelu"),
+        (build_generator, "srvgg_compact", {"num_in_ch": 1}, "num_in_ch"),
         (build_discriminator, "vgg_style", {"input_size": 192}, "input_size"),
     ],
 )
@@ -254,6 +261,23 @@ def test_srresnet_has_the_srgan_layout():
     assert all(isinstance(block.bn1, nn.BatchNorm2d) and isinstance(block.prelu, nn.PReLU) for block in model.body)
     assert len(model.upsample) == 2
     assert all(stage.conv.out_channels == 4 * 64 for stage in model.upsample)
+
+
+def test_srvgg_compact_published_layouts_match_the_reference_keys_and_shapes():
+    for name, num_conv in (("realesr-general-x4v3", 32), ("realesr-animevideov3", 16)):
+        variant = {32: "realesr_general", 16: "animevideo"}[num_conv]
+        model = build_generator("srvgg_compact", variant, scale=4)
+        assert state_dict_keys_and_shapes(model) == COMPACT_FIXTURES[name], name
+
+
+def test_srvgg_compact_starts_from_nearest_neighbour_and_learns_only_the_difference():
+    # With the last convolution zeroed the network outputs exactly the nearest-upscaled input.
+    model = build_generator("srvgg_compact", "tiny", scale=3).eval()
+    with torch.no_grad():
+        model.body[-1].weight.zero_()
+        model.body[-1].bias.zero_()
+        x = seeded_input(1, 3, 5, 7)
+        assert torch.equal(model(x), x.repeat_interleave(3, dim=2).repeat_interleave(3, dim=3))
 
 
 # ---- discriminators --------------------------------------------------------------

@@ -227,9 +227,11 @@ def test_sr_convert_to_basicsr_and_back(tmp_path, capsys):
     save_generator(model, ours)
     pth = str(tmp_path / "model.pth")
     assert sr_main(["convert", ours, pth]) == 0
-    # What BasicSR / Real-ESRGAN load: a params_ema dict of plain tensors in their keys.
+    # What BasicSR / Real-ESRGAN load: a params_ema dict of plain tensors in their keys
+    # (our metadata rides beside it as plain strings, which they do not read).
     obj = torch.load(pth, weights_only=True)
-    assert set(obj) == {"params_ema"} and set(obj["params_ema"]) == set(model.state_dict())
+    assert set(obj) == {"params_ema", "sr_cloud_metadata"} and set(obj["params_ema"]) == set(model.state_dict())
+    assert all(isinstance(v, str) for v in obj["sr_cloud_metadata"].values())
     back = str(tmp_path / "back.safetensors")
     assert sr_main(["convert", pth, back]) == 0
     assert same_outputs(model, load_generator(back))

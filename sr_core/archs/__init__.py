@@ -22,6 +22,7 @@ from sr_core.archs import (
     rrdbnet,
     srgan_discriminator,
     srresnet,
+    srvgg,
     unet_discriminator,
     vgg_discriminator,
 )
@@ -30,6 +31,7 @@ GENERATORS: dict[str, type[nn.Module]] = {
     "rrdbnet": rrdbnet.RRDBNet,
     "multihead_rrdbnet": multihead_rrdbnet.MultiHeadRRDBNet,
     "srresnet": srresnet.SRResNet,
+    "srvgg_compact": srvgg.SRVGGNetCompact,
 }
 
 DISCRIMINATORS: dict[str, type[nn.Module]] = {
@@ -45,6 +47,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "rrdbnet": rrdbnet.VARIANTS,
     "multihead_rrdbnet": multihead_rrdbnet.VARIANTS,
     "srresnet": srresnet.VARIANTS,
+    "srvgg_compact": srvgg.VARIANTS,
     "vgg_style": vgg_discriminator.VARIANTS,
     "vgg_style_any": vgg_discriminator.VARIANTS_ANY_SIZE,
     "srgan": srgan_discriminator.VARIANTS,
