@@ -24,7 +24,6 @@ from pathlib import Path
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -36,7 +35,6 @@ from jobs.data import (Augment, DataWaitMeter, ShardCache, SubImageDataset, Trai
                        _random_crop, _rng_for, _to_tensor)
 from sr_core.codecs import decode_rgb8  # noqa: E402
 from jobs.prepare import PrepareSettings, prepare  # noqa: E402
-from sr_core import storage  # noqa: E402
 from sr_core.resize import imresize  # noqa: E402
 
 
@@ -192,10 +190,10 @@ def main() -> None:
         group = cfg.samples_per_transfer
         variants = [
             (f"raw shards, gs:// cached, {group}/transfer", remote["raw"], group),
-            (f"raw shards, gs:// cached, 1 batch/transfer", remote["raw"], 1),
+            ("raw shards, gs:// cached, 1 batch/transfer", remote["raw"], 1),
             (f"png shards, gs:// cached, {group}/transfer", remote["png"], group),
-            (f"png shards, gs:// cached, 1 batch/transfer", remote["png"], 1),
-            (f"naive: whole 2K PNG per crop", NaiveDataset(files, cfg.gt_size, cfg.scale), group),
+            ("png shards, gs:// cached, 1 batch/transfer", remote["png"], 1),
+            ("naive: whole 2K PNG per crop", NaiveDataset(files, cfg.gt_size, cfg.scale), group),
         ]
         for name, ds, per_transfer in variants:
             fraction, ms = train_wait(ds, cfg, args.steps, per_transfer)

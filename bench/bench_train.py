@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jobs.config import load_config  # noqa: E402
-from jobs.data import DataWaitMeter, build_train_loader  # noqa: E402
+from jobs.data import build_train_loader  # noqa: E402
 from jobs.prepare import PrepareSettings, prepare  # noqa: E402
 from jobs.train import run  # noqa: E402
 from sr_core import build_generator  # noqa: E402

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
