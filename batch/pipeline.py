@@ -27,14 +27,13 @@ import math
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from sr_core import codecs, storage
 from sr_core.errors import strip_url
-from sr_core.outputs import OutputSettings
+from sr_core.outputs import BackgroundWork, OutputSettings
 
 # Environment that workers on other processes and hosts need to reach the same
 # storage as the driver (never credentials: workers use their own).
@@ -258,12 +257,15 @@ class UpscaleActor:
         self.settings = settings
         self.encode_here = encode_here
         self.encode_threads = max(1, encode_threads)
-        self.pool = ThreadPoolExecutor(max_workers=self.encode_threads)
+        # Outputs waiting for an encoder are bounded (one per thread, plus one), so an
+        # actor holds a few outputs in memory whatever the batch size.
+        self.writer = BackgroundWork(self.encode_threads, max_pending=self.encode_threads + 1)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = _batch_rows(batch, skip=("image",))
-        pending, results = [], [None] * len(rows)
+        results = [None] * len(rows)
+        finished = []
         for i, (row, frame) in enumerate(zip(rows, batch["image"])):
             image = frame.array
             row["worker"] = self.worker
@@ -280,15 +282,10 @@ class UpscaleActor:
                 continue
             row["model_s"] = time.perf_counter() - started
             if self.encode_here:
-                # Outputs waiting for an encoder are bounded (one per thread, plus one), so
-                # an actor holds a few outputs in memory whatever the batch size.
-                while len(pending) > self.encode_threads:
-                    j, future = pending.pop(0)
-                    results[j] = future.result()
-                pending.append((i, self.pool.submit(finish_image, row, image, result, self.settings)))
+                finished += self.writer.submit(i, finish_image, row, image, result, self.settings)
             else:
                 results[i] = (row, image, result)
-        for i, future in pending:
+        for i, future in finished + self.writer.drain():
             results[i] = future.result()
         if not self.encode_here:
             done = [r if isinstance(r, tuple) else (r, None, None) for r in results]

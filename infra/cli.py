@@ -14,6 +14,8 @@ import os
 import shlex
 import sys
 
+from jobs.config import split_config_args
+
 DEFAULT_OUT = "sr-cloud-out"
 
 
@@ -242,18 +244,6 @@ def _run(tool_path: str, command: list[str], capture: bool = False):
 # --- sr cloud train / status / logs / stop --------------------------------------------
 
 
-def split_items(items: list[str]) -> tuple[str, list[str]]:
-    """``[CONFIG.yaml] [k=v ...]`` as ``sr train`` reads them."""
-    config, overrides = "", list(items)
-    if overrides and "=" not in overrides[0]:
-        config = overrides.pop(0)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"{item!r}: only the first argument may be a config file; "
-                             "the rest must look like section.field=value")
-    return config, overrides
-
-
 def check_training_config(job) -> str:
     """Load the config here as the nodes will (preset, file, overrides), so a typo fails
     now rather than after the VMs are paid for. Returns what was checked."""
@@ -276,7 +266,8 @@ def run_train(args: argparse.Namespace) -> int:
     from infra import skypilot
     from infra.credentials import require_gcp
 
-    config, overrides = split_items(args.items)
+    config, overrides = split_config_args(args.items)
+    config = config or ""
     if config and "://" not in config:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"{config}: no such config file")

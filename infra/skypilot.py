@@ -111,7 +111,7 @@ class TrainJob:
     optional when REGISTRY is a host) or a VM image; empty: SkyPilot's GPU VM image."""
 
     launch_config: str = ""
-    """``accelerate launch --config_file`` (e.g. ``jobs/launch/deepspeed.yaml``), relative to the project."""
+    """``accelerate launch --config_file`` (e.g. ``jobs/launch/deepspeed_zero2_8_gpus.yaml``), relative to the project."""
 
     workdir: str = "."
     """The project checkout SkyPilot copies to every node (its ``workdir``)."""

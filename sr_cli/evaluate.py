@@ -11,7 +11,6 @@ code is then 1. Hidden files are reported as skipped.
 from __future__ import annotations
 
 import argparse
-import os
 import posixpath
 import re
 import sys
@@ -139,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
         scale = scales.pop()
     out = args.out
     if out is not None:
-        _check_writable(out)
+        storage.check_writable(out)
     methods = [evaluate.baseline(name, scale) for name in baselines]
     for label, model in zip(labels, models):
         methods += evaluate.model_methods(model, label, scale, device=args.device, tile=args.tile)
@@ -190,23 +189,6 @@ def run_eval(args: argparse.Namespace) -> int:
     for line in problems:
         print(line, file=sys.stderr)
     return 1 if report.num_failures else 0
-
-
-def _check_writable(out: str) -> None:
-    """Refuse an output folder that cannot be written before any image is scored."""
-    from sr_core import storage
-
-    fs, path = storage.get_fs(out)
-    if fs.isfile(path):
-        raise ValueError(f"{out} is a file; --out must be a folder (new or existing)")
-    if storage.is_local(out):
-        folder = storage.local_path(out)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"--out {out}: the folder is not writable")
 
 
 def _write_figures(report, out: str, count: int) -> None:

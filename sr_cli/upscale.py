@@ -42,14 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
     from tqdm import tqdm
 
     from sr_core import codecs, storage
     from sr_core.errors import is_unwritable, strip_url
     from sr_core.memory import available_memory, read_within_memory
-    from sr_core.outputs import Task, plan_outputs
+    from sr_core.outputs import BackgroundWork, Task, plan_outputs
 
     settings = output_settings(args)
     if args.memory_limit is not None and not (math.isfinite(args.memory_limit) and args.memory_limit > 0):
@@ -88,13 +86,11 @@ def run_upscale(args: argparse.Namespace) -> int:
         # Encoding (PNG above all) is as slow as a small model: it runs in the
         # background while the next image is upscaled. At most two results wait, so
         # memory stays at a few outputs.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = {}
-
-            def collect(done) -> None:
+        writer = BackgroundWork(threads=2)
+        try:
+            def collect(finished) -> None:
                 nonlocal written, out_pixels, stopped
-                for future in done:
-                    task = pending.pop(future)
+                for task, future in finished:
                     try:
                         out_pixels += future.result()
                         written += 1
@@ -128,18 +124,15 @@ def run_upscale(args: argparse.Namespace) -> int:
                         failures.append((task.input, strip_url(exc, task.input)))
                         bar.update(1)
                         continue
-                    while len(pending) >= 2:
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        collect(done)
-                    pending[pool.submit(save, task, result)] = task
+                    collect(writer.submit(task, save, task, result))
                     del image, result
             except KeyboardInterrupt:
                 # Ctrl-C: the outputs already handed to the writers are finished (each
                 # is written atomically), then the summary says what is left.
                 interrupted = True
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                collect(done)
+            collect(writer.drain())
+        finally:
+            writer.close()
         bar.close()
 
     hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from sr_core import codecs, storage
@@ -224,3 +225,38 @@ def assign_outputs(found: list[tuple[str, str, bool]], out: str, suffix: str, ex
             taken[output] = url
             plan.tasks.append(Task(url, output))
     return plan
+
+
+class BackgroundWork:
+    """Encoding and writing outputs on a few threads while the caller computes the next
+    one, with the number of outputs waiting bounded so that memory holds a few of them
+    whatever the number of images (Pillow's encoders release the GIL).
+
+    ``submit(key, fn, *args)`` waits while ``max_pending`` are pending and returns the
+    ``(key, future)`` pairs that finished meanwhile; ``drain()`` returns the rest. The
+    caller reads each future's result or exception."""
+
+    def __init__(self, threads: int, max_pending: int | None = None):
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.max_pending = max_pending or threads
+        self.pending: dict[Future, object] = {}
+
+    def submit(self, key, fn, *args) -> list[tuple[object, Future]]:
+        finished = []
+        while len(self.pending) >= self.max_pending:
+            finished += self._wait()
+        self.pending[self.pool.submit(fn, *args)] = key
+        return finished
+
+    def drain(self) -> list[tuple[object, Future]]:
+        finished = []
+        while self.pending:
+            finished += self._wait()
+        return finished
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _wait(self) -> list[tuple[object, Future]]:
+        done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+        return [(self.pending.pop(future), future) for future in done]
