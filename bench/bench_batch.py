@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from batch import localray  # noqa: E402
 from batch.run import BatchConfig, run_batch  # noqa: E402
 from bench_upscaler import conv_flops_per_input_pixel  # noqa: E402
 from sr_core import build_generator, codecs, metrics, save_generator  # noqa: E402
@@ -172,7 +173,7 @@ def main() -> None:
         import ray
 
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=localray.SYSTEM_CONFIG)
         ray_start = time.perf_counter() - start
         if not args.generators_only:
             compare_variants(args, work)

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from batch import localray
 from events import HANG_TIMEOUT, upscale_actors_below, wait_for
 from sr_core import codecs, metrics, storage
 from sr_cli.main import main
@@ -42,6 +43,7 @@ def ray_address(gcs_emulator):
         return
     env = {k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
     context = ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+                       _system_config=localray.SYSTEM_CONFIG,
                        log_to_driver=False)
     yield context.address_info["address"]
     ray.shutdown()

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from batch import localray
 from events import HANG_TIMEOUT, upscale_actors_below, wait_for
 from faultproxy import FaultProxy, FaultRates
 from sr_core import codecs, metrics
@@ -44,7 +45,8 @@ def proxied_ray(gcs_emulator):
     with FaultProxy(gcs_emulator.url, FAULTY, seed=3) as proxy:
         env = {"STORAGE_EMULATOR_HOST": proxy.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
                "SR_STORAGE_ATTEMPTS": "10", "SR_STORAGE_BACKOFF": "0.02"}
-        context = ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        context = ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
+                           _system_config=localray.SYSTEM_CONFIG)
         try:
             yield context.address_info["address"], proxy
         finally:
