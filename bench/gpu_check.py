@@ -1295,64 +1295,6 @@ def write_results(out: str, table: str, title: str, rows: list[Row]) -> None:
     storage.write_bytes(base + ".json", (json.dumps(data, indent=1, allow_nan=False) + "\n").encode())
 
 
-# ---------------------------------------------------------------- SkyPilot task
-
-
-def sky_task(gpus: str, spot: bool, region: str, out: str) -> dict:
-    """A SkyPilot task that installs the project on one GPU VM (torch with V100 kernels)
-    and runs this check there. ``sr cloud`` submits training and batch jobs only."""
-    import shlex
-
-    from infra import image
-    from infra.cli import project_dir
-
-    run = f"""\
-set -uo pipefail
-SR_VENV="${{SR_VENV:-{image.VENV}}}"
-export TORCH_EXTENSIONS_DIR="$HOME/.cache/torch_extensions"
-nvidia-smi
-"$SR_VENV/bin/python" bench/gpu_check.py --out {shlex.quote(out)}
-"""
-    return {
-        "name": "sr-gpu-check",
-        "workdir": project_dir(),
-        "resources": {"infra": f"gcp/{region}" if region else "gcp", "accelerators": gpus, "use_spot": spot,
-                      "disk_size": 100},
-        "setup": "# the project with the cloud torch build (V100 kernels), as `sr cloud train` installs it\n"
-                 + image.install_script("train,batch"),
-        "run": run,
-    }
-
-
-def write_sky_task(args: argparse.Namespace) -> int:
-    """``--sky-task FILE``: the task, checked by SkyPilot's own validator (offline), then
-    written, with the command that would run it. Contacts nothing."""
-    from infra.cli import dump_yaml
-
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*(:[1-9][0-9]*)?", args.gpus):
-        raise ValueError(f"--gpus {args.gpus!r}: use TYPE:COUNT, e.g. V100:1")
-    task = sky_task(args.gpus, args.spot, args.region, args.out or DEFAULT_OUT)
-    try:
-        import sky
-    except ImportError:
-        checked = "not validated: SkyPilot is not installed here (pip install 'sr-cloud[cloud]')"
-    else:
-        try:
-            sky.Task.from_yaml_config(copy.deepcopy(task))  # it consumes the dict it reads
-        except Exception as exc:  # SkyPilot's own schema errors, whatever their class
-            raise ValueError(f"SkyPilot refuses the task: {' '.join(str(exc).split())[:300]}") from None
-        checked = "SkyPilot's validator accepts it (sky.Task.from_yaml_config; offline)"
-    path = Path(args.sky_task)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# SkyPilot task written by bench/gpu_check.py --sky-task: the GPU check on one VM.\n"
-                    + dump_yaml(task))
-    print(f"SkyPilot task: {path} (1 VM, {args.gpus}{', spot' if args.spot else ''}; {checked})")
-    print("dry run: nothing was submitted. To run the check (the VM is deleted when it ends; the table is "
-          "printed in the log, and written to --out on the VM, e.g. a gs:// URL):")
-    print(f"  sky launch -c sr-gpu-check {path} --down --yes")
-    return 0
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -1363,8 +1305,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "in fp32/fp16/bf16, sr upscale, sr train (DDP, DeepSpeed ZeRO-2, NCCL), sr batch on a GPU "
                     "actor. Prints one Markdown table and writes it to --out; exit code 1 if a path failed. "
                     "Without CUDA it says so in one line and exits 0.",
-        epilog="The steps and their time budgets: --list. On one V100 in Google Cloud: --sky-task FILE writes a "
-               "SkyPilot task for `sky launch` (see README).")
+        epilog="The steps and their time budgets: --list. On one V100 in Google Cloud: "
+               "`sr cloud gpu-check --gpus V100:1` (see README).")
     parser.add_argument("--out", default=None,
                         help=f"where the table goes, any fsspec URL (default: {DEFAULT_OUT}; a .json of the rows "
                              "is written beside it)")
@@ -1382,13 +1324,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, runs, outputs)")
     parser.add_argument("--timeout-factor", type=float, default=2.0,
                         help="a step is stopped at this many times its budget (default: 2)")
-    sky = parser.add_argument_group("SkyPilot")
-    sky.add_argument("--sky-task", default="", metavar="FILE",
-                     help="write a SkyPilot task that runs this check on one GPU VM, validate it offline, print "
-                          "the `sky launch` command, and exit (contacts nothing)")
-    sky.add_argument("--gpus", default="V100:1", help="with --sky-task: accelerators (default: V100:1)")
-    sky.add_argument("--spot", action="store_true", help="with --sky-task: a spot VM")
-    sky.add_argument("--region", default="", help="with --sky-task: GCP region (default: SkyPilot chooses)")
     parser.add_argument("--cpu-rehearsal", action="store_true",
                         help="FOR TESTS ONLY: run every step on the CPU with tiny sizes; the table says "
                              "CPU REHEARSAL and its figures are not GPU results")
@@ -1412,8 +1347,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout_factor < 1:
             raise ValueError(f"--timeout-factor must be >= 1, got {args.timeout_factor}")
         select_steps(args.only, args.skip)  # a typo fails before anything runs
-        if args.sky_task:
-            return write_sky_task(args)
         return run_check(args)
     except ValueError as exc:
         print(f"gpu-check: error: {exc}", file=sys.stderr)

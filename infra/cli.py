@@ -88,6 +88,23 @@ def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run_job_command, action=action)
 
     p = cloud_sub.add_parser(
+        "gpu-check",
+        help="run ./dev gpu-check (every CUDA path, a Markdown table) on one GPU VM, deleted when it ends",
+        description="Write a SkyPilot task that installs the project on one GPU VM (torch with V100 kernels, "
+                    "as `sr cloud train` does) and runs the GPU check there, then start it with `sky launch "
+                    "--down` (the VM is deleted when the check ends). The table is printed in the log and "
+                    "written to --table.",
+    )
+    p.add_argument("--gpus", default="V100:1", help="accelerators of the VM as TYPE:COUNT (default: V100:1)")
+    p.add_argument("--spot", action="store_true", help="a spot VM")
+    p.add_argument("--region", default="", help="GCP region (default: SkyPilot picks the cheapest with capacity)")
+    p.add_argument("--table", default="gpu-check.md",
+                   help="where the check writes its table on the VM; a gs:// URL keeps it after the VM is deleted "
+                        "(default: gpu-check.md on the VM, in the log only)")
+    _add_out_options(p)
+    p.set_defaults(func=run_gpu_check)
+
+    p = cloud_sub.add_parser(
         "ray-config",
         help="print a Ray cluster-launcher config for GCP GPU workers (use: > cluster.yaml)",
         description="Print a Ray cluster-launcher YAML for Google Cloud: a CPU head node and an autoscaling "
@@ -375,6 +392,29 @@ def run_job_command(args: argparse.Namespace) -> int:
     header = [line for line in lines if "NAME" in line.split() and "ID" in line.split()][:1]
     print("\n".join(header + rows) if rows else f"no managed job named {args.name} (sky jobs queue --all lists all)")
     return done.returncode
+
+
+# --- sr cloud gpu-check ------------------------------------------------------------------
+
+
+def run_gpu_check(args: argparse.Namespace) -> int:
+    from infra import skypilot
+    from infra.credentials import require_gcp
+
+    task = skypilot.gpu_check_task(args.gpus, args.spot, args.region, args.table, project_dir())
+    out = _out_dir(args, skypilot.GPU_CHECK_CLUSTER)
+    task_path = os.path.join(out, "task.yaml")
+    _write(task_path, "# SkyPilot task written by `sr cloud gpu-check`: the GPU check on one VM.\n" + dump_yaml(task))
+    command = skypilot.gpu_check_launch_command(task_path)
+    _write(os.path.join(out, "commands.sh"),
+           _commands_sh([shlex.join(command)], ["the VM is deleted when the check ends (--down)"]), executable=True)
+    print(f"SkyPilot task: {task_path} (1 VM, {args.gpus}{', spot' if args.spot else ''}); the table goes to "
+          f"{args.table} on the VM and into the log")
+    _print_plan(out, [command], args.dry_run)
+    if args.dry_run:
+        return 0
+    sky = require_gcp("sky")
+    return _run(sky, command).returncode
 
 
 # --- sr cloud ray-config / batch ---------------------------------------------------------

@@ -414,3 +414,38 @@ def logs_command(name: str, follow: bool = True, controller: bool = False) -> li
 
 def stop_command(name: str) -> list[str]:
     return ["sky", "jobs", "cancel", "--name", name, "--yes"]
+
+
+# --- sr cloud gpu-check ---------------------------------------------------------------
+
+GPU_CHECK_CLUSTER = "sr-gpu-check"
+
+
+def gpu_check_task(gpus: str, spot: bool, region: str, table: str, workdir: str) -> dict:
+    """A SkyPilot task that installs the project on one GPU VM (torch with V100 kernels,
+    as ``sr cloud train`` installs it) and runs ``./dev gpu-check`` there, writing its
+    table to ``table`` (a gs:// URL keeps it after the VM is gone; it is in the log too)."""
+    if not _GPUS.match(gpus):
+        raise ValueError(f"--gpus {gpus!r}: use TYPE:COUNT, e.g. V100:1")
+    run = f"""\
+set -uo pipefail
+SR_VENV="${{SR_VENV:-{image.VENV}}}"
+export TORCH_EXTENSIONS_DIR="$HOME/.cache/torch_extensions"
+nvidia-smi
+"$SR_VENV/bin/python" bench/gpu_check.py --out {shlex.quote(table)}
+"""
+    return {
+        "name": GPU_CHECK_CLUSTER,
+        "workdir": workdir,
+        "resources": {"infra": f"gcp/{region}" if region else "gcp", "accelerators": gpus, "use_spot": spot,
+                      "disk_size": 100},
+        "setup": "# the project with the cloud torch build (V100 kernels), as `sr cloud train` installs it\n"
+                 + image.install_script("train,batch"),
+        "run": run,
+    }
+
+
+def gpu_check_launch_command(task_path: str) -> list[str]:
+    # A plain cluster, not a managed job: the check is minutes long and is not resumed;
+    # --down deletes the VM when it ends.
+    return ["sky", "launch", "-c", GPU_CHECK_CLUSTER, task_path, "--down", "--yes"]

@@ -81,6 +81,31 @@ def validate_with_skypilot(paths, env):
     return tasks
 
 
+# --- the GPU check on one VM ----------------------------------------------------------------
+
+
+def test_gpu_check_dry_run_writes_a_task_for_one_v100(tmp_path, offline_env, sr):
+    out = tmp_path / "out"
+    done = sr(["cloud", "gpu-check", "--table", "gs://bucket/gpu-check/v100.md", "--dry-run", "--out", out])
+    assert done.returncode == 0, done.stderr
+    task_path = out / "task.yaml"
+    assert f"sky launch -c sr-gpu-check {task_path} --down --yes" in done.stdout
+    assert "nothing was submitted" in done.stdout
+    task = yaml.safe_load(task_path.read_text())
+    assert task["workdir"] == str(ROOT)
+    assert "bench/gpu_check.py --out gs://bucket/gpu-check/v100.md" in task["run"]
+    assert "--index-url https://download.pytorch.org/whl/cu126" in task["setup"]  # V100 kernels
+    scripts = []
+    for name in ("setup", "run"):
+        scripts.append(tmp_path / f"{name}.sh")
+        scripts[-1].write_text("#!/usr/bin/env bash\n" + task[name])
+    check_shell(scripts + [out / "commands.sh"])
+    (parsed,) = validate_with_skypilot([task_path], offline_env)
+    assert parsed["accelerators"] == {"V100": 1} and parsed["spot"] is False and parsed["num_nodes"] == 1
+    bad = sr(["cloud", "gpu-check", "--gpus", "V100:x", "--dry-run", "--out", tmp_path / "bad"])
+    assert bad.returncode == 2 and "--gpus 'V100:x': use TYPE:COUNT" in bad.stderr
+
+
 # --- training on SkyPilot -----------------------------------------------------------------
 
 
