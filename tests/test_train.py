@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from events import wait_for
 from jobs import checkpoint as ckpt
 from jobs.prepare import PrepareSettings, prepare
 from jobs.train import main as train_main
@@ -240,10 +240,8 @@ def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path):
     command = [sys.executable, "-m", "jobs.train", *args, f"train.run_dir={broken}", "--resume", "auto"]
 
     process = subprocess.Popen(command, env=_env(threads=2), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not os.path.exists(f"{ckpt.step_dir(broken, 3)}/{ckpt.COMPLETE}"):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    third = f"{ckpt.step_dir(broken, 3)}/{ckpt.COMPLETE}"
+    wait_for(lambda: os.path.exists(third), "the step-3 checkpoint", proc=process, interval=0.05)
     process.kill()
     process.wait()
     assert ckpt.complete_steps(broken) == [3]

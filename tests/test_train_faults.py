@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 
 import jobs.state
+from events import wait_for
 from faultproxy import FaultProxy, FaultRates
 from jobs import checkpoint as ckpt
 from jobs.train import main as train_main
@@ -66,13 +66,10 @@ def test_training_killed_at_seeded_points_resumes_to_identical_weights(data, tmp
     kills = 0
     for point in points:
         # ...as soon as it is complete, or once the next one has started (mid-checkpoint)
-        wait_for = f"{ckpt.step_dir(broken, point)}/{ckpt.COMPLETE}" if rng.random() < 0.5 else \
+        kill_at = f"{ckpt.step_dir(broken, point)}/{ckpt.COMPLETE}" if rng.random() < 0.5 else \
             ckpt.step_dir(broken, point + 1)
         process = subprocess.Popen(command, env=_env(threads=2), stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while not os.path.exists(wait_for):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: os.path.exists(kill_at), kill_at, proc=process, interval=0.01)
         process.kill()
         kills += 1
         process.wait()
@@ -344,10 +341,8 @@ def test_a_second_train_on_a_busy_run_dir_is_refused_naming_the_holder(data, tmp
     try:
         # The first checkpoint exists: the loop runs (its SIGTERM handler is installed)
         # and the lease is held.
-        deadline = time.monotonic() + 300
-        while not os.path.exists(f"{ckpt.step_dir(str(run), 1)}/{ckpt.COMPLETE}"):
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+        first_checkpoint = f"{ckpt.step_dir(str(run), 1)}/{ckpt.COMPLETE}"
+        wait_for(lambda: os.path.exists(first_checkpoint), "the first checkpoint", proc=first, interval=0.01)
         capsys.readouterr()
         assert sr_main(["train", *args, "train.max_steps=1"]) == 2  # bounded, should it train
         err = capsys.readouterr().err.strip()
@@ -428,10 +423,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_0(data, tmp_pa
     process = subprocess.Popen([sys.executable, "-m", "jobs.train", *args, "train.max_steps=100000"],
                                env=_env(threads=2), stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = f"{ckpt.step_dir(str(run), 1)}/{ckpt.COMPLETE}"  # a step trained: the workers are up
-    deadline = time.monotonic() + 300
-    while not os.path.exists(first):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
-        time.sleep(0.01)
+    wait_for(lambda: os.path.exists(first), "the first checkpoint", proc=process, interval=0.01)
     os.killpg(process.pid, signal.SIGTERM)
     err = process.communicate(timeout=300)[1]
     assert process.returncode == 0, err[-3000:]
