@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from events import HANG_TIMEOUT
 
 # gcsfs 2026.x probes buckets over gRPC unless told not to (a 60 s hang per operation
 # against the emulator); this must be set before gcsfs is first imported.
@@ -68,7 +69,7 @@ def gcs_emulator(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=log,
     )
     log.close()  # the child has its own copy
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_TIMEOUT
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"gcp-storage-emulator exited: {log_path.read_text(errors='replace')[-2000:]}")
@@ -78,7 +79,7 @@ def gcs_emulator(tmp_path_factory):
         except OSError:
             if time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError("gcp-storage-emulator did not start listening within 30 s")
+                raise RuntimeError(f"gcp-storage-emulator did not start listening within {HANG_TIMEOUT:.0f} s: a hang")
             time.sleep(0.1)
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"

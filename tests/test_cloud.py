@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from cloudenv import offline_env, sr  # noqa: F401 (fixtures)
+from events import HANG_TIMEOUT, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -691,14 +692,15 @@ def _serve_and_read(target: str, env: dict) -> dict:
         url = re.search(r"(http://\S+)", line).group(1).rstrip("/")
         assert f"127.0.0.1:{port}" in url, line
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
-        deadline = time.monotonic() + 30
-        while True:
-            listed = json.loads(opener.open(url + "/data/runs", timeout=5).read())
-            if len(listed) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        listed: list[str] = []
+
+        def both_runs_listed() -> bool:
+            listed[:] = json.loads(opener.open(url + "/data/runs", timeout=60).read())
+            return len(listed) == 2
+
+        wait_for(both_runs_listed, "both runs listed by TensorBoard", proc=proc, interval=0.5)
         series = {run: [row[2] for row in json.loads(opener.open(
-            f"{url}/data/plugin/scalars/scalars?run={run}&tag=train/loss_g", timeout=5).read())] for run in listed}
+            f"{url}/data/plugin/scalars/scalars?run={run}&tag=train/loss_g", timeout=60).read())] for run in listed}
         return series
     finally:
         proc.terminate()
@@ -891,11 +893,11 @@ def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gc
     port = _free_port()
     nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
     try:
-        deadline = time.monotonic() + 120
-        while not complete_steps():
+        def a_checkpoint_complete() -> bool:
             assert all(n.poll() is None for n in nodes), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
-            assert time.monotonic() < deadline, logs[0].read_text()[-3000:]
-            time.sleep(0.2)
+            return bool(complete_steps())
+
+        wait_for(a_checkpoint_complete, "a complete checkpoint", interval=0.2)
         _kill(nodes[1])
     finally:
         for n in nodes:
@@ -910,7 +912,7 @@ def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gc
     nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
     try:
         for rank, node in enumerate(nodes):
-            assert node.wait(timeout=180) == 0, logs[rank].read_text()[-4000:]
+            assert node.wait(timeout=HANG_TIMEOUT) == 0, logs[rank].read_text()[-4000:]
     finally:
         for n in nodes:
             _kill(n)
