@@ -56,3 +56,21 @@ def test_the_library_parses_no_arguments_and_packages_use_no_other_command_modul
         for path in sorted((REPO / package).rglob("*.py")):
             foreign = {m for m in _imports(path) if m in command_modules and not m.startswith(package + ".")}
             assert not foreign, f"{path} imports {sorted(foreign)}"
+
+
+def test_the_readme_names_every_command_and_cloud_action():
+    """README's table of `sr` commands is the user's map: a command or an `sr cloud`
+    action that the parser has and the table lacks is a command nobody finds."""
+    import argparse
+    import re
+
+    from sr_cli.main import COMMANDS, build_parser
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `sr ")]
+    named = {re.match(r"\| `sr (\S+)", row).group(1) for row in rows}
+    assert set(COMMANDS) <= named, sorted(set(COMMANDS) - named)
+    (cloud_row,) = [row for row in rows if row.startswith("| `sr cloud ")]
+    documented = set(re.match(r"\| `sr cloud (\S+)`", cloud_row).group(1).split("\\|"))
+    cloud = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["cloud"]
+    actions = next(a for a in cloud._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(actions) == documented, (sorted(actions), sorted(documented))
