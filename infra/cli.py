@@ -548,14 +548,6 @@ def check_ray_version(cluster: dict, path: str) -> str | None:
     return wanted
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_server_version(address: str) -> str | None:
     """The Ray version a Ray job server at ``address`` reports (``/api/version``), or None
     when nothing, or something else, answers there."""
@@ -581,8 +573,9 @@ def submit_through_tunnel(ray: str, job, cluster_ray: str | None, wait_s: float 
     import time
 
     from infra import raycluster
+    from sr_core.net import free_port
 
-    port = _free_port()
+    port = free_port()
     _, _, dashboard, submit, _ = raycluster.submit_commands(job, port)
     address = f"http://127.0.0.1:{port}"
     tunnel = subprocess.Popen([ray, *dashboard[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -24,6 +24,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from infra import image, raycluster, skypilot
+from sr_core.errors import short_reason
 
 API_ROOT_VARIABLE = "SR_GOOGLE_API_ROOT"
 """Overrides ``https://`` for every Google API host (a recorded-API server in tests)."""
@@ -276,7 +277,7 @@ class Reply:
     def message(self) -> str:
         error = self.data.get("error")
         if isinstance(error, dict) and error.get("message"):
-            return " ".join(str(error["message"]).split())
+            return short_reason(error["message"], None)
         errors = self.data.get("errors")
         if isinstance(errors, list) and errors and isinstance(errors[0], dict):
             return str(errors[0].get("message") or errors[0].get("code"))
@@ -314,7 +315,7 @@ class Api:
         try:
             response = sender.request(method, target, json=json_body, headers=headers or {}, timeout=self.timeout)
         except google.auth.exceptions.RefreshError as exc:
-            raise ValueError(f"your Google Cloud credentials were refused ({_short(exc)}): run "
+            raise ValueError(f"your Google Cloud credentials were refused ({short_reason(exc)}): run "
                              "`gcloud auth application-default login`") from None
         except (requests.ConnectionError, requests.Timeout, google.auth.exceptions.TransportError) as exc:
             host = urllib.parse.urlsplit(url).netloc
@@ -341,10 +342,6 @@ class Api:
         return self.credentials.token
 
 
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]
-
-
 def load_credentials(path: str):
     import google.auth
     import google.auth.exceptions
@@ -352,7 +349,7 @@ def load_credentials(path: str):
     try:
         credentials, _ = google.auth.load_credentials_from_file(path, scopes=SCOPES)
     except google.auth.exceptions.DefaultCredentialsError as exc:
-        raise ValueError(f"{path}: not usable Google credentials ({_short(exc)})") from None
+        raise ValueError(f"{path}: not usable Google credentials ({short_reason(exc)})") from None
     return credentials
 
 

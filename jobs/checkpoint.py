@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from jobs import config as config_module
 from sr_core import load_generator, storage
+from sr_core.errors import short_reason
 from sr_core.lease import Lease
 
 CHECKPOINTS = "checkpoints"
@@ -67,7 +68,7 @@ def load_torch(url: str):
     except Exception as exc:  # noqa: BLE001 - any damage: torch raises several types
         # torch's messages about such files advise retrying with weights_only=False, which
         # would unpickle (run) whatever the file holds: never shown.
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = short_reason(exc, None) or type(exc).__name__
         if "weights_only" in reason or "Weights only" in reason:
             reason = "it holds objects that are not plain tensors and numbers"
         raise ValueError(f"{url}: not a readable checkpoint file ({reason[:200]}); it is damaged or not ours: "
@@ -321,7 +322,7 @@ class CheckpointWriter:
         try:
             storage.write_bytes(storage.join(self.folder, rel), data)
         except OSError as exc:  # a full disk, a read-only one, storage down past the retries
-            reason = exc.strerror if exc.errno is not None and exc.strerror else " ".join(str(exc).split())[:300]
+            reason = exc.strerror if exc.errno is not None and exc.strerror else short_reason(exc, 300)
             self.error = (rel, reason, isinstance(exc, storage.StorageError))
             return
         self.files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -351,7 +352,7 @@ class CheckpointWriter:
                     if fs.exists(path):  # this step was damaged before: written anew now
                         fs.rm(path)
                 except OSError as exc:
-                    reason = exc.strerror if exc.errno is not None and exc.strerror else " ".join(str(exc).split())[:300]
+                    reason = exc.strerror if exc.errno is not None and exc.strerror else short_reason(exc, 300)
                     error = (COMPLETE, reason, isinstance(exc, storage.StorageError))
             if error is not None:
                 fs, path = storage.get_fs(self.folder)

@@ -168,7 +168,7 @@ def launch_local(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     import torch
 
-    from jobs.engines import free_port
+    from sr_core.net import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 
 import torch
 from accelerate import Accelerator
@@ -50,6 +49,7 @@ from torch import nn
 from jobs import checkpoint as ckpt
 from jobs.config import Config
 from sr_core import storage
+from sr_core.net import free_port
 from sr_core.precision import choose_precision
 
 
@@ -62,13 +62,6 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     if requested == "fp16" and not cuda:
         raise ValueError("train.precision=fp16 needs a GPU; use fp32 (or bf16) on CPU")
     return requested
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (for a launcher's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def adopt_deepspeed_launch(config: Config) -> None:

@@ -115,6 +115,14 @@ def run_command(prog: str, func: Callable[[], int | None]) -> int:
         return code
 
 
+def short_reason(exc: object, limit: int | None = 200) -> str:
+    """The text of an exception (or of any message object) on one line, whitespace runs
+    and newlines folded to one space, cut to ``limit`` characters (None: not cut): what
+    a report line or a log line quotes of an error it does not own."""
+    text = " ".join(str(exc).split())
+    return text if limit is None else text[:limit]
+
+
 def strip_url(exc: BaseException, url: str) -> str:
     """The reason an input failed, for a report line that names the input already: our
     errors start with ``URL: ``, which is dropped; exceptions other than ValueError and

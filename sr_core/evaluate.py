@@ -45,7 +45,7 @@ from sr_core import metrics, storage
 from sr_core.archs.multihead_rrdbnet import MEAN_OF_HEADS, MultiHeadRRDBNet
 from sr_core.codecs import INPUT_EXTENSIONS, read_image, to_rgb8
 from sr_core.datasets import hr_key, read_list
-from sr_core.errors import strip_url
+from sr_core.errors import short_reason, strip_url
 from sr_core.resize import imresize, mod_crop
 from sr_core.upscaler import Upscaler
 
@@ -349,7 +349,7 @@ def evaluate_set(image_set: ImageSet, methods: list[Method], scale: int, crop_bo
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 hr, lr = read_pair(item, scale)
-            result.warnings.extend((item.name, " ".join(str(w.message).split())) for w in caught)
+            result.warnings.extend((item.name, short_reason(w.message, None)) for w in caught)
             for method in methods:
                 outputs[method.name] = _upscale(method, lr, hr)
                 scores[method.name] = score(outputs[method.name], hr, border, y_channel, lpips)

@@ -32,6 +32,7 @@ import time
 import uuid
 
 from sr_core import storage
+from sr_core.errors import short_reason
 
 LEASE_NAME = ".sr-lease.json"  # hidden: listings of the folder's files skip it
 DEFAULT_HEARTBEAT_SECONDS = 30.0
@@ -196,7 +197,7 @@ class Lease:
                     return
             except Exception as exc:  # noqa: BLE001 - storage down: the next beat tries again
                 logger.warning("lease: %s: heartbeat failed (%s); trying again in %.0f s",
-                               self.url, " ".join(str(exc).split())[:200], self.heartbeat_seconds)
+                               self.url, short_reason(exc, 200), self.heartbeat_seconds)
             finally:
                 self.beat_event.set()
 
@@ -218,7 +219,7 @@ class Lease:
             storage.swap_if_unchanged(self.url, written, None)
         except Exception as exc:  # noqa: BLE001 - a lease left behind goes stale; the work is done
             logger.warning("lease: %s: could not delete it (%s); it goes stale in %.0f s",
-                           self.url, " ".join(str(exc).split())[:200], self.stale_seconds)
+                           self.url, short_reason(exc, 200), self.stale_seconds)
 
     def __enter__(self) -> "Lease":
         return self.acquire()

@@ -8,7 +8,6 @@ stores publish an object only when its upload completes, so a direct write is at
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import fnmatch
@@ -26,9 +25,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from fsspec.core import url_to_fs
+
+from sr_core.errors import short_reason
 
 logger = logging.getLogger("sr_core.storage")
 # fsspec's read-ahead logs each failed fetch at ERROR level (three lines, no names)
@@ -87,8 +88,12 @@ def get_fs(url: str):
         options = _gcs_options(os.environ.get("STORAGE_EMULATOR_HOST", ""), os.environ.get("SR_GCS_ANON", ""))
     except StorageError as exc:
         raise StorageError(f"{url}: {exc}") from None
-    fs, path = url_to_fs(url, **options)
-    _use_our_retries(fs)
+    from sr_core.gcs_retries import RetryingRequests
+
+    # gcsfs sends every request through this aiohttp session: our middleware retries it
+    # (bounded, one log line per retry, a one-line StorageError at the end) and stops
+    # gcsfs's own retry loop from trying it again.
+    fs, path = url_to_fs(url, **options, session_kwargs={"middlewares": (RetryingRequests(RetryPolicy.from_env()),)})
     return fs, path
 
 
@@ -150,79 +155,6 @@ def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
                 else "check the network (or set STORAGE_EMULATOR_HOST for an emulator)")
         raise StorageError(f"cannot reach the storage endpoint {host}:{port} "
                            f"({exc.strerror or type(exc).__name__}); {hint}") from None
-
-
-def _describe_request(args: tuple, kwargs: dict) -> str:
-    """``METHOD object`` for messages: the path with its arguments, never a query string
-    (upload session URLs act as credentials) nor headers."""
-    method, path, *rest = args
-    try:
-        path = path.format(*rest) if rest and not path.startswith("http") else path
-    except (IndexError, KeyError):
-        pass
-    path = path.split("?", 1)[0]
-    if path.startswith("http"):
-        path = urlsplit(path).path
-    m = re.search(r"(?:^|/)b/([^/]+)/o(?:/(.*))?$", unquote(path))
-    if m:  # the JSON API's b/BUCKET/o/OBJECT, as the gs:// URL users know
-        path = f"gs://{m[1]}/{m[2] or ''}"
-    return f"{str(method).upper()} {path}"
-
-
-def _is_transient(exc: BaseException) -> bool:
-    import aiohttp
-    from gcsfs.retry import is_retriable
-
-    return isinstance(exc, (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError)) or is_retriable(exc)
-
-
-def _use_our_retries(fs) -> None:
-    """Replace gcsfs's per-request retry (6 tries, up to ~33 s, silent until it logs a
-    traceback) by ours on this instance: bounded by ``RetryPolicy``, one log line per
-    retry, and a one-line ``StorageError`` naming the request at the end. Only the
-    undecorated request is called, so retries never multiply."""
-    if getattr(fs, "_sr_retries", False):
-        return
-    policy = RetryPolicy.from_env()
-    for name in ("_request", "_get_file_request"):
-        method = getattr(type(fs), name, None)
-        raw = getattr(method, "__wrapped__", None)
-        if raw is None:  # a gcsfs without its retry decorator: keep whatever it does
-            continue
-        setattr(fs, name, _retrying(policy, raw.__get__(fs)))
-    # gcsfs also retries whole downloads made of ranged reads that are requests of the
-    # kind above: without its decorator, so those retries do not multiply either.
-    raw = getattr(getattr(type(fs), "_get_file_concurrent", None), "__wrapped__", None)
-    if raw is not None:
-        fs._get_file_concurrent = raw.__get__(fs)
-    fs._sr_retries = True
-
-
-def _retrying(policy: RetryPolicy, call):
-    async def run(*args, **kwargs):
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                return await call(*args, **kwargs)
-            except (FileNotFoundError, FileExistsError, ValueError):
-                raise  # answers, not faults
-            except Exception as exc:
-                what = _describe_request(args, kwargs)
-                reason = _short_reason(exc)
-                if not _is_transient(exc):
-                    raise StorageError(f"{what}: {reason}") from None
-                if attempt == policy.attempts:
-                    raise StorageError(f"{what}: still failing after {policy.attempts} attempts ({reason}); "
-                                       "rerun the same command to resume") from None
-                delay = policy.delay(attempt)
-                logger.warning("storage: %s failed (%s); retry %d of %d in %.1f s",
-                               what, reason, attempt, policy.attempts - 1, delay)
-                await asyncio.sleep(delay)
-    return run
-
-
-def _short_reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def is_gcs(url: str) -> bool:
@@ -501,7 +433,7 @@ def check_writable(url: str, min_free_bytes: int = 1 << 20) -> None:
     except StorageError:
         raise
     except OSError as exc:
-        why = exc.strerror or " ".join(str(exc).split())[:200]
+        why = exc.strerror or short_reason(exc, 200)
         raise ValueError(f"{url}: cannot write there ({why}); choose another output folder or fix its "
                          "permissions or free space") from None
     try:

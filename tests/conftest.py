@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 from events import HANG_TIMEOUT
+from ports import free_port
 
 # gcsfs 2026.x probes buckets over gRPC unless told not to (a 60 s hang per operation
 # against the emulator); this must be set before gcsfs is first imported.
@@ -28,12 +29,6 @@ def pytest_configure(config):
     # the default run (CI) runs the same tests with fewer.
     if "faults_full" in (config.option.markexpr or ""):
         os.environ["SR_FAULTS"] = "full"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -57,7 +52,7 @@ class GcsEmulator:
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     # Its log goes to a file, never a pipe: the emulator serves one request at a time and
     # prints a traceback for every connection a fault or kill test cuts, so an unread
     # pipe fills up over a session and the server stops, waiting to write to it.

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ import pytest
 import yaml
 from cloudenv import offline_env, sr  # noqa: F401 (fixtures)
 from events import HANG_TIMEOUT, wait_for
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sr_process(args, env, timeout=60):
@@ -684,7 +678,7 @@ def test_ray_pin_on_the_submitting_side_equals_the_clusters(tmp_path, offline_en
 def _serve_and_read(target: str, env: dict) -> dict:
     """Start `sr tensorboard TARGET` on a free loopback port, read its runs and one series
     from the printed URL, stop it."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "sr"), "tensorboard", target, "--port", str(port), "--reload-interval", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -890,7 +884,7 @@ def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gc
 
     # First launch; once a checkpoint is complete, node 1 vanishes (SIGKILL, as a preempted
     # VM without notice) and node 0 is stopped too, as SkyPilot tears down the cluster.
-    port = _free_port()
+    port = free_port()
     nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
     try:
         def a_checkpoint_complete() -> bool:
@@ -908,7 +902,7 @@ def test_rehearsal_two_nodes_identical_weights_then_kill_and_resume(tmp_path, gc
     assert a == b  # both ranks held identical weights when they checkpointed
 
     # Both nodes relaunched with the same script: they resume from the newest checkpoint.
-    port = _free_port()
+    port = free_port()
     nodes = [_start_node(run_sh, r, port, homes[r], ssds[r], logs[r]) for r in range(2)]
     try:
         for rank, node in enumerate(nodes):

@@ -3,9 +3,12 @@ on local folders and on a real GCS API server."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
+
+from faultproxy import FaultProxy
 
 from sr_core import storage
 
@@ -49,16 +52,36 @@ def test_write_list_relative_keys_round_trip(tmp_path, where, request):
         storage.list_files(storage.join(root, "missing"))
 
 
-def test_our_bounded_retries_replace_gcsfs_own_requests(gcs_emulator):
-    # storage replaces gcsfs's per-request retry decorator on each instance; it relies on
-    # private gcsfs methods, so pyproject pins the gcsfs releases this was checked
-    # against, and a release that renames them fails here rather than silently going
-    # back to gcsfs's minute-long silent retries.
+def test_our_bounded_retries_wrap_gcsfs_requests_without_replacing_its_methods(gcs_emulator, monkeypatch, caplog):
+    # Our retries are an aiohttp middleware that gcsfs is configured with (its public
+    # session_kwargs): no gcsfs method is replaced on the instance, and a request that
+    # keeps failing is tried exactly SR_STORAGE_ATTEMPTS times -- not that many times
+    # gcsfs's own 6 -- with one log line per retry and one StorageError naming the object.
+    import gcsfs
+
     bucket = gcs_emulator.make_bucket()
-    fs, _ = storage.get_fs(bucket + "/x")
-    cls = type(fs)
-    for name in ("_request", "_get_file_request", "_get_file_concurrent"):
-        assert hasattr(getattr(cls, name), "__wrapped__"), f"gcsfs.{cls.__name__}.{name} has no retry decorator"
-        assert name in vars(fs), f"{name} is still gcsfs's own on this instance"
     storage.write_bytes(bucket + "/x", b"abc")
-    assert storage.read_bytes(bucket + "/x") == b"abc"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    monkeypatch.setenv("SR_STORAGE_ATTEMPTS", "3")
+    monkeypatch.setenv("SR_STORAGE_BACKOFF", "0.01")
+    try:
+        with FaultProxy(gcs_emulator.url) as proxy:
+            monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+            fs, _ = storage.get_fs(bucket + "/x")
+            assert not {"_request", "_get_file_request", "_get_file_concurrent"} & set(vars(fs))
+            assert storage.read_bytes(bucket + "/x") == b"abc"
+            proxy.outage = True
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="gcsfs"), pytest.raises(storage.StorageError) as failed:
+                storage.write_bytes(bucket + "/y", b"def")  # one request: an upload (its object
+                # is named in the body, so the request line shows the bucket; the error says which)
+            assert proxy.counts["outage"] == 3, proxy.counts
+    finally:
+        gcsfs.GCSFileSystem.clear_instance_cache()
+    message = str(failed.value)
+    assert message.startswith(f"writing {bucket}/y: POST {bucket}/") and "\n" not in message, message
+    assert "still failing after 3 attempts (HTTP 503" in message, message
+    retries = [r.getMessage() for r in caplog.records if r.name == "sr_core.storage"]
+    assert len(retries) == 2 and all(f"POST {bucket}/ failed (HTTP 503" in m for m in retries), retries
+    # gcsfs's traceback for an error it does not retry is not shown for ours
+    assert not [r for r in caplog.records if r.name == "gcsfs" and r.levelno >= logging.ERROR]

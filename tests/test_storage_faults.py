@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,23 +16,17 @@ import pytest
 from PIL import Image
 
 from faultproxy import FaultProxy, FaultRates
+from ports import free_port
 
 pytestmark = pytest.mark.faults_full
 
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def offline_env(tmp_path, **extra) -> dict:
     """An environment with no Google credentials anywhere, whose metadata server and
     (when given) emulator are closed loopback ports: nothing leaves 127.0.0.1."""
-    port = closed_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "SR_GCS_ANON")}
     env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
@@ -47,7 +40,7 @@ def offline_env(tmp_path, **extra) -> dict:
     ("endpoint unreachable", ["upscale", "gs://bucket/in", "-o", "OUT", "-m", "gs://bucket/m.safetensors"]),
 ])
 def test_gs_without_credentials_or_network_fails_in_seconds_with_one_line(tmp_path, case, args):
-    extra = {} if case == "no credentials" else {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed_port()}"}
+    extra = {} if case == "no credentials" else {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"}
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
     # Before, each of these took 50-87 s (credential probes, then ~30 s of retries per
     # request); now they take seconds. The bound is far from both: a loaded machine does

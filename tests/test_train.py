@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from jobs import checkpoint as ckpt
 from jobs.prepare import PrepareSettings, prepare
 from jobs.train import main as train_main
 from sr_core import storage
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "assets" / "images"
@@ -31,12 +31,6 @@ COMMON = ["--preset", "tiny", "data.num_workers=0", "train.progress=false", "tra
 # The GAN stage's perceptual loss on an early VGG layer: the same code path as conv5_4
 # at a fraction of the cost.
 CHEAP_VGG = ["loss.perceptual_weight=1", "loss.perceptual_layers={conv2_2: 1.0}"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(threads: int | None = 1) -> dict:
@@ -268,7 +262,7 @@ def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path):
 def test_two_machine_launch_on_one_host(data, tmp_path):
     """The way cloud VMs run it: `accelerate launch` with the shipped 2-VM config on
     machine rank 0 and 1, main process on loopback, `--resume auto` always passed."""
-    port = _free_port()
+    port = free_port()
     run = str(tmp_path / "run")
     env = {**_env(), "ACCELERATE_USE_CPU": "true"}
     commands = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file",
