@@ -33,7 +33,6 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,18 +43,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
 from batch import localray  # noqa: E402
 from batch.run import BatchConfig, run_batch  # noqa: E402
-from bench_upscaler import conv_flops_per_input_pixel  # noqa: E402
+from infra.gpucheck.workloads import conv_flops_per_input_pixel, make_inputs  # noqa: E402
 from sr_core import build_generator, codecs, metrics, save_generator  # noqa: E402
 from sr_cli.main import main as sr_main  # noqa: E402
 from sr_core.resize import imresize  # noqa: E402
 from sr_core.outputs import OutputSettings  # noqa: E402
 from sr_core.upscaler import Upscaler  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGES = REPO / "assets" / "images"
 MODEL = dict(num_feat=32, num_block=4, num_grow_ch=16)  # 2.15 MFLOP per input pixel at x4
@@ -71,22 +68,6 @@ V100_FP16_PEAK = 125e12
 # ASSUMPTION, not measured here (no GPU): the share of the V100's fp16 tensor-core peak
 # that ESRGAN's 3x3 convolutions reach end to end.
 V100_ASSUMED_EFFICIENCY = 0.25
-
-
-def make_inputs(folder: Path, count: int, side: int) -> list[Path]:
-    photos = sorted(IMAGES.glob("*.png"))
-    files = []
-    for i in range(count):
-        img = Image.open(photos[i % len(photos)]).convert("RGB")
-        # different crops of the photographs, so the encoder does not see repeats
-        w, h = img.size
-        x, y = (i * 37) % max(1, w - 2 * side), (i * 53) % max(1, h - 2 * side)
-        img = img.crop((x, y, x + 2 * side, y + 2 * side)).resize((side, side), Image.Resampling.BICUBIC)
-        path = folder / f"g{i % 3}" / f"img{i:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
-        files.append(path)
-    return files
 
 
 def bare_loop(model_path: str, files: list[Path]) -> tuple[float, float]:

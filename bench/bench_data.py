@@ -27,8 +27,6 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from jobs.config import load_config  # noqa: E402
 from jobs.data import (Augment, DataWaitMeter, ShardCache, SubImageDataset, TrainLoader,  # noqa: E402
@@ -36,6 +34,8 @@ from jobs.data import (Augment, DataWaitMeter, ShardCache, SubImageDataset, Trai
 from sr_core.codecs import decode_rgb8  # noqa: E402
 from jobs.prepare import PrepareSettings, prepare  # noqa: E402
 from sr_core.resize import imresize  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class NaiveDataset(torch.utils.data.Dataset):

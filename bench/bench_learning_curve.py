@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
 
 # name -> (sr train arguments beyond the shared ones, plot colour). One recipe, the
 # demo_x2 preset's (L1, Adam 1e-3 betas (0.9, 0.99), batch 16), only the generator differs.
@@ -129,7 +129,7 @@ def main() -> None:
         prepare(str(REPO / "assets" / "images"), shards, PrepareSettings(size=128, step=64, format="raw"),
                 progress=False)
     validation_folder(val)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes, run_dirs = {}, {}
     start = time.time()
     for name, (overrides, _) in MODELS.items():

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from jobs.config import load_config  # noqa: E402
-from jobs.data import build_train_loader  # noqa: E402
-from jobs.prepare import PrepareSettings, prepare  # noqa: E402
-from jobs.train import run  # noqa: E402
-from sr_core import build_generator  # noqa: E402
+from jobs.config import load_config
+from jobs.data import build_train_loader
+from jobs.prepare import PrepareSettings, prepare
+from jobs.train import run
+from sr_core import build_generator
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(shards: str, run_dir: str, args) -> list[str]:

@@ -25,11 +25,11 @@ import psutil
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from sr_core import build_generator, save_generator  # noqa: E402
-from sr_core.memory import memory_needed  # noqa: E402
+from sr_core import build_generator, save_generator
+from sr_core.memory import memory_needed
+
+REPO = Path(__file__).resolve().parents[1]
 
 SR = os.path.join(os.path.dirname(sys.executable), "sr")
 

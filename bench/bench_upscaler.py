@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.gpucheck.workloads import IMAGES, conv_flops_per_input_pixel, load_photos, reference_loop
+
 REPO = Path(__file__).resolve().parent.parent
-IMAGES = REPO / "assets" / "images"
-PHOTOS = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"]
 # A small-ish RRDBNet that finishes on a CPU in minutes but has the real layer mix.
 BENCH_MODEL = dict(num_feat=32, num_block=4, num_grow_ch=16, scale=4)
 TILE, OVERLAP = 128, 16
@@ -63,39 +63,6 @@ GENERATOR_TIME_BUDGET_S = 60.0
 
 
 # ---------------------------------------------------------------- helpers run in workers
-
-
-def conv_flops_per_input_pixel(model, num_channels: int = 3, side: int = 16) -> float:
-    import torch
-    from torch import nn
-
-    macs = 0
-
-    def count(module, _inputs, output):
-        nonlocal macs
-        in_per_group = module.in_channels // module.groups
-        macs += output.numel() * in_per_group * module.kernel_size[0] * module.kernel_size[1]
-
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, num_channels, side, side))
-    finally:
-        for h in handles:
-            h.remove()
-    return 2 * macs / (side * side)
-
-
-def load_photos(crop: int | None) -> list[np.ndarray]:
-    from PIL import Image
-
-    images = []
-    for name in PHOTOS:
-        img = np.asarray(Image.open(IMAGES / name).convert("RGB"))
-        if crop:
-            img = img[:crop, :crop]
-        images.append(np.ascontiguousarray(img))
-    return images
 
 
 def frame_4k() -> np.ndarray:
@@ -116,37 +83,6 @@ def build_model(spec: dict):
     if "variant" in spec:
         return build_generator(spec.get("arch", "rrdbnet"), spec["variant"], scale=spec["scale"])
     return build_generator("rrdbnet", **spec)
-
-
-def reference_loop(model, image: np.ndarray, tile: int, overlap: int, device: str = "cpu") -> np.ndarray:
-    """One tile at a time, the way popular upscalers do it (NCHW fp32, full-frame
-    float32 output on the model's device, conversion to uint8 at the very end)."""
-    import torch
-    from torch.nn import functional as F
-
-    scale, multiple = model.scale, model.size_multiple
-    x = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255)[None]
-    height, width = x.shape[-2:]
-    x = F.pad(x, (0, -width % multiple, 0, -height % multiple), mode="reflect")
-    _, channels, ph, pw = x.shape
-    out = torch.zeros(1, channels, ph * scale, pw * scale, device=device)
-    for y0 in range(0, ph, tile):
-        for x0 in range(0, pw, tile):
-            y1, x1 = min(y0 + tile, ph), min(x0 + tile, pw)
-            cy0, cx0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
-            cy1, cx1 = min(y1 + overlap, ph), min(x1 + overlap, pw)
-            patch = x[..., cy0:cy1, cx0:cx1]
-            # Popular loops pad each tile up to the size multiple here too.
-            pad_h, pad_w = -patch.shape[-2] % multiple, -patch.shape[-1] % multiple
-            if pad_h or pad_w:
-                patch = F.pad(patch, (0, pad_w, 0, pad_h), mode="reflect")
-            with torch.no_grad():
-                result = model(patch)
-            oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
-            out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = result[
-                ..., oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale]
-    out = out[..., :height * scale, :width * scale]
-    return (out[0].clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def reference_work_pixels(model, image_shape, tile: int, overlap: int) -> int:
@@ -255,7 +191,7 @@ def run_worker(variant: str, case: str, quick: bool, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--case", case, "--threads", str(threads)]
     cmd += ["--quick"] if quick else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=dict(os.environ))
     if proc.returncode != 0:
         raise RuntimeError(f"{variant}/{case} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

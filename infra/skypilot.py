@@ -432,7 +432,7 @@ set -uo pipefail
 SR_VENV="${{SR_VENV:-{image.VENV}}}"
 export TORCH_EXTENSIONS_DIR="$HOME/.cache/torch_extensions"
 nvidia-smi
-"$SR_VENV/bin/python" bench/gpu_check.py --out {shlex.quote(table)}
+"$SR_VENV/bin/python" -m infra.gpucheck --out {shlex.quote(table)}
 """
     return {
         "name": GPU_CHECK_CLUSTER,

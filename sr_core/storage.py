@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
-import functools
 import hashlib
 import logging
 import os
@@ -25,7 +24,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable
-from urllib.parse import urlsplit
 
 from fsspec.core import url_to_fs
 
@@ -35,9 +33,6 @@ logger = logging.getLogger("sr_core.storage")
 # fsspec's read-ahead logs each failed fetch at ERROR level (three lines, no names)
 # before it re-raises the error; ours names the object, so those lines are noise.
 logging.getLogger("fsspec.prefetcher").setLevel(logging.CRITICAL)
-
-GCS_ENDPOINT = "https://storage.googleapis.com"
-
 
 class StorageError(ConnectionError):
     """Object storage could not be reached or kept failing after bounded retries. The
@@ -84,12 +79,12 @@ def get_fs(url: str):
     if not is_gcs(url):
         return url_to_fs(url)
     _gcs_environment()
+    from sr_core.gcs import RetryingRequests, gcs_options
+
     try:
-        options = _gcs_options(os.environ.get("STORAGE_EMULATOR_HOST", ""), os.environ.get("SR_GCS_ANON", ""))
+        options = gcs_options(os.environ.get("STORAGE_EMULATOR_HOST", ""), os.environ.get("SR_GCS_ANON", ""))
     except StorageError as exc:
         raise StorageError(f"{url}: {exc}") from None
-    from sr_core.gcs_retries import RetryingRequests
-
     # gcsfs sends every request through this aiohttp session: our middleware retries it
     # (bounded, one log line per retry, a one-line StorageError at the end) and stops
     # gcsfs's own retry loop from trying it again.
@@ -109,52 +104,6 @@ def _gcs_environment() -> None:
     # seconds are pure waiting.
     os.environ.setdefault("GCE_METADATA_TIMEOUT", "2")
     os.environ.setdefault("GCE_METADATA_DETECT_RETRIES", "2")
-
-
-@functools.lru_cache(maxsize=None)
-def _gcs_options(emulator: str, anon: str) -> dict:
-    """Credentials for gcsfs, decided once per process (per emulator setting).
-
-    gcsfs on its own tries every credential source in turn, falls back to anonymous
-    access, then retries each request for ~30 s before a long traceback; without a
-    network that took a minute and more. Here: the credential search of google-auth
-    (key file, gcloud login, GCE metadata server with a short timeout), then one TCP
-    connection to the endpoint with a short timeout."""
-    endpoint = emulator or GCS_ENDPOINT
-    options: dict = {}
-    if emulator or anon == "1":
-        options["token"] = "anon"
-    else:
-        import google.auth
-        import google.auth.exceptions
-
-        try:
-            credentials, project = google.auth.default(
-                scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
-        except google.auth.exceptions.DefaultCredentialsError:
-            raise StorageError(
-                "no Google Cloud credentials found (tried GOOGLE_APPLICATION_CREDENTIALS, gcloud's "
-                "application-default login and the GCE metadata server); run `gcloud auth application-default "
-                "login`, set GOOGLE_APPLICATION_CREDENTIALS=/path/to/key.json, SR_GCS_ANON=1 for public "
-                "buckets, or STORAGE_EMULATOR_HOST for an emulator") from None
-        options["token"] = credentials
-        if project:
-            options["project"] = project
-    _check_reachable(endpoint)
-    return options
-
-
-def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
-    parts = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        hint = ("check STORAGE_EMULATOR_HOST" if endpoint != GCS_ENDPOINT
-                else "check the network (or set STORAGE_EMULATOR_HOST for an emulator)")
-        raise StorageError(f"cannot reach the storage endpoint {host}:{port} "
-                           f"({exc.strerror or type(exc).__name__}); {hint}") from None
 
 
 def is_gcs(url: str) -> bool:

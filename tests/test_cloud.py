@@ -88,7 +88,7 @@ def test_gpu_check_dry_run_writes_a_task_for_one_v100(tmp_path, offline_env, sr)
     assert "nothing was submitted" in done.stdout
     task = yaml.safe_load(task_path.read_text())
     assert task["workdir"] == str(ROOT)
-    assert "bench/gpu_check.py --out gs://bucket/gpu-check/v100.md" in task["run"]
+    assert "-m infra.gpucheck --out gs://bucket/gpu-check/v100.md" in task["run"]
     assert "--index-url https://download.pytorch.org/whl/cu126" in task["setup"]  # V100 kernels
     scripts = []
     for name in ("setup", "run"):

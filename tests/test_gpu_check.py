@@ -1,4 +1,4 @@
-"""``./dev gpu-check`` (bench/gpu_check.py) on this CPU-only machine: the skip without
+"""``./dev gpu-check`` (``python -m infra.gpucheck``) on this CPU-only machine: the skip without
 CUDA, argument parsing and the step list, the table writer and the exit code, the pure
 parts of the GPU steps (nvidia-smi parsing, kernel and precision choices, loss and
 encoding verdicts), the SkyPilot task checked by SkyPilot's own validator, and the whole
@@ -9,7 +9,6 @@ about GPUs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,23 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from infra.gpucheck import context, measure, runner, steps_batch, steps_environment, steps_train, steps_upscale
+from infra.gpucheck import table as tables
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load()
 
 
 def check(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "infra.gpucheck", *map(str, args)], capture_output=True, text=True,
                           env=env or dict(os.environ), cwd=ROOT, timeout=timeout)
 
 
@@ -83,7 +73,7 @@ def test_without_cuda_one_line_exit_0_and_nothing_run_or_written(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []  # no scratch folder made
 
     # the same through the developer entry point (which runs in the checkout)
-    default_out = ROOT / gc.DEFAULT_OUT
+    default_out = ROOT / runner.DEFAULT_OUT
     before = default_out.stat().st_mtime_ns if default_out.exists() else None
     done = subprocess.run(["bash", str(ROOT / "dev"), "gpu-check"], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=600)
@@ -104,46 +94,65 @@ def test_dev_help_lists_gpu_check():
 def test_step_list_budgets_fit_eight_minutes_on_one_gpu():
     done = check("--list", timeout=60)
     assert done.returncode == 0, done.stderr
-    for step in gc.STEPS:
+    for step in runner.STEPS:
         assert any(line.split()[:2] == [step.name, f"{step.budget_s}s"] for line in done.stdout.splitlines()), step
-    one_gpu = [s for s in gc.STEPS if s.min_gpus == 1]
+    one_gpu = [s for s in runner.STEPS if s.min_gpus == 1]
     assert sum(s.budget_s for s in one_gpu) <= 8 * 60
     assert f"total on one GPU: {sum(s.budget_s for s in one_gpu)} s" in done.stdout
     # every path of the issue has a step
-    names = {s.name for s in gc.STEPS}
+    names = {s.name for s in runner.STEPS}
     assert {"upscaler-rrdbnet", "upscaler-compact", "upscale-e2e", "train-ddp", "train-deepspeed", "train-nccl",
             "batch"} <= names
-    assert [s.name for s in gc.STEPS if s.min_gpus > 1] == ["train-nccl"]
+    assert [s.name for s in runner.STEPS if s.min_gpus > 1] == ["train-nccl"]
 
 
 def test_step_selection_and_usage_errors():
-    assert [s.name for s in gc.select_steps([], [])] == [s.name for s in gc.STEPS]
-    assert [s.name for s in gc.select_steps(["batch", "train-ddp"], [])] == ["environment", "train-ddp", "batch"]
-    assert "batch" not in [s.name for s in gc.select_steps([], ["batch"])]
+    assert [s.name for s in runner.select_steps([], [])] == [s.name for s in runner.STEPS]
+    assert [s.name for s in runner.select_steps(["batch", "train-ddp"], [])] == ["environment", "train-ddp", "batch"]
+    assert "batch" not in [s.name for s in runner.select_steps([], ["batch"])]
     with pytest.raises(ValueError, match="unknown step 'trian-ddp'"):
-        gc.select_steps(["trian-ddp"], [])
+        runner.select_steps(["trian-ddp"], [])
     for args, message in ((["--only", "trian-ddp"], "unknown step 'trian-ddp'; steps: environment"),
                           (["--timeout-factor", "0.5"], "--timeout-factor must be >= 1")):
         done = check(*args, timeout=60)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gpu-check: error: ") and message in lines[0], lines
-    parsed = gc.build_parser().parse_args(["--cpu-rehearsal", "--rrdb-model", "a.pth", "--vgg-weights", "v.pth"])
-    assert gc.forwarded_options(parsed) == ["--cpu-rehearsal", "--rrdb-model", "a.pth", "--vgg-weights", "v.pth"]
+    parsed = runner.build_parser().parse_args(["--cpu-rehearsal", "--rrdb-model", "a.pth", "--vgg-weights", "v.pth"])
+    assert runner.forwarded_options(parsed) == ["--cpu-rehearsal", "--rrdb-model", "a.pth", "--vgg-weights", "v.pth"]
+
+
+def test_benches_import_the_installed_project_and_not_each_other():
+    """The check is a package of the project (``sr cloud gpu-check`` ships it); bench/
+    holds harnesses that import the project as installed: no ``sys.path`` edits, no
+    imports of one another (what they share lives in infra.gpucheck.workloads)."""
+    import ast
+
+    benches = sorted((ROOT / "bench").glob("*.py"))
+    assert benches and not (ROOT / "bench" / "gpu_check.py").exists()
+    names = {p.stem for p in benches}
+    for path in benches:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                raise AssertionError(f"{path.name}:{node.lineno} uses sys.path")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {m.split(".")[0] for m in imported} & (names | {"bench"}), (path.name, node.lineno)
 
 
 # ---------------------------------------------------------------- the table and the exit code
 
 
 def test_table_writer_json_and_exit_code(tmp_path):
-    rows = [gc.Row("environment", "device", {"GPU": "Tesla V100-SXM2-16GB", "memory GiB": 15.77}),
-            gc.Row("upscaler-rrdbnet", "fp16 · tile 128", {"out Mpx/s": 12.345, "dB vs fp32": math.inf,
+    rows = [tables.Row("environment", "device", {"GPU": "Tesla V100-SXM2-16GB", "memory GiB": 15.77}),
+            tables.Row("upscaler-rrdbnet", "fp16 · tile 128", {"out Mpx/s": 12.345, "dB vs fp32": math.inf,
                                                            "note": "a | b\nc"}),
-            gc.Row("upscaler-rrdbnet", "bf16", {}, "skipped: sm_70 has no bf16 tensor cores"),
-            gc.Row("upscaler-compact", "srvgg_compact", {}, gc.UNAVAILABLE),
-            gc.Row("environment", "default precision", {"": "fp16 (sm_7x)"})]
-    assert gc.exit_code(rows) == 0
-    table = gc.render_table("sr-cloud GPU check — test", rows)
+            tables.Row("upscaler-rrdbnet", "bf16", {}, "skipped: sm_70 has no bf16 tensor cores"),
+            tables.Row("upscaler-compact", "srvgg_compact", {}, tables.UNAVAILABLE),
+            tables.Row("environment", "default precision", {"": "fp16 (sm_7x)"})]
+    assert tables.exit_code(rows) == 0
+    table = tables.render_table("sr-cloud GPU check — test", rows)
     lines = table.splitlines()
     assert lines[0] == "# sr-cloud GPU check — test"
     assert lines[2:4] == ["| step | case | figures | result |", "|---|---|---|---|"]
@@ -156,11 +165,11 @@ def test_table_writer_json_and_exit_code(tmp_path):
     assert body[4][2] == "fp16 (sm_7x)"
 
     for status in ("FAIL: output 38.2 dB from fp32 (< 45 dB)", "NOT RUN: interrupted"):
-        assert gc.is_failure(status) and gc.exit_code([*rows, gc.Row("x", "y", {}, status)]) == 1
-    assert not gc.is_failure("ok, over budget by 12 s")
+        assert tables.is_failure(status) and tables.exit_code([*rows, tables.Row("x", "y", {}, status)]) == 1
+    assert not tables.is_failure("ok, over budget by 12 s")
 
     out = tmp_path / "results" / "v100.md"
-    gc.write_results(str(out), table, "title", rows)
+    tables.write_results(str(out), table, "title", rows)
     assert out.read_text() == table
     data = json.loads((tmp_path / "results" / "v100.json").read_text())  # standard JSON: no Infinity
     assert data["title"] == "title" and [r["case"] for r in data["rows"]] == [r.case for r in rows]
@@ -172,7 +181,7 @@ def test_table_writer_json_and_exit_code(tmp_path):
 
 def test_precisions_and_kernels_by_compute_capability():
     def by_precision(device, capability):
-        return {options["precision"]: skip for case, options, skip in gc.upscaler_configs(device, capability, 128)
+        return {options["precision"]: skip for case, options, skip in steps_upscale.upscaler_configs(device, capability, 128)
                 if case.startswith(options["precision"] + " · tile 128 · 4/forward · channels_last")}
 
     v100 = by_precision("cuda", (7, 0))
@@ -182,30 +191,30 @@ def test_precisions_and_kernels_by_compute_capability():
     cpu = by_precision("cpu", None)
     assert cpu["bf16"] == "" and "fp16 is for GPUs" in cpu["fp16"]
     # the variants of tiles per forward pass and layout run at the device's default precision
-    cases = [case for case, _, _ in gc.upscaler_configs("cuda", (7, 0), 128)]
+    cases = [case for case, _, _ in steps_upscale.upscaler_configs("cuda", (7, 0), 128)]
     assert cases[0].startswith("fp32")  # the reference of every PSNR comes first
     assert "fp16 · tile 128 · 1/forward · channels_last" in cases
     assert "fp16 · automatic tile and tiles/forward · channels_last" in cases
     assert "fp16 · tile 128 · 4/forward · NCHW (channels_last off)" in cases
-    assert [c for c in gc.upscaler_configs("cuda", (9, 0), 128) if "automatic" in c[0]][0][1] == \
+    assert [c for c in steps_upscale.upscaler_configs("cuda", (9, 0), 128) if "automatic" in c[0]][0][1] == \
         {"precision": "bf16", "tile": None, "tiles_per_batch": None, "channels_last": True}
 
     cu126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
     cu128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
-    assert gc.has_kernels(cu126, 7, 0) and not gc.has_kernels(cu128, 7, 0)
-    assert gc.has_kernels(cu128, 8, 9)  # sm_86 cubins run on sm_89
-    assert gc.has_kernels(["sm_90", "compute_90"], 10, 0) and not gc.has_kernels(["sm_90"], 10, 0)
+    assert steps_environment.has_kernels(cu126, 7, 0) and not steps_environment.has_kernels(cu128, 7, 0)
+    assert steps_environment.has_kernels(cu128, 8, 9)  # sm_86 cubins run on sm_89
+    assert steps_environment.has_kernels(["sm_90", "compute_90"], 10, 0) and not steps_environment.has_kernels(["sm_90"], 10, 0)
 
 
 def test_nvidia_smi_samples_and_utilisation():
-    assert gc.parse_smi_line("87, 1234\n") == (87.0, 1234.0)
+    assert measure.parse_smi_line("87, 1234\n") == (87.0, 1234.0)
     for line in ("[N/A], 12", "utilization.gpu [%], memory.used [MiB]", "", "1, 2, 3"):
-        assert gc.parse_smi_line(line) is None
-    summary = gc.utilisation_summary([0, 0, 50, 100, 0, 80, 0, 0])
+        assert measure.parse_smi_line(line) is None
+    summary = measure.utilisation_summary([0, 0, 50, 100, 0, 80, 0, 0])
     assert summary["GPU util % (mean)"] == pytest.approx(230 / 8)
     assert summary["GPU util % (busy span)"] == pytest.approx(230 / 4)
-    assert gc.utilisation_summary([]) == {}
-    sampler = gc.GpuSampler(enabled=False)
+    assert measure.utilisation_summary([]) == {}
+    sampler = measure.GpuSampler(enabled=False)
     with sampler:
         pass
     assert sampler.utilisation == [] and list(sampler.figures().values())[0].startswith("n/a")
@@ -220,7 +229,7 @@ def test_sampler_queries_nvidia_smi_for_the_first_gpu_in_use(tmp_path, monkeypat
     stand_in.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    with gc.GpuSampler(enabled=True) as sampler:
+    with measure.GpuSampler(enabled=True) as sampler:
         pass
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls and calls[0] == "--query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -i 3"
@@ -232,27 +241,27 @@ def test_loss_checks_and_training_log_header():
     falling = {"loss/g_pixel": [0.45, 0.40, 0.5, 0.3, 0.25, 0.2], "loss/g_total": [0.45, 0.4, 0.5, 0.3, 0.25, 0.2],
                "loss_scale/g": [65536.0, 32768.0, 32768.0], "perf/step_time_s": [0.5, 0.1, 0.12],
                "perf/memory_mb": [900.0, 1000.0]}
-    figures, problems = gc.loss_checks(falling, "psnr", "fp16")
+    figures, problems = steps_train.loss_checks(falling, "psnr", "fp16")
     assert problems == []
     assert figures["loss/g_pixel first→last"] == "0.45→0.2" and figures["loss_scale/g"] == "65536→32768 (min 32768)"
     assert figures["ms/step (median)"] == pytest.approx(110)
 
     rising = {**falling, "loss/g_pixel": [0.2, 0.25, 0.3, 0.4, math.nan, 0.5], "loss_scale/g": [1.0, 1.0]}
-    _, problems = gc.loss_checks(rising, "psnr", "fp16")
+    _, problems = steps_train.loss_checks(rising, "psnr", "fp16")
     assert any("did not fall" in p for p in problems)
     assert any("non-finite values in loss/g_pixel" in p for p in problems)
     assert any("loss_scale/g stayed 1 under fp16" in p for p in problems)
-    _, problems = gc.loss_checks({**falling, "loss_scale/g": [1.0]}, "psnr", "bf16")
+    _, problems = steps_train.loss_checks({**falling, "loss_scale/g": [1.0]}, "psnr", "bf16")
     assert problems == []  # no loss scaling is right for bf16 and fp32
-    _, problems = gc.loss_checks(falling, "gan", "fp16")
+    _, problems = steps_train.loss_checks(falling, "gan", "fp16")
     assert problems == ["loss_scale/d not logged"]
 
     header = "world size 2, backend deepspeed ZeRO-2 (jobs/launch/deepspeed_zero2.json), precision fp16, distributed X"
-    assert gc.header_checks(header, 2, "fp16", "deepspeed") == []
-    assert gc.header_checks(header, 1, "bf16", "ddp") == [
+    assert steps_train.header_checks(header, 2, "fp16", "deepspeed") == []
+    assert steps_train.header_checks(header, 1, "bf16", "ddp") == [
         "world size 2, expected 1", "precision fp16, expected bf16 (the device's default)",
         "backend deepspeed ZeRO-2 (jobs/launch/deepspeed_zero2.json), expected ddp"]
-    assert gc.header_checks("Traceback ...", 1, "fp32", "ddp")[0].startswith("no 'world size")
+    assert steps_train.header_checks("Traceback ...", 1, "fp32", "ddp")[0].startswith("no 'world size")
 
 
 def test_encoding_verdict():
@@ -262,10 +271,10 @@ def test_encoding_verdict():
                   ("decode_s", 0.003))}
         return {"metrics": stats, "steady_images_per_second": 0.9 / model_s, "images_per_second": 1.0}
 
-    figures, keeps_up = gc.encoding_verdict(summary(0.050, 0.060), encode_threads=2)
+    figures, keeps_up = steps_batch.encoding_verdict(summary(0.050, 0.060), encode_threads=2)
     assert keeps_up and figures["actor time in the model"] == "90%"
     assert figures["encode+metrics+write ms/img"] == pytest.approx(72)
-    _, keeps_up = gc.encoding_verdict(summary(0.005, 0.060), encode_threads=2)  # a fast model, PNG encoding
+    _, keeps_up = steps_batch.encoding_verdict(summary(0.005, 0.060), encode_threads=2)  # a fast model, PNG encoding
     assert not keeps_up
 
 
@@ -316,28 +325,28 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
     assert "CPU REHEARSAL" in title and "NOT GPU results" in title
     body = rows_of(table)
     assert body[0][:2] == ["environment", "mode"] and "NOT GPU results" in body[0][2]
-    assert all(not gc.is_failure(r[3]) for r in body), [r for r in body if gc.is_failure(r[3])]
+    assert all(not tables.is_failure(r[3]) for r in body), [r for r in body if tables.is_failure(r[3])]
     by_step: dict[str, list[list[str]]] = {}
     for row in body:
         by_step.setdefault(row[0], []).append(row)
-    for step in gc.STEPS[:-1]:  # each ran in its own process and was timed against its budget
+    for step in runner.STEPS[:-1]:  # each ran in its own process and was timed against its budget
         times = [r for r in by_step[step.name] if r[1] == "time"]
         assert len(times) == 1 and f"budget s {step.budget_s}" in times[0][2], step.name
     assert by_step["train-nccl"][0][3].startswith("skipped: multi-GPU (NCCL) needs GPUs")
 
-    tile = gc.REHEARSAL.tile
+    tile = context.REHEARSAL.tile
     up = {p: r for p in ("fp32", "fp16", "bf16") for r in by_step["upscaler-rrdbnet"]
           if r[1] == f"{p} · tile {tile} · 4/forward · channels_last"}
     assert up["fp16"][3].startswith("skipped: fp16 is for GPUs")
-    assert float(figure(up["bf16"], "dB vs fp32")) >= gc.PSNR_FLOOR_DB  # CPU bf16 autocast, compared pixel by pixel
-    assert float(figure(up["fp32"], "output std (8-bit)")) >= gc.FLAT_STD  # so the comparison means something
+    assert float(figure(up["bf16"], "dB vs fp32")) >= context.PSNR_FLOOR_DB  # CPU bf16 autocast, compared pixel by pixel
+    assert float(figure(up["fp32"], "output std (8-bit)")) >= context.FLAT_STD  # so the comparison means something
     assert len([r for r in by_step["upscaler-rrdbnet"] if "dB vs fp32" in r[2]]) == 4  # bf16, 1/forward, auto, NCHW
     assert any("chosen tile" in r[2] for r in by_step["upscaler-rrdbnet"])
     compact = [r for r in by_step["upscaler-compact"] if r[1] != "time"]
-    if gc.COMPACT in GENERATORS:
+    if context.COMPACT in GENERATORS:
         assert any("dB vs fp32" in r[2] for r in compact)
     else:
-        assert [r[3] for r in compact] == [gc.UNAVAILABLE]
+        assert [r[3] for r in compact] == [tables.UNAVAILABLE]
 
     e2e = {r[1].split(" (")[0].split(":")[0]: r for r in by_step["upscale-e2e"]}
     assert {"floor", "Upscaler", "reference loop", "sr upscale"} <= set(e2e)
@@ -347,17 +356,17 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
         rows = {r[1]: r for r in by_step[step] if r[1] != "time"}
         psnr, gan = rows[f"{launch} · psnr · fp32"], rows[f"{launch} · gan · fp32"]
         stopped, resumed = figure(psnr, "steps").removeprefix("SIGTERM at ").split(", resumed to ")
-        assert int(resumed) == int(stopped) + gc.REHEARSAL.steps_after_resume
+        assert int(resumed) == int(stopped) + context.REHEARSAL.steps_after_resume
         assert figure(psnr, "loss_scale/g") == "1→1 (min 1)"  # fp32: no scaling, but logged
-        assert figure(gan, "steps") == str(gc.REHEARSAL.gan_steps) and "loss/d first→last" in gan[2]
+        assert figure(gan, "steps") == str(context.REHEARSAL.gan_steps) and "loss/d first→last" in gan[2]
 
     batch = {r[1]: r for r in by_step["batch"]}
     assert batch["rrdbnet · sr batch, 1 CPU actor"][3] == "ok"
     assert figure(batch["rrdbnet · encoding in the actor"], "keeps up") in ("yes", "no")
-    if gc.COMPACT in GENERATORS:
-        assert batch[f"{gc.COMPACT} · sr batch, 1 CPU actor"][3] == "ok"
+    if context.COMPACT in GENERATORS:
+        assert batch[f"{context.COMPACT} · sr batch, 1 CPU actor"][3] == "ok"
     else:
-        assert batch[gc.COMPACT][3] == gc.UNAVAILABLE
+        assert batch[context.COMPACT][3] == tables.UNAVAILABLE
 
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["rows"]) == len(body) and data["title"] == title[2:]

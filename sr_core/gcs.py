@@ -1,4 +1,5 @@
-"""Bounded, logged retries for gs:// requests, as an aiohttp client middleware.
+"""What only gs:// URLs need: credentials decided once per process, a reachability probe
+that fails in seconds, and bounded, logged retries as an aiohttp client middleware.
 
 gcsfs accepts ``session_kwargs`` for the aiohttp session it sends every request through;
 ``sr_core.storage.get_fs`` passes ``middlewares=(RetryingRequests(policy),)``. Each HTTP
@@ -16,15 +17,19 @@ instead of retrying). Retries therefore never multiply, and no gcsfs method is r
 the requirement can admit any gcsfs release that takes ``session_kwargs`` and knows
 ``NonRetryableError`` (tests/test_storage.py checks both on the installed one).
 
-Imported only when a gs:// URL is first used: it loads aiohttp and gcsfs.
+Imported only when a gs:// URL is first used (``storage.get_fs``, after it has set the
+environment gcsfs and google-auth read at import): it loads aiohttp and gcsfs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from gcsfs.retry import NonRetryableError
@@ -32,8 +37,57 @@ from gcsfs.retry import NonRetryableError
 from sr_core.errors import short_reason
 from sr_core.storage import RetryPolicy, StorageError, logger
 
+GCS_ENDPOINT = "https://storage.googleapis.com"
 # What GCS's retry guidance calls transient: request timeout, rate limiting, server errors.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@functools.lru_cache(maxsize=None)
+def gcs_options(emulator: str, anon: str) -> dict:
+    """Credentials for gcsfs, decided once per process (per emulator setting).
+
+    gcsfs on its own tries every credential source in turn, falls back to anonymous
+    access, then retries each request for ~30 s before a long traceback; without a
+    network that took a minute and more. Here: the credential search of google-auth
+    (key file, gcloud login, GCE metadata server with a short timeout), then one TCP
+    connection to the endpoint with a short timeout."""
+    endpoint = emulator or GCS_ENDPOINT
+    options: dict = {}
+    if emulator or anon == "1":
+        options["token"] = "anon"
+    else:
+        import google.auth
+        import google.auth.exceptions
+
+        try:
+            credentials, project = google.auth.default(
+                scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise StorageError(
+                "no Google Cloud credentials found (tried GOOGLE_APPLICATION_CREDENTIALS, gcloud's "
+                "application-default login and the GCE metadata server); run `gcloud auth application-default "
+                "login`, set GOOGLE_APPLICATION_CREDENTIALS=/path/to/key.json, SR_GCS_ANON=1 for public "
+                "buckets, or STORAGE_EMULATOR_HOST for an emulator") from None
+        options["token"] = credentials
+        if project:
+            options["project"] = project
+    check_reachable(endpoint)
+    return options
+
+
+def check_reachable(endpoint: str, timeout: float = 5.0) -> None:
+    """One TCP connection to the endpoint: a one-line StorageError naming it when nothing
+    answers within ``timeout`` (instead of gcsfs's retries over half a minute)."""
+    parts = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        hint = ("check STORAGE_EMULATOR_HOST" if endpoint != GCS_ENDPOINT
+                else "check the network (or set STORAGE_EMULATOR_HOST for an emulator)")
+        raise StorageError(f"cannot reach the storage endpoint {host}:{port} "
+                           f"({exc.strerror or type(exc).__name__}); {hint}") from None
 
 
 class StorageGaveUp(StorageError, aiohttp.ClientError, NonRetryableError):
