@@ -29,6 +29,12 @@ EXIT_INTERRUPTED = 130
 UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
+class StorageError(ConnectionError):
+    """Object storage could not be reached or kept failing after bounded retries. The
+    message names the object and what was tried; ``sr`` prints it as one line. Work
+    already published stays: rerunning the same command resumes."""
+
+
 def is_unwritable(exc: BaseException) -> bool:
     """An OSError that every later write to the same place would hit too."""
     return isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS
@@ -81,7 +87,7 @@ def exit_code(exc: BaseException) -> int | None:
     None for one that is a bug (its traceback is shown)."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(exc, ConnectionError):  # storage.StorageError included
+    if isinstance(exc, ConnectionError):  # StorageError included
         return EXIT_TEMPFAIL
     if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                         IsADirectoryError, NotADirectoryError)):

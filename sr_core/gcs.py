@@ -34,8 +34,11 @@ from urllib.parse import urlsplit
 import aiohttp
 from gcsfs.retry import NonRetryableError
 
-from sr_core.errors import short_reason
-from sr_core.storage import RetryPolicy, StorageError, logger
+from sr_core.errors import StorageError, short_reason
+from sr_core.retry import RetryPolicy
+
+# The retry lines are storage's: the same logger as sr_core.storage's own messages.
+logger = logging.getLogger("sr_core.storage")
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 # What GCS's retry guidance calls transient: request timeout, rate limiting, server errors.

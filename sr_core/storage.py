@@ -15,60 +15,22 @@ import hashlib
 import logging
 import os
 import posixpath
-import random
 import re
 import shutil
 import socket
 import stat
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Iterable
 
 from fsspec.core import url_to_fs
 
-from sr_core.errors import short_reason
+from sr_core.errors import StorageError, short_reason
+from sr_core.retry import RetryPolicy
 
-logger = logging.getLogger("sr_core.storage")
 # fsspec's read-ahead logs each failed fetch at ERROR level (three lines, no names)
 # before it re-raises the error; ours names the object, so those lines are noise.
 logging.getLogger("fsspec.prefetcher").setLevel(logging.CRITICAL)
-
-class StorageError(ConnectionError):
-    """Object storage could not be reached or kept failing after bounded retries. The
-    message names the object and what was tried; ``sr`` prints it as one line. Work
-    already published stays: rerunning the same command resumes."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff for object-store requests."""
-
-    attempts: int = 6
-    """Tries per request, the first included (env ``SR_STORAGE_ATTEMPTS``)."""
-
-    initial_backoff: float = 1.0
-    """Seconds before the first retry; doubled each time, with up to 50% jitter (env
-    ``SR_STORAGE_BACKOFF``)."""
-
-    max_backoff: float = 16.0
-    """Longest single wait in seconds."""
-
-    @classmethod
-    def from_env(cls) -> "RetryPolicy":
-        try:
-            policy = cls(attempts=int(os.environ.get("SR_STORAGE_ATTEMPTS", cls.attempts)),
-                         initial_backoff=float(os.environ.get("SR_STORAGE_BACKOFF", cls.initial_backoff)))
-        except ValueError:
-            raise ValueError("SR_STORAGE_ATTEMPTS must be an integer and SR_STORAGE_BACKOFF a number of "
-                             "seconds") from None
-        if policy.attempts < 1 or policy.initial_backoff < 0:
-            raise ValueError("SR_STORAGE_ATTEMPTS must be >= 1 and SR_STORAGE_BACKOFF >= 0")
-        return policy
-
-    def delay(self, retry: int) -> float:
-        base = min(self.initial_backoff * 2 ** (retry - 1), self.max_backoff)
-        return base * (1 + 0.5 * random.random())
 
 
 def get_fs(url: str):
