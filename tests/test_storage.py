@@ -85,3 +85,19 @@ def test_our_bounded_retries_wrap_gcsfs_requests_without_replacing_its_methods(g
     assert len(retries) == 2 and all(f"POST {bucket}/ failed (HTTP 503" in m for m in retries), retries
     # gcsfs's traceback for an error it does not retry is not shown for ours
     assert not [r for r in caplog.records if r.name == "gcsfs" and r.levelno >= logging.ERROR]
+
+
+def test_a_request_that_gave_up_is_a_storage_error_across_processes_and_exits_75():
+    # Worker processes (sr prepare -j N) send their exceptions back pickled: the error a
+    # request ends with must arrive as the same StorageError, message and exit code intact.
+    import pickle
+
+    from sr_core.errors import EXIT_TEMPFAIL, exit_code, short_reason
+    from sr_core.gcs import StorageGaveUp
+
+    gave_up = StorageGaveUp("GET gs://b/k: still failing after 3 attempts (HTTP 503)")
+    back = pickle.loads(pickle.dumps(gave_up))
+    assert isinstance(back, storage.StorageError) and str(back) == str(gave_up)
+    assert exit_code(back) == EXIT_TEMPFAIL
+    assert short_reason(OSError("line one\n   line\ttwo"), 12) == "line one lin"
+    assert short_reason(ValueError("x " * 300), None) == ("x " * 300).strip()
