@@ -17,6 +17,11 @@ instead of retrying). Retries therefore never multiply, and no gcsfs method is r
 the requirement can admit any gcsfs release that takes ``session_kwargs`` and knows
 ``NonRetryableError`` (tests/test_storage.py checks both on the installed one).
 
+One case stays gcsfs's: a connection dropped in the middle of a response body, after
+its headers arrived, fails where gcsfs reads the body, outside the middleware; gcsfs's
+own loop retries that request (silently, up to 6 times), each try passing through the
+middleware again. (tests/faultproxy.py drops connections before an answer starts.)
+
 Imported only when a gs:// URL is first used (``storage.get_fs``, after it has set the
 environment gcsfs and google-auth read at import): it loads aiohttp and gcsfs.
 """
