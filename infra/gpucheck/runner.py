@@ -105,7 +105,9 @@ def worker_main(args: argparse.Namespace) -> int:
                   deadline=time.monotonic() + args.worker_seconds,
                   model_files={"rrdbnet": args.rrdb_model, COMPACT: args.compact_model}, vgg_weights=args.vgg_weights)
     step = args.worker
-    run = next(s.run for s in STEPS if s.name == step)
+    run = next((s.run for s in STEPS if s.name == step), None)
+    if run is None:
+        raise ValueError(f"--worker {step!r}: no such step")
     code = 0
     signal.signal(signal.SIGTERM, stop_step)
     if ctx.rehearsal:
