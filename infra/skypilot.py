@@ -216,9 +216,9 @@ def check_job(job: TrainJob) -> None:
     for item in job.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise ValueError(f"override {shell.shown(item)} must look like section.field=value")
         if key == "train.run_dir":
-            raise ValueError(f"{item!r}: the run directory is BUCKET/runs/NAME, set by --bucket and --name")
+            raise ValueError(f"{shell.shown(item)}: the run directory is BUCKET/runs/NAME, set by --bucket and --name")
 
 
 def _sets(job: TrainJob, key: str) -> bool:
