@@ -666,8 +666,19 @@ def doctor_plan(args: argparse.Namespace):
     cluster_image = (cluster or {}).get("docker", {}).get("image", "")
     if cluster_image and cluster_image not in images:
         images.append(cluster_image)
-    return doctor.Plan(project=project, region=region, bucket=args.bucket, train=train, cluster=cluster,
+    plan = doctor.Plan(project=project, region=region, bucket=args.bucket, train=train, cluster=cluster,
                        cluster_path=args.cluster, images=images)
+    # These reach API URLs and the printed fix commands.
+    shell.check_match(shell.PROJECT, plan.project, "project", "my-project-123")
+    shell.check_match(shell.LOCATION, plan.region, "region", "us-central1")
+    if cluster:
+        shell.check_match(shell.LOCATION, str(cluster["provider"].get("availability_zone", "")),
+                          f"{args.cluster}: provider.availability_zone", "us-central1-a")
+    for email in plan.service_accounts():
+        shell.check_match(shell.EMAIL, email, "service account", "sr-workers@my-project.iam.gserviceaccount.com")
+    for ref in images:
+        image.split_image(ref)
+    return plan
 
 
 def run_doctor(args: argparse.Namespace) -> int:

@@ -114,6 +114,9 @@ def worker_machine_type(spec: ClusterSpec) -> str:
 def check_spec(spec: ClusterSpec) -> None:
     if not spec.project_id:
         raise ValueError("no GCP project: pass --project or run `gcloud config set project PROJECT`")
+    shell.check_match(shell.PROJECT, spec.project_id, "--project", "my-project-123")
+    for option, value in (("--region", spec.region), ("--zone", spec.zone), ("--gpu", spec.gpu)):
+        shell.check_match(shell.LOCATION, value, option, "us-central1, us-central1-a, nvidia-tesla-v100")
     if not _NAME.match(spec.name):
         raise ValueError(f"--name {shell.shown(spec.name)}: use 1-41 lowercase letters, digits and dashes, "
                          "starting with a letter")
@@ -127,9 +130,9 @@ def check_spec(spec: ClusterSpec) -> None:
         raise ValueError(f"need 0 <= --min-workers ({spec.min_workers}) <= --max-workers ({spec.max_workers}), max >= 1")
     if spec.disk_gb < 50:
         raise ValueError(f"--disk-gb {spec.disk_gb}: at least 50 GB (the CUDA environment alone takes ~15)")
-    if spec.worker_service_account and not spec.worker_service_account.endswith(".gserviceaccount.com"):
-        raise ValueError(f"--service-account {spec.worker_service_account!r}: give a service account's email "
-                         "(NAME@PROJECT.iam.gserviceaccount.com)")
+    if spec.worker_service_account and not shell.EMAIL.match(spec.worker_service_account):
+        raise ValueError(f"--service-account {shell.shown(spec.worker_service_account)}: give a service account's "
+                         "email (NAME@PROJECT.iam.gserviceaccount.com)")
     if spec.docker_image:
         image.split_image(spec.docker_image)
 

@@ -33,6 +33,17 @@ BUCKET = re.compile(r"^gs://[a-z0-9]([a-z0-9_.-]{0,220}[a-z0-9])?(/[A-Za-z0-9_.~
 """``gs://BUCKET[/prefix]``: GCS bucket names are lowercase letters, digits, ``-``, ``_``
 and ``.``; the prefix is held to characters with no shell meaning."""
 
+PROJECT = re.compile(r"^([a-z][a-z0-9.-]{0,62}:)?[a-z][a-z0-9-]{0,62}$")
+"""GCP project ids: lowercase letters, digits and dashes (``example.com:`` before them for
+domain-scoped projects)."""
+
+EMAIL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}@[a-z0-9][a-z0-9.:-]{0,99}\.gserviceaccount\.com$")
+"""Service-account emails (``NAME@PROJECT.iam.gserviceaccount.com``, Compute Engine's
+``NUMBER-compute@developer.gserviceaccount.com``)."""
+
+LOCATION = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+"""GCP regions and zones (``us-central1``, ``us-central1-a``)."""
+
 MAX_SHOWN = 80
 """Characters of a refused value echoed in its error line."""
 
@@ -89,4 +100,11 @@ def check_bucket(value: str, what: str = "--bucket") -> str:
         raise ValueError(f"{what} {shown(value)}: give a Google Cloud Storage URL, e.g. gs://my-bucket or "
                          "gs://my-bucket/prefix (bucket: lowercase letters, digits, '-', '_', '.'; "
                          "prefix: letters, digits and -_.~+=,@)")
+    return value
+
+
+def check_match(pattern: re.Pattern, value: str, what: str, example: str) -> str:
+    """``value`` when ``pattern`` matches it, else ValueError naming ``what`` with an example."""
+    if not pattern.match(value):
+        raise ValueError(f"{what} {shown(value)}: not a valid value here, e.g. {example}")
     return value

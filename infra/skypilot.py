@@ -61,7 +61,6 @@ per vCPU (n2-standard-4 on GCP; docs/CLOUD.md pins it and its region in ~/.sky/c
 CONTROLLER_DISK_GB = 50
 """The jobs controller's boot disk (SkyPilot's default)."""
 
-_LOCATION = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _GPUS = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)(?::([1-9][0-9]*))?$")
 
 
@@ -200,7 +199,7 @@ def check_job(job: TrainJob) -> None:
     if job.disk_size < 50:
         raise ValueError(f"--disk-size {job.disk_size}: at least 50 GB (the CUDA environment alone takes ~15)")
     for option, value in (("--region", job.region), ("--zone", job.zone)):
-        if value and not _LOCATION.match(value):
+        if value and not shell.LOCATION.match(value):
             raise ValueError(f"{option} {shell.shown(value)}: a GCP location, e.g. us-central1 or us-central1-a")
     if job.zone and job.region and not job.zone.startswith(job.region + "-"):
         raise ValueError(f"--zone {job.zone} is not in --region {job.region}")
@@ -428,7 +427,7 @@ def gpu_check_task(gpus: str, spot: bool, region: str, table: str, workdir: str)
     table to ``table`` (a gs:// URL keeps it after the VM is gone; it is in the log too)."""
     if not _GPUS.match(gpus):
         raise ValueError(f"--gpus {gpus!r}: use TYPE:COUNT, e.g. V100:1")
-    if region and not _LOCATION.match(region):
+    if region and not shell.LOCATION.match(region):
         raise ValueError(f"--region {shell.shown(region)}: a GCP region, e.g. us-central1")
     run = f"""\
 set -uo pipefail

@@ -115,6 +115,18 @@ def test_refused_names_write_nothing(hostile, sr, tmp_path):
                       "--bucket"))
         cases.append((["cloud", "doctor", "--project", "p", "--bucket", bad, "--dry-run"], "--bucket"))
     cases.append(([*batch, "--cluster", bad_cluster, "--submission-id", "j"], "cluster_name"))
+    # Values that reach the cluster's setup lines, API URLs and the fix commands doctor prints.
+    bad_project = tmp_path / "bad-project.yaml"
+    config = yaml.safe_load(cluster.read_text())
+    config["provider"]["project_id"] = f"p;touch {canary}"
+    bad_project.write_text(yaml.safe_dump(config))
+    cases.append((["cloud", "doctor", "--no-train", "--cluster", bad_project, "--dry-run"], "project"))
+    for option, bad in (("--project", f"p;touch {canary}"), ("--service-account", f"a b@p.iam.gserviceaccount.com"),
+                        ("--image", f"host.io/x;touch {canary}:1"), ("--image", "host.io/x:$(touch y)"),
+                        ("--zone", "us-central1-a;x")):
+        cases.append((["cloud", "ray-config", "--project", "p", option, bad], option))
+    cases.append((["cloud", "train", "--preset", "tiny", "--name", "r", "--bucket", "gs://b", "--image",
+                   f"docker:host.io/x`touch {canary}`:1", "--dry-run"], "--image"))
     cases.append((["cloud", "train", "--preset", "tiny", "--name", "r", "--bucket", "gs://b", "--region",
                    "us;touch x", "--dry-run"], "--region"))
     before = _tree(tmp_path)
