@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 import shlex
 
+from sr_core.errors import shown
+
 PORT = "\0port\0"
 """Stands for the local tunnel port where commands.sh picks one at run time. It holds a
 NUL byte, which no command-line argument or YAML string a user passes can contain, so
@@ -44,10 +46,6 @@ EMAIL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}@[a-z0-9][a-z0-9.:-]{0,99}\
 LOCATION = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 """GCP regions and zones (``us-central1``, ``us-central1-a``)."""
 
-MAX_SHOWN = 80
-"""Characters of a refused value echoed in its error line."""
-
-
 def word(value: object) -> str:
     """``value`` as one shell word, expanded by nothing."""
     return shlex.quote(str(value))
@@ -67,13 +65,6 @@ def comment(text: str) -> str:
     """``# text`` on one line: control characters (a newline would end the comment and
     start a command) and non-ASCII are written as backslash escapes."""
     return "# " + text.encode("unicode_escape").decode("ascii")
-
-
-def shown(value: object) -> str:
-    """A refused value for an error line: escaped like :func:`comment`, at most ``MAX_SHOWN``
-    characters."""
-    text = repr(str(value))
-    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(str(value))} characters)"
 
 
 def check_name(value: str, what: str) -> str:

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from sr_core.errors import MAX_SHOWN, shown
 from sr_core.precision import PRECISIONS
 
 
@@ -540,41 +541,41 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
                 return _check_value(value, option, name)
             except ValueError:
                 pass
-        raise ValueError(f"{name}: {_shown(value)} matches none of {hint}")
+        raise ValueError(f"{name}: {shown(value)} matches none of {hint}")
     if hint is type(None):
         if value is None:
             return None
-        raise ValueError(f"{name}: expected null, got {_shown(value)}")
+        raise ValueError(f"{name}: expected null, got {shown(value)}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping of {hint.__name__} fields, got {_shown(value)}")
+            raise ValueError(f"{name}: expected a mapping of {hint.__name__} fields, got {shown(value)}")
         return _build(hint, value, name + ".")
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping, got {_shown(value)}")
+            raise ValueError(f"{name}: expected a mapping, got {shown(value)}")
         return {_check_value(k, key_type, f"{name} key"): _check_value(v, value_type, f"{name}.{k}")
                 for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}: expected a list of {len(args)} values, got {_shown(value)}")
+            raise ValueError(f"{name}: expected a list of {len(args)} values, got {shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             args = (args[0],) * len(value)
         if len(value) != len(args):
-            raise ValueError(f"{name}: expected {len(args)} values, got {len(value)} ({_shown(value)})")
+            raise ValueError(f"{name}: expected {len(args)} values, got {len(value)} ({shown(value)})")
         return tuple(_check_value(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ValueError(f"{name}: expected a list, got {_shown(value)}")
+            raise ValueError(f"{name}: expected a list, got {shown(value)}")
         return [_check_value(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float:
         # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string.
         if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
             value = float(value)  # 1e999 overflows to inf: checked below
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: expected a number, got {_shown(value)}")
+            raise ValueError(f"{name}: expected a number, got {shown(value)}")
         # JSON's Infinity/NaN and YAML's .inf/.nan: a NaN learning rate trains "fine" to a
         # NaN model, so no config number may be non-finite.
         if not math.isfinite(value):
@@ -582,11 +583,11 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: expected an integer, got {_shown(value)}")
+            raise ValueError(f"{name}: expected an integer, got {shown(value)}")
         return value
     if hint in (str, bool):
         if not isinstance(value, hint):
-            raise ValueError(f"{name}: expected {hint.__name__}, got {_shown(value)}")
+            raise ValueError(f"{name}: expected {hint.__name__}, got {shown(value)}")
         return value
     raise AssertionError(f"config field {name} has an unsupported type {hint}")
 
@@ -600,9 +601,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = ""):
     unknown = sorted(set(values) - known, key=str)
     if unknown:
         # A file of 300k stray keys must not make a megabyte-long error line.
-        shown = ", ".join(prefix + str(k)[:80] for k in unknown[:_MAX_NAMES_LISTED])
+        listed = ", ".join(prefix + str(k)[:80] for k in unknown[:_MAX_NAMES_LISTED])
         more = f" and {len(unknown) - _MAX_NAMES_LISTED} more" if len(unknown) > _MAX_NAMES_LISTED else ""
-        raise ValueError(f"unknown config key(s) {shown}{more}; {cls.__name__} has: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown config key(s) {listed}{more}; {cls.__name__} has: {', '.join(sorted(known))}")
     kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -613,12 +614,12 @@ def _nest(flat: dict[str, Any], name_for_errors: str) -> dict[str, Any]:
     for dotted, value in flat.items():
         parts = dotted.split(".")
         if not all(parts):
-            raise ValueError(f"{name_for_errors}: malformed key {_shown(dotted)}")
+            raise ValueError(f"{name_for_errors}: malformed key {shown(dotted)}")
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{name_for_errors}: {_shown(dotted)} sets a field inside a non-section")
+                raise ValueError(f"{name_for_errors}: {shown(dotted)} sets a field inside a non-section")
         node[parts[-1]] = value
     return tree
 
@@ -651,9 +652,6 @@ real configs have about a hundred, and aliases can make a small file describe bi
 MAX_STRING = 4096
 """Longest string a config value may be (URLs and paths are far shorter)."""
 
-MAX_SHOWN = 200
-"""Characters of a value echoed in an error line."""
-
 MAX_FILE = 16 << 20
 """Largest config file read (bytes): a config is a few kilobytes; YAML reads about a
 megabyte a second."""
@@ -663,15 +661,6 @@ MAX_OVERRIDE = 1 << 16
 
 MAX_TORCH_SEED = 2**64 - 1
 """The largest seed ``torch.manual_seed`` takes."""
-
-
-def _shown(value: Any) -> str:
-    """``value`` for an error line: at most ``MAX_SHOWN`` characters (Python refuses to
-    print integers of more than 4300 digits at all)."""
-    if isinstance(value, int) and value.bit_length() > 256:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
 
 
 def _check_parsed(value: Any, where: str) -> Any:
@@ -706,9 +695,9 @@ def _load_text(load, data, what: str, syntax_error: type[Exception], language: s
     except RecursionError:
         raise ValueError(f"{what}: nested too deeply to parse (configs nest three levels)") from None
     except syntax_error as exc:
-        raise ValueError(f"{what}: not valid {language} ({_shown(' '.join(str(exc).split()))[1:-1]})") from None
+        raise ValueError(f"{what}: not valid {language} ({' '.join(str(exc).split())[:MAX_SHOWN]})") from None
     except ValueError as exc:  # int() of a number past 4300 digits; the advice after ';' is Python's
-        raise ValueError(f"{what}: {_shown(str(exc).split(';')[0])[1:-1]}") from None
+        raise ValueError(f"{what}: {str(exc).split(';')[0][:MAX_SHOWN]}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -717,11 +706,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
-        raise ValueError(f"override {_shown(text)} must look like section.field=value")
+        raise ValueError(f"override {shown(text)} must look like section.field=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if len(key) > MAX_SHOWN:
-        raise ValueError(f"override key {_shown(key)}: no config field has a name that long")
+        raise ValueError(f"override key {shown(key)}: no config field has a name that long")
     if len(raw) > MAX_OVERRIDE:
         raise ValueError(f"override {key}: a value of {len(raw)} characters; config values are at most {MAX_STRING}")
     value = _load_text(yaml.safe_load, raw, f"override {key}", yaml.YAMLError, "YAML") if raw.strip() else ""
@@ -760,7 +749,7 @@ def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
         if "=" not in item and i == 0:
             path = item
         elif "=" not in item:
-            raise ValueError(f"{_shown(item)}: expected section.field=value (only the first argument may be a config file)")
+            raise ValueError(f"{shown(item)}: expected section.field=value (only the first argument may be a config file)")
         else:
             overrides.append(item)
     return path, overrides
@@ -770,7 +759,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), preset: str 
     """Build the config from ``preset``, then the YAML or JSON file at ``path`` (any
     fsspec URL), then ``overrides`` (``section.field=value`` strings)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {_shown(preset)}; known: {', '.join(sorted(PRESETS))}")
+        raise ValueError(f"unknown preset {shown(preset)}; known: {', '.join(sorted(PRESETS))}")
     values = _merge({}, _nest(PRESETS[preset], f"preset {preset}"), Config)
     if path:
         values = _merge(values, read_config_file(path), Config)
@@ -881,7 +870,7 @@ def validate_loss(config) -> None:
         raise ValueError(f"loss.perceptual_criterion must be l1 or l2, got {lo.perceptual_criterion!r}")
     unknown = sorted(set(lo.perceptual_layers) - set(LAYER_INDEX))
     if unknown:
-        raise ValueError(f"loss.perceptual_layers: unknown VGG19 layer(s) {_shown(unknown)} (e.g. conv5_4)")
+        raise ValueError(f"loss.perceptual_layers: unknown VGG19 layer(s) {shown(unknown)} (e.g. conv5_4)")
     for layer, weight in lo.perceptual_layers.items():
         if not weight > 0:
             raise ValueError(f"loss.perceptual_layers.{layer} must be > 0 (a layer's weight; leave the layer "
@@ -946,7 +935,7 @@ def validate_train(config) -> None:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0 <= t.seed <= MAX_TORCH_SEED:
         raise ValueError(f"train.seed must be in [0, 2**64 - 1] (torch's seed is 64-bit unsigned), "
-                         f"got {_shown(t.seed)}")
+                         f"got {shown(t.seed)}")
     if t.num_val_images_logged < 0 or t.sync_tensorboard_seconds <= 0:
         raise ValueError("train.num_val_images_logged must be >= 0 and train.sync_tensorboard_seconds > 0")
 

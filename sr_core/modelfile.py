@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from sr_core import storage
+from sr_core.errors import MAX_SHOWN, shown
 from sr_core.archs import GENERATORS, build_generator
 from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
 
@@ -60,19 +61,6 @@ file nested hundreds of thousands deep is built to exhaust the parser's stack.""
 
 JSON_FIELDS = ("hparams", "provenance")
 """Metadata fields that hold JSON."""
-
-MAX_SHOWN = 200
-"""Characters of a metadata value echoed in an error line."""
-
-
-def _shown(value) -> str:
-    """``value`` for an error line, at most ``MAX_SHOWN`` characters (Python refuses to
-    print integers of more than 4300 digits at all)."""
-    if isinstance(value, int) and value.bit_length() > 256:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
-
 
 def _json_depth(value) -> int:
     """Nesting depth of decoded JSON, without recursion."""
@@ -266,7 +254,7 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
         except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelFileError):
                 raise
-            raise ModelFileError(f"{url}: bad sr-cloud metadata ({_shown(str(exc))[1:-1]})") from None
+            raise ModelFileError(f"{url}: bad sr-cloud metadata ({str(exc)[:MAX_SHOWN]})") from None
     else:
         arch, hparams, state = infer_architecture(url, state)
         _check_shapes(url, arch, hparams, state)
@@ -304,13 +292,13 @@ def _check_hparam_values(url: str, arch: str, hparams: dict, state: dict[str, to
         if isinstance(default, int) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ModelFileError(f"{url}: metadata hyperparameter {name} must be an integer, "
-                                     f"got {_shown(value)}; the file is damaged or was not written by sr-cloud")
+                                     f"got {shown(value)}; the file is damaged or was not written by sr-cloud")
             if abs(value) > bound:
-                raise ModelFileError(f"{url}: metadata claims {name}={_shown(value)}, but the file holds "
+                raise ModelFileError(f"{url}: metadata claims {name}={shown(value)}, but the file holds "
                                      f"{len(state)} tensors (largest dimension {bound}); the metadata "
                                      "does not describe these weights")
         elif isinstance(default, str) and not isinstance(value, str):
-            raise ModelFileError(f"{url}: metadata hyperparameter {name} must be a string, got {_shown(value)}")
+            raise ModelFileError(f"{url}: metadata hyperparameter {name} must be a string, got {shown(value)}")
 
 
 class _TooManyTensors(Exception):
@@ -352,12 +340,12 @@ def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Ten
             skeleton = build_generator(arch, **hparams)
     except _TooManyTensors:
         raise ModelFileError(f"{url}: the metadata describes a {arch} with more weight tensors than the "
-                             f"{len(state)} the file holds ({_shown(hparams)}); the metadata does not describe "
+                             f"{len(state)} the file holds ({shown(hparams)}); the metadata does not describe "
                              "these weights") from None
     except ValueError:
         raise  # the registry's and the architectures' own messages
     except Exception as exc:  # negative widths and the like fail inside torch.nn
-        raise ModelFileError(f"{url}: the metadata's hyperparameters {_shown(hparams)} do not build a {arch} "
+        raise ModelFileError(f"{url}: the metadata's hyperparameters {shown(hparams)} do not build a {arch} "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
@@ -374,7 +362,7 @@ def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Ten
     if wrong:
         details.append(f"{len(wrong)} of other shapes (e.g. {wrong[0]}: file {found[wrong[0]]}, "
                        f"model {expected[wrong[0]]})")
-    raise ModelFileError(f"{url}: weights do not fit {arch} {_shown(hparams)}: tensors {'; '.join(details)}")
+    raise ModelFileError(f"{url}: weights do not fit {arch} {shown(hparams)}: tensors {'; '.join(details)}")
 
 
 def read_metadata(url: str) -> dict:
@@ -442,7 +430,7 @@ def _rename_oldest_esrgan(url: str, state: dict) -> dict:
         elif m := top.match(key):
             top_level.setdefault(int(m[1]), {})[m[2]] = value
         else:
-            raise ModelFileError(f"{url}: unexpected key {_shown(key)} in an old-ESRGAN (model.N) file")
+            raise ModelFileError(f"{url}: unexpected key {shown(key)} in an old-ESRGAN (model.N) file")
     indices = sorted(top_level)
     if len(indices) < 4 or indices[0] != 0:
         raise ModelFileError(f"{url}: incomplete old-ESRGAN (model.N) file")
