@@ -210,3 +210,34 @@ def test_job_and_gpu_check_commands_sh(hostile, sr, tmp_path):
     calls = _run_file(run, env, log, tmp_path)
     assert calls[0] == ["nvidia-smi"] and calls[1][-3:] == ["bench/gpu_check.py", "--out", table]
     assert not _pwned(tmp_path)
+
+
+def test_cluster_setup_and_start_lines_run_only_the_tools(hostile, sr, tmp_path):
+    """The lines `ray up` runs on the nodes (initialization, setup, start), each with bash
+    under the stubs in a stand-in HOME: only the tools run (the project install through
+    the VM's python, `gcloud auth configure-docker` for the Artifact Registry host, ray)."""
+    work, env, log, canary = hostile
+    image = "us-central1-docker.pkg.dev/p/sr/sr-cloud:0.1.0"
+    cluster = tmp_path / "cluster.yaml"
+    assert sr(["cloud", "ray-config", "--project", "p", "--image", image, "-o", cluster]).returncode == 0
+    config = yaml.safe_load(cluster.read_text())
+    home = tmp_path / "home"
+    (home / "sr-cloud").mkdir(parents=True)
+    _stub_tools(home / "sr-venv" / "bin", ["python", "ray"])
+    _stub_tools(tmp_path / "bin", ["nvidia-smi"])
+    worker = config["available_node_types"]["gpu_worker"]
+    lines = (config["initialization_commands"] + worker["initialization_commands"] + config["setup_commands"]
+             + config["head_setup_commands"] + config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    node_env = dict(env, HOME=str(home), RAY_HEAD_IP="10.0.0.2")
+    node_env.pop("SR_VENV")  # the nodes use the default, $HOME/sr-venv
+    calls = []
+    for line in lines:
+        log.write_text("")
+        done = subprocess.run(["bash", "-c", line], env=node_env, capture_output=True, text=True, timeout=120,
+                              cwd=home)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+        calls += [json.loads(c) for c in log.read_text().splitlines()]
+    assert {c[0] for c in calls} == {"gcloud", "nvidia-smi", "python", "ray"}
+    assert ["gcloud", "auth", "configure-docker", "us-central1-docker.pkg.dev", "--quiet"] in calls
+    assert ["ray", "start", "--address=10.0.0.2:6379", "--object-manager-port=8076"] in calls
+    assert not _pwned(tmp_path)
