@@ -331,12 +331,15 @@ def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Ten
     metadata claiming a huge model must not make us allocate it (the skeleton is built
     on the meta device, which holds shapes only, after the claimed values were checked
     against the file's size). A strict load needs every parameter of the model to be a
-    tensor of the file, so the build stops at the first parameter beyond the file's
-    tensor count: how long it runs is bounded by what the file holds, whatever the
-    metadata claims (a padding tensor can lift a dimension to 10^6; it adds one tensor)."""
+    tensor of the file, so the build stops once it has registered about twice as many
+    parameters as the file holds tensors: how long it runs is bounded by what the file
+    holds, whatever the metadata claims (a padding tensor can lift a dimension to 10^6;
+    it adds one tensor)."""
     _check_hparam_values(url, arch, hparams, state)
     try:
-        with torch.device("meta"), _at_most_parameters(len(state)):
+        # Twice the file's count and a little: a subclass may register parameters and drop
+        # them again (MultiHeadRRDBNet deletes RRDBNet's conv_last).
+        with torch.device("meta"), _at_most_parameters(2 * len(state) + 16):
             skeleton = build_generator(arch, **hparams)
     except _TooManyTensors:
         raise ModelFileError(f"{url}: the metadata describes a {arch} with more weight tensors than the "
