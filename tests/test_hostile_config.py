@@ -74,3 +74,16 @@ def test_a_legal_seed_and_nesting_still_load(tmp_path):
     assert config.train.seed == 2**64 - 1 and config.loss.perceptual_layers == {"conv2_2": 0.5, "conv5_4": 1.0}
     (tmp_path / "c.json").write_text(json.dumps({"data": {"degradation_probs": {"jpeg": 0.5}}}))
     assert load_config(str(tmp_path / "c.json"), preset="tiny").data.degradation_probs == {"jpeg": 0.5}
+
+
+@pytest.mark.parametrize("text, reason", [("[" * 100_000 + "]" * 100_000, "nested"), ("{not json", "not valid JSON"),
+                                          ("[1, 2]", "top level must be a mapping")])
+def test_a_hostile_deepspeed_config_file_is_one_line_naming_it(tmp_path, text, reason):
+    from jobs.engines import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    config = load_config(None, [f"train.deepspeed_config={path}"], preset="tiny")
+    with pytest.raises(ValueError, match="ds.json") as info:
+        deepspeed_config(config, "fp32")
+    assert reason in str(info.value) and len(str(info.value)) < 400
