@@ -76,6 +76,7 @@ def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]
     already initialized in this process is used as it is. Returns (started here, seconds).
 
     A local Ray lives in ``batch.localray.temp_dir()``."""
+    _import_ray_without_its_signal_dump()
     import ray
 
     from batch import localray
@@ -103,6 +104,26 @@ def connect_ray(address: str | None, num_cpus: int | None) -> tuple[bool, float]
         raise ValueError(f"cannot start or reach Ray at {where}: {exc}") from None
     localray.consume_actor_restart_note()
     return True, time.perf_counter() - started
+
+
+def _import_ray_without_its_signal_dump() -> None:
+    """Import Ray with its C++ failure-signal handler off in this process (Ray reads
+    RAY_DISABLE_FAILURE_SIGNAL_HANDLER once, at import). That handler catches SIGTERM in
+    the driver, prints a stack dump before our one line and then aborts (exit -6, not
+    130). The variable is put back right after the import, so the Ray processes started
+    later keep their crash traces."""
+    if "ray" in sys.modules:
+        return
+    name = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        import ray  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 class _NoSigtermNote(logging.Filter):
@@ -259,6 +280,7 @@ def run_batch(config: BatchConfig) -> dict:
     """Run one batch job; returns the summary (also in summary.json)."""
     wall_start = time.perf_counter()
     settings = config.output_settings
+    _import_ray_without_its_signal_dump()  # before anything below imports Ray
     stop_leftovers(config)
     model_bytes = _read_model(config.model)
     model_sha256 = hashlib.sha256(model_bytes).hexdigest()

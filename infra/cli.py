@@ -14,6 +14,8 @@ import os
 import shlex
 import sys
 
+from infra import shell
+
 from jobs.config import split_config_args
 
 DEFAULT_OUT = "sr-cloud-out"
@@ -224,9 +226,18 @@ def dump_yaml(data) -> str:
 
 
 def _out_dir(args: argparse.Namespace, name: str) -> str:
-    out = args.out or os.path.join(DEFAULT_OUT, name)
+    """``--out``, else ``sr-cloud-out/NAME``, as an absolute path; NAME has been checked to be one folder name,
+    and a path that would still leave sr-cloud-out/ is refused (nothing is written)."""
+    if args.out:
+        out = args.out
+    else:
+        out = os.path.join(DEFAULT_OUT, name)
+        inside = os.path.realpath(DEFAULT_OUT) + os.sep
+        if not os.path.realpath(out).startswith(inside):
+            raise ValueError(f"{shell.shown(name)}: not a folder name inside {DEFAULT_OUT}/")
     os.makedirs(out, exist_ok=True)
-    return out
+    # Absolute: commands.sh names its files by this path and must run from any folder.
+    return os.path.abspath(out)
 
 
 def _write(path: str, text: str, executable: bool = False) -> None:
@@ -239,7 +250,7 @@ def _write(path: str, text: str, executable: bool = False) -> None:
 def _commands_sh(commands: list[str], notes: list[str]) -> str:
     lines = ["#!/usr/bin/env bash", "# Written by sr cloud: the commands it runs (or would run with --dry-run).",
              "set -euo pipefail"]
-    lines += [f"# {n}" for n in notes]
+    lines += [shell.comment(n) for n in notes]
     lines += commands
     return "\n".join(lines) + "\n"
 
@@ -248,7 +259,7 @@ def _print_plan(out: str, commands: list[list[str]], dry_run: bool) -> None:
     print(f"commands: {os.path.join(out, 'commands.sh')}")
     print("dry run: nothing was submitted; these would run:" if dry_run else "running:")
     for c in commands:
-        print("  " + shlex.join(c))
+        print("  " + shell.line(c))
     sys.stdout.flush()
 
 
@@ -315,10 +326,10 @@ def run_train(args: argparse.Namespace) -> int:
     # The JSON is indented: each record's '"job_name": "NAME"' is on a line of its own.
     pattern = '"job_name": "%s"' % job.name
     message = f"a managed job named {job.name} has not finished: sr cloud status {job.name}"
-    guard = [f"if {shlex.join(queue)} | grep -qF {shlex.quote(pattern)}; then",
-             f"  echo {shlex.quote(message)} >&2", "  exit 2", "fi"]
+    guard = [f"if {shell.line(queue)} | grep -qF {shell.word(pattern)}; then",
+             f"  echo {shell.word(message)} >&2", "  exit 2", "fi"]
     _write(os.path.join(out, "commands.sh"),
-           _commands_sh(guard + [shlex.join(command)],
+           _commands_sh(guard + [shell.line(command)],
                         [f"run directory: {job.run_dir}",
                          "refused while a job of the same name has not finished (it would share the run directory)"]),
            executable=True)
@@ -369,6 +380,7 @@ def run_job_command(args: argparse.Namespace) -> int:
     from infra import skypilot
     from infra.credentials import require_gcp
 
+    shell.check_name(args.name, "RUN")
     if args.action == "status":
         command = skypilot.status_command()
     elif args.action == "logs":
@@ -376,7 +388,7 @@ def run_job_command(args: argparse.Namespace) -> int:
     else:
         command = skypilot.stop_command(args.name)
     out = _out_dir(args, args.name)
-    _write(os.path.join(out, "commands.sh"), _commands_sh([shlex.join(command)], [f"sr cloud {args.action} {args.name}"]),
+    _write(os.path.join(out, "commands.sh"), _commands_sh([shell.line(command)], [f"sr cloud {args.action} {args.name}"]),
            executable=True)
     _print_plan(out, [command], args.dry_run)
     if args.dry_run:
@@ -407,7 +419,7 @@ def run_gpu_check(args: argparse.Namespace) -> int:
     _write(task_path, "# SkyPilot task written by `sr cloud gpu-check`: the GPU check on one VM.\n" + dump_yaml(task))
     command = skypilot.gpu_check_launch_command(task_path)
     _write(os.path.join(out, "commands.sh"),
-           _commands_sh([shlex.join(command)], ["the VM is deleted when the check ends (--down)"]), executable=True)
+           _commands_sh([shell.line(command)], ["the VM is deleted when the check ends (--down)"]), executable=True)
     print(f"SkyPilot task: {task_path} (1 VM, {args.gpus}{', spot' if args.spot else ''}); the table goes to "
           f"{args.table} on the VM and into the log")
     _print_plan(out, [command], args.dry_run)
@@ -462,6 +474,8 @@ def load_cluster_config(path: str) -> dict:
     except (jsonschema.ValidationError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0]
         raise ValueError(f"{path}: not a valid Ray cluster config: {first}") from None
+    # The name reaches `ray up`'s commands and commands.sh.
+    shell.check_id(str(config.get("cluster_name", "")), f"{path}: cluster_name")
     return config
 
 
@@ -499,7 +513,8 @@ def run_batch(args: argparse.Namespace) -> int:
     _remote(args.model, "--model")
     cluster = load_cluster_config(args.cluster)
     cluster_ray = check_ray_version(cluster, args.cluster)
-    submission_id = args.submission_id or time.strftime("sr-batch-%Y%m%d-%H%M%S", time.gmtime())
+    submission_id = shell.check_id(args.submission_id or time.strftime("sr-batch-%Y%m%d-%H%M%S", time.gmtime()),
+                                   "--submission-id")
     job = raycluster.BatchJob(
         input=args.input, output=args.output, model=args.model, cluster_yaml=args.cluster,
         submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
@@ -525,7 +540,7 @@ def run_batch(args: argparse.Namespace) -> int:
             raise ValueError(f"`ray up {args.cluster}` failed; its output is above")
     port = submit_through_tunnel(ray, job, cluster_ray)
     logs = raycluster.submit_commands(job, port)[-1]
-    print(f"submitted {submission_id}; follow it with `{shlex.join(logs)}` while "
+    print(f"submitted {submission_id}; follow it with `{shell.line(logs)}` while "
           f"`ray dashboard --port {port} {args.cluster}` runs in another terminal")
     return 0
 
@@ -624,8 +639,8 @@ def doctor_plan(args: argparse.Namespace):
     region = args.region or (cluster["provider"]["region"] if cluster else "us-central1")
     if args.zone and not args.zone.startswith(region + "-"):
         raise ValueError(f"--zone {args.zone} is not in --region {region}")
-    if args.bucket and (not args.bucket.startswith("gs://") or len(args.bucket.rstrip("/")) <= len("gs://")):
-        raise ValueError(f"--bucket {args.bucket!r}: give a Google Cloud Storage URL, e.g. gs://my-bucket")
+    if args.bucket:
+        shell.check_bucket(args.bucket)
     train = None
     if args.train:
         train = skypilot.TrainJob(name="doctor", bucket=args.bucket or "gs://unchecked", nodes=args.nodes,
@@ -644,8 +659,19 @@ def doctor_plan(args: argparse.Namespace):
     cluster_image = (cluster or {}).get("docker", {}).get("image", "")
     if cluster_image and cluster_image not in images:
         images.append(cluster_image)
-    return doctor.Plan(project=project, region=region, bucket=args.bucket, train=train, cluster=cluster,
+    plan = doctor.Plan(project=project, region=region, bucket=args.bucket, train=train, cluster=cluster,
                        cluster_path=args.cluster, images=images)
+    # These reach API URLs and the printed fix commands.
+    shell.check_match(shell.PROJECT, plan.project, "project", "my-project-123")
+    shell.check_match(shell.LOCATION, plan.region, "region", "us-central1")
+    if cluster:
+        shell.check_match(shell.LOCATION, str(cluster["provider"].get("availability_zone", "")),
+                          f"{args.cluster}: provider.availability_zone", "us-central1-a")
+    for email in plan.service_accounts():
+        shell.check_match(shell.EMAIL, email, "service account", "sr-workers@my-project.iam.gserviceaccount.com")
+    for ref in images:
+        image.split_image(ref)
+    return plan
 
 
 def run_doctor(args: argparse.Namespace) -> int:

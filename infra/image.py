@@ -15,6 +15,7 @@ it there); moving past it means leaving V100s for newer GPUs.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 TORCH_VERSION = "2.13.0"
@@ -105,9 +106,20 @@ def split_image(image: str) -> tuple[str, str, str]:
         path, _, tag = ref.partition("@")
     else:
         path, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
-    if not path or not tag:
-        raise ValueError(f"--image {image!r}: not a Docker image reference (HOST/PATH:TAG)")
+    digest = "@" in ref
+    if (not path or not tag or (host and not _HOST.match(host)) or not _PATH.match(path)
+            or not (_DIGEST if digest else _TAG).match(tag)):
+        shown = repr(image) if len(image) <= 120 else repr(image[:120]) + "..."
+        raise ValueError(f"--image {shown}: not a Docker image reference (HOST/PATH:TAG, lowercase path)")
     return host, path, tag
+
+
+# Docker's reference grammar (distribution/reference): the parts reach YAML, `gcloud auth
+# configure-docker HOST` and the fix lines `sr cloud doctor` prints.
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]+)?$")
+_PATH = re.compile(r"^[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^[a-z0-9]+([+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}$")
 
 
 def is_artifact_registry(host: str) -> bool:

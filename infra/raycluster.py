@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from dataclasses import dataclass
 
-from infra import image
+from infra import image, shell
 
 PROJECT_ON_NODES = "~/sr-cloud"
 """Where the launcher copies the project checkout on every node."""
@@ -115,8 +114,12 @@ def worker_machine_type(spec: ClusterSpec) -> str:
 def check_spec(spec: ClusterSpec) -> None:
     if not spec.project_id:
         raise ValueError("no GCP project: pass --project or run `gcloud config set project PROJECT`")
+    shell.check_match(shell.PROJECT, spec.project_id, "--project", "my-project-123")
+    for option, value in (("--region", spec.region), ("--zone", spec.zone), ("--gpu", spec.gpu)):
+        shell.check_match(shell.LOCATION, value, option, "us-central1, us-central1-a, nvidia-tesla-v100")
     if not _NAME.match(spec.name):
-        raise ValueError(f"--name {spec.name!r}: use lowercase letters, digits and dashes, starting with a letter")
+        raise ValueError(f"--name {shell.shown(spec.name)}: use 1-41 lowercase letters, digits and dashes, "
+                         "starting with a letter")
     if not spec.zone.startswith(spec.region + "-"):
         raise ValueError(f"--zone {spec.zone} is not in --region {spec.region}")
     if spec.gpus_per_worker not in (1, 2, 4, 8):
@@ -127,9 +130,9 @@ def check_spec(spec: ClusterSpec) -> None:
         raise ValueError(f"need 0 <= --min-workers ({spec.min_workers}) <= --max-workers ({spec.max_workers}), max >= 1")
     if spec.disk_gb < 50:
         raise ValueError(f"--disk-gb {spec.disk_gb}: at least 50 GB (the CUDA environment alone takes ~15)")
-    if spec.worker_service_account and not spec.worker_service_account.endswith(".gserviceaccount.com"):
-        raise ValueError(f"--service-account {spec.worker_service_account!r}: give a service account's email "
-                         "(NAME@PROJECT.iam.gserviceaccount.com)")
+    if spec.worker_service_account and not shell.EMAIL.match(spec.worker_service_account):
+        raise ValueError(f"--service-account {shell.shown(spec.worker_service_account)}: give a service account's "
+                         "email (NAME@PROJECT.iam.gserviceaccount.com)")
     if spec.docker_image:
         image.split_image(spec.docker_image)
 
@@ -205,7 +208,7 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
         "rsync_filter": [".gitignore"],
         "initialization_commands": login,
         "setup_commands": [
-            f"cd {PROJECT_ON_NODES} && bash -c {shlex.quote(install)}",
+            f"cd {PROJECT_ON_NODES} && bash -c {shell.word(install)}",
             # Later commands (ray start, the job's `sr batch`) find the environment first.
             'grep -qs sr-venv/bin ~/.bashrc || echo "export PATH=\\"\\$HOME/sr-venv/bin:\\$PATH\\"" >> ~/.bashrc',
         ],
@@ -242,7 +245,7 @@ def registry_login_commands(docker_image: str) -> list[str]:
     host, _, _ = image.split_image(docker_image)
     if not image.is_artifact_registry(host):
         return []
-    return [f"gcloud auth configure-docker {shlex.quote(host)} --quiet"]
+    return [f"gcloud auth configure-docker {shell.word(host)} --quiet"]
 
 
 def cluster_ray_version(config: dict) -> str | None:
@@ -339,25 +342,18 @@ def submit_commands(job: BatchJob, port: int | str) -> list[list[str]]:
     ]
 
 
-PORT_VARIABLE = "${port}"
-"""The local tunnel port in commands.sh, where the script picks a free one."""
-
-
 def commands_script(job: BatchJob, ray_version: str | None, notes: list[str]) -> str:
     """commands.sh for ``sr cloud batch``: the same steps as a script that runs as written
     (``ray up`` only when ``ray get-head-ip`` fails; the tunnel in the background on a free
     local port, checked to answer as a Ray job server of the cluster's version before
     the job is submitted through it, and closed when the script exits)."""
-    get_ip, up, dashboard, submit, logs = submit_commands(job, PORT_VARIABLE)
-
-    def line(words: list[str]) -> str:
-        return " ".join('"' + w + '"' if PORT_VARIABLE in w else shlex.quote(w) for w in words)
-
-    want = shlex.quote(ray_version or "")
+    get_ip, up, dashboard, submit, logs = submit_commands(job, shell.PORT)
+    line = shell.line
+    want = shell.word(ray_version or "")
     return "\n".join([
         "#!/usr/bin/env bash",
         "# Written by sr cloud batch: the commands it runs (or would run with --dry-run).",
-        *[f"# {n}" for n in notes],
+        *[shell.comment(n) for n in notes],
         "set -euo pipefail",
         "",
         f"if ! {line(get_ip)} > /dev/null 2>&1; then",
@@ -384,7 +380,7 @@ def commands_script(job: BatchJob, ray_version: str | None, notes: list[str]) ->
         "PY",
         "}",
         "for _ in $(seq 120); do",
-        f'  if answers "http://127.0.0.1:{PORT_VARIABLE}" {want}; then',
+        f'  if answers "http://127.0.0.1:${{port}}" {want}; then',
         "    break",
         "  fi",
         '  if ! kill -0 "$tunnel" 2> /dev/null; then',
@@ -393,7 +389,7 @@ def commands_script(job: BatchJob, ray_version: str | None, notes: list[str]) ->
         "  fi",
         "  sleep 1",
         "done",
-        f'answers "http://127.0.0.1:{PORT_VARIABLE}" {want} || '
+        f'answers "http://127.0.0.1:${{port}}" {want} || '
         "{ echo 'the tunnel did not answer as the Ray job server of the cluster' >&2; exit 1; }",
         line(submit),
         line(logs),

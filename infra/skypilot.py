@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 
-from infra import image
+from infra import image, shell
 
 LOCAL_SSD = "/mnt/local-ssd"
 """Mount point of the VM's local NVMe SSD (375 GB on GCP), where shards are cached."""
@@ -62,7 +61,6 @@ per vCPU (n2-standard-4 on GCP; docs/CLOUD.md pins it and its region in ~/.sky/c
 CONTROLLER_DISK_GB = 50
 """The jobs controller's boot disk (SkyPilot's default)."""
 
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _GPUS = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)(?::([1-9][0-9]*))?$")
 
 
@@ -192,16 +190,17 @@ def check_launch_config(job: TrainJob) -> None:
 
 def check_job(job: TrainJob) -> None:
     """Refuse what SkyPilot or the training job would refuse later, naming the option."""
-    if not _NAME.match(job.name):
-        raise ValueError(f"--name {job.name!r}: use 1-63 lowercase letters, digits and dashes, starting with a letter")
-    if not job.bucket.startswith("gs://") or len(job.bucket.rstrip("/")) <= len("gs://"):
-        raise ValueError(f"--bucket {job.bucket!r}: give a Google Cloud Storage URL, e.g. gs://my-bucket")
+    shell.check_name(job.name, "--name")
+    shell.check_bucket(job.bucket)
     if job.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {job.nodes}")
     if not _GPUS.match(job.gpus):
         raise ValueError(f"--gpus {job.gpus!r}: use TYPE:COUNT, e.g. V100:4")
     if job.disk_size < 50:
         raise ValueError(f"--disk-size {job.disk_size}: at least 50 GB (the CUDA environment alone takes ~15)")
+    for option, value in (("--region", job.region), ("--zone", job.zone)):
+        if value and not shell.LOCATION.match(value):
+            raise ValueError(f"{option} {shell.shown(value)}: a GCP location, e.g. us-central1 or us-central1-a")
     if job.zone and job.region and not job.zone.startswith(job.region + "-"):
         raise ValueError(f"--zone {job.zone} is not in --region {job.region}")
     if job.launch_config and not os.path.isfile(os.path.join(job.workdir, job.launch_config)):
@@ -216,9 +215,9 @@ def check_job(job: TrainJob) -> None:
     for item in job.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise ValueError(f"override {shell.shown(item)} must look like section.field=value")
         if key == "train.run_dir":
-            raise ValueError(f"{item!r}: the run directory is BUCKET/runs/NAME, set by --bucket and --name")
+            raise ValueError(f"{shell.shown(item)}: the run directory is BUCKET/runs/NAME, set by --bucket and --name")
 
 
 def _sets(job: TrainJob, key: str) -> bool:
@@ -232,11 +231,11 @@ def train_words(job: TrainJob) -> list[str]:
     its file mount (``$HOME`` as the shell expands it: the job does not expand ``~``)."""
     words = []
     if job.preset:
-        words += ["--preset", shlex.quote(job.preset)]
+        words += ["--preset", shell.word(job.preset)]
     if job.config:
         remote = "://" in job.config
-        words.append(shlex.quote(job.config) if remote else '"$HOME/' + REMOTE_CONFIG.removeprefix("~/") + '"')
-    words += [shlex.quote(o) for o in job.overrides]
+        words.append(shell.word(job.config) if remote else '"$HOME/' + REMOTE_CONFIG.removeprefix("~/") + '"')
+    words += [shell.word(o) for o in job.overrides]
     return words
 
 
@@ -254,7 +253,7 @@ def run_script(job: TrainJob) -> str:
     if job.launch_config:
         # The launch config decides the kind of launch (DDP, DeepSpeed) and its precision;
         # the node's place in the cluster comes from SkyPilot.
-        lines = [f'"$SR_VENV/bin/accelerate" launch --config_file {shlex.quote(job.launch_config)}']
+        lines = [f'"$SR_VENV/bin/accelerate" launch --config_file {shell.word(job.launch_config)}']
     else:
         # The job chooses its precision from train.precision and the GPU it finds.
         lines = ['"$SR_VENV/bin/accelerate" launch "${multi_gpu[@]}" --mixed_precision no --dynamo_backend no']
@@ -266,7 +265,7 @@ def run_script(job: TrainJob) -> str:
     cache = cache_override(job)
     if cache:
         lines.append(cache)
-    lines.append(shlex.quote(f"train.run_dir={job.run_dir}") + " --resume auto")
+    lines.append(shell.word(f"train.run_dir={job.run_dir}") + " --resume auto")
     cache_setup = ""
     if cache:
         cache_setup = """
@@ -283,9 +282,10 @@ if [ "$num_processes" -gt 1 ]; then
   multi_gpu=(--multi_gpu)
 fi
 """
+    header = shell.comment(f"sr cloud train, run {job.name}: SkyPilot runs this on every node of the task.")
     return f"""\
 #!/usr/bin/env bash
-# sr cloud train, run {job.name}: SkyPilot runs this on every node of the task.
+{header}
 set -euo pipefail
 SR_VENV="${{SR_VENV:-{image.VENV}}}"
 SR_LOCAL_DISK="${{SR_LOCAL_DISK:-{LOCAL_SSD}}}"
@@ -427,12 +427,14 @@ def gpu_check_task(gpus: str, spot: bool, region: str, table: str, workdir: str)
     table to ``table`` (a gs:// URL keeps it after the VM is gone; it is in the log too)."""
     if not _GPUS.match(gpus):
         raise ValueError(f"--gpus {gpus!r}: use TYPE:COUNT, e.g. V100:1")
+    if region and not shell.LOCATION.match(region):
+        raise ValueError(f"--region {shell.shown(region)}: a GCP region, e.g. us-central1")
     run = f"""\
 set -uo pipefail
 SR_VENV="${{SR_VENV:-{image.VENV}}}"
 export TORCH_EXTENSIONS_DIR="$HOME/.cache/torch_extensions"
 nvidia-smi
-"$SR_VENV/bin/python" -m infra.gpucheck --out {shlex.quote(table)}
+"$SR_VENV/bin/python" -m infra.gpucheck --out {shell.word(table)}
 """
     return {
         "name": GPU_CHECK_CLUSTER,

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from sr_core.errors import MAX_SHOWN, shown
 from sr_core.precision import PRECISIONS
 
 
@@ -139,7 +140,7 @@ class LossConfig:
     """Weight of the VGG19 perceptual loss; 0 turns it off (ESRGAN's GAN stage: 1.0)."""
 
     perceptual_layers: dict[str, float] = field(default_factory=lambda: {"conv5_4": 1.0})
-    """VGG19 layers (before activation) and their weights; ESRGAN uses ``conv5_4``."""
+    """VGG19 layers (before activation) and their weights, each > 0; ESRGAN uses ``conv5_4``."""
 
     perceptual_criterion: str = "l1"
     """Distance between VGG features: ``l1`` (ESRGAN) or ``l2`` (SRGAN)."""
@@ -234,7 +235,8 @@ class TrainConfig:
     the EMA off."""
 
     seed: int = 0
-    """Seed of the networks' initialisation (``data.seed`` seeds the data)."""
+    """Seed of the networks' initialisation, 0 to 2**64 - 1 (torch's seed is 64-bit unsigned;
+    ``data.seed`` seeds the data)."""
 
     checkpoint_every: int = 5000
     """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)."""
@@ -539,41 +541,41 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
                 return _check_value(value, option, name)
             except ValueError:
                 pass
-        raise ValueError(f"{name}: {value!r} matches none of {hint}")
+        raise ValueError(f"{name}: {shown(value)} matches none of {hint}")
     if hint is type(None):
         if value is None:
             return None
-        raise ValueError(f"{name}: expected null, got {value!r}")
+        raise ValueError(f"{name}: expected null, got {shown(value)}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping of {hint.__name__} fields, got {value!r}")
+            raise ValueError(f"{name}: expected a mapping of {hint.__name__} fields, got {shown(value)}")
         return _build(hint, value, name + ".")
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+            raise ValueError(f"{name}: expected a mapping, got {shown(value)}")
         return {_check_value(k, key_type, f"{name} key"): _check_value(v, value_type, f"{name}.{k}")
                 for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}: expected a list of {len(args)} values, got {value!r}")
+            raise ValueError(f"{name}: expected a list of {len(args)} values, got {shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             args = (args[0],) * len(value)
         if len(value) != len(args):
-            raise ValueError(f"{name}: expected {len(args)} values, got {len(value)} ({value!r})")
+            raise ValueError(f"{name}: expected {len(args)} values, got {len(value)} ({shown(value)})")
         return tuple(_check_value(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ValueError(f"{name}: expected a list, got {value!r}")
+            raise ValueError(f"{name}: expected a list, got {shown(value)}")
         return [_check_value(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float:
         # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string.
         if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
             value = float(value)  # 1e999 overflows to inf: checked below
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: expected a number, got {value!r}")
+            raise ValueError(f"{name}: expected a number, got {shown(value)}")
         # JSON's Infinity/NaN and YAML's .inf/.nan: a NaN learning rate trains "fine" to a
         # NaN model, so no config number may be non-finite.
         if not math.isfinite(value):
@@ -581,11 +583,11 @@ def _check_value(value: Any, hint: Any, name: str) -> Any:
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
+            raise ValueError(f"{name}: expected an integer, got {shown(value)}")
         return value
     if hint in (str, bool):
         if not isinstance(value, hint):
-            raise ValueError(f"{name}: expected {hint.__name__}, got {value!r}")
+            raise ValueError(f"{name}: expected {hint.__name__}, got {shown(value)}")
         return value
     raise AssertionError(f"config field {name} has an unsupported type {hint}")
 
@@ -599,9 +601,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = ""):
     unknown = sorted(set(values) - known, key=str)
     if unknown:
         # A file of 300k stray keys must not make a megabyte-long error line.
-        shown = ", ".join(prefix + str(k)[:80] for k in unknown[:_MAX_NAMES_LISTED])
+        listed = ", ".join(prefix + str(k)[:80] for k in unknown[:_MAX_NAMES_LISTED])
         more = f" and {len(unknown) - _MAX_NAMES_LISTED} more" if len(unknown) > _MAX_NAMES_LISTED else ""
-        raise ValueError(f"unknown config key(s) {shown}{more}; {cls.__name__} has: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown config key(s) {listed}{more}; {cls.__name__} has: {', '.join(sorted(known))}")
     kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -612,12 +614,12 @@ def _nest(flat: dict[str, Any], name_for_errors: str) -> dict[str, Any]:
     for dotted, value in flat.items():
         parts = dotted.split(".")
         if not all(parts):
-            raise ValueError(f"{name_for_errors}: malformed key {dotted!r}")
+            raise ValueError(f"{name_for_errors}: malformed key {shown(dotted)}")
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{name_for_errors}: {dotted!r} sets a field inside a non-section")
+                raise ValueError(f"{name_for_errors}: {shown(dotted)} sets a field inside a non-section")
         node[parts[-1]] = value
     return tree
 
@@ -638,19 +640,81 @@ def _merge(base: dict[str, Any], update: dict[str, Any], cls: type) -> dict[str,
     return out
 
 
+MAX_DEPTH = 32
+"""Deepest nesting of lists and mappings in a config file or an override value. Real
+configs nest three levels (section, field, a mapping or list); a value nested
+thousands deep is built to exhaust the parser's stack."""
+
+MAX_NODES = 1_000_000
+"""Most values and keys (counted through YAML aliases) in a config file or an override;
+real configs have about a hundred, and aliases can make a small file describe billions."""
+
+MAX_STRING = 4096
+"""Longest string a config value may be (URLs and paths are far shorter)."""
+
+MAX_FILE = 16 << 20
+"""Largest config file read (bytes): a config is a few kilobytes; YAML reads about a
+megabyte a second."""
+
+MAX_OVERRIDE = 1 << 16
+"""Longest ``section.field=value`` override read (characters)."""
+
+MAX_TORCH_SEED = 2**64 - 1
+"""The largest seed ``torch.manual_seed`` takes."""
+
+
+def _check_parsed(value: Any, where: str) -> Any:
+    """``value`` as parsed from a file or an override, refused when it nests deeper than
+    ``MAX_DEPTH``, holds more than ``MAX_NODES`` values or a string longer than
+    ``MAX_STRING`` (walked without recursion)."""
+    stack, nodes = [(value, 0, where)], 0
+    while stack:
+        item, depth, name = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ValueError(f"{where}: more than {MAX_NODES} values and keys (YAML aliases expanding?); a "
+                             "config has about a hundred")
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{name}: nested more than {MAX_DEPTH} levels deep; a config nests three")
+        if isinstance(item, str) and len(item) > MAX_STRING:
+            raise ValueError(f"{name}: a value of {len(item)} characters; config values are at most {MAX_STRING}")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1, f"{name}.{str(k)[:80]}") for k, v in item.items())
+            stack.extend((k, depth + 1, f"{name} key") for k in item)
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1, f"{name}[{i}]") for i, v in enumerate(item))
+    return value
+
+
+def _load_text(load, data, what: str, syntax_error: type[Exception], language: str):
+    """``load(data)`` (a YAML or JSON parser), every way the text can fail turned into one
+    ValueError naming ``what``: a syntax error, nesting past Python's stack, an integer
+    past Python's 4300-digit limit."""
+    try:
+        return load(data)
+    except RecursionError:
+        raise ValueError(f"{what}: nested too deeply to parse (configs nest three levels)") from None
+    except syntax_error as exc:
+        raise ValueError(f"{what}: not valid {language} ({' '.join(str(exc).split())[:MAX_SHOWN]})") from None
+    except ValueError as exc:  # int() of a number past 4300 digits; the advice after ';' is Python's
+        raise ValueError(f"{what}: {str(exc).split(';')[0][:MAX_SHOWN]}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"data.gt_size=128"`` -> ``("data.gt_size", 128)``; the value is read as YAML
     (so ``true``, ``0.5``, ``[a, b]`` and ``{jpeg: 0.3}`` mean what they say)."""
     import yaml
 
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.field=value")
+        raise ValueError(f"override {shown(text)} must look like section.field=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ValueError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key.strip(), value
+    key = key.strip()
+    if len(key) > MAX_SHOWN:
+        raise ValueError(f"override key {shown(key)}: no config field has a name that long")
+    if len(raw) > MAX_OVERRIDE:
+        raise ValueError(f"override {key}: a value of {len(raw)} characters; config values are at most {MAX_STRING}")
+    value = _load_text(yaml.safe_load, raw, f"override {key}", yaml.YAMLError, "YAML") if raw.strip() else ""
+    return key, _check_parsed(value, key)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -665,18 +729,15 @@ def read_config_file(path: str) -> dict[str, Any]:
         data = storage.read_bytes(path)
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
+    if len(data) > MAX_FILE:
+        raise ValueError(f"{path}: {len(data)} bytes; a config file is a few kilobytes (at most {MAX_FILE})")
     if path.lower().endswith(".json"):
-        try:
-            loaded = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        loaded = _load_text(json.loads, data, path, json.JSONDecodeError, "JSON")
     else:
-        try:
-            loaded = yaml.safe_load(data) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        loaded = _load_text(yaml.safe_load, data, path, yaml.YAMLError, "YAML") or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: the top level must be a mapping of sections")
+    _check_parsed(loaded, path)
     return loaded
 
 
@@ -688,7 +749,7 @@ def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
         if "=" not in item and i == 0:
             path = item
         elif "=" not in item:
-            raise ValueError(f"{item!r}: expected section.field=value (only the first argument may be a config file)")
+            raise ValueError(f"{shown(item)}: expected section.field=value (only the first argument may be a config file)")
         else:
             overrides.append(item)
     return path, overrides
@@ -698,7 +759,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), preset: str 
     """Build the config from ``preset``, then the YAML or JSON file at ``path`` (any
     fsspec URL), then ``overrides`` (``section.field=value`` strings)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ValueError(f"unknown preset {shown(preset)}; known: {', '.join(sorted(PRESETS))}")
     values = _merge({}, _nest(PRESETS[preset], f"preset {preset}"), Config)
     if path:
         values = _merge(values, read_config_file(path), Config)
@@ -809,7 +870,11 @@ def validate_loss(config) -> None:
         raise ValueError(f"loss.perceptual_criterion must be l1 or l2, got {lo.perceptual_criterion!r}")
     unknown = sorted(set(lo.perceptual_layers) - set(LAYER_INDEX))
     if unknown:
-        raise ValueError(f"loss.perceptual_layers: unknown VGG19 layer(s) {unknown} (e.g. conv5_4)")
+        raise ValueError(f"loss.perceptual_layers: unknown VGG19 layer(s) {shown(unknown)} (e.g. conv5_4)")
+    for layer, weight in lo.perceptual_layers.items():
+        if not weight > 0:
+            raise ValueError(f"loss.perceptual_layers.{layer} must be > 0 (a layer's weight; leave the layer "
+                             f"out, or set loss.perceptual_weight=0 to turn the loss off), got {weight}")
     gan = config.train.stage == "gan"
     if gan and lo.perceptual_weight > 0:
         if not lo.perceptual_layers:
@@ -868,8 +933,9 @@ def validate_train(config) -> None:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if t.seed < 0:
-        raise ValueError(f"train.seed must be >= 0, got {t.seed}")
+    if not 0 <= t.seed <= MAX_TORCH_SEED:
+        raise ValueError(f"train.seed must be in [0, 2**64 - 1] (torch's seed is 64-bit unsigned), "
+                         f"got {shown(t.seed)}")
     if t.num_val_images_logged < 0 or t.sync_tensorboard_seconds <= 0:
         raise ValueError("train.num_val_images_logged must be >= 0 and train.sync_tensorboard_seconds > 0")
 

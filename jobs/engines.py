@@ -32,7 +32,6 @@ the test machines have no GPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 
@@ -47,7 +46,7 @@ from accelerate.utils import (
 from torch import nn
 
 from jobs import checkpoint as ckpt
-from jobs.config import Config
+from jobs.config import Config, read_config_file
 from sr_core import storage
 from sr_core.net import free_port
 from sr_core.precision import choose_precision
@@ -309,7 +308,8 @@ def deepspeed_config(config: Config, precision: str) -> dict:
     """DeepSpeed's config for one network: ``train.deepspeed_config`` (or a ZeRO stage),
     with batch sizes, accumulation, clipping and precision taken from our config."""
     train = config.train
-    ds = json.loads(storage.read_bytes(train.deepspeed_config)) if train.deepspeed_config else {
+    # read_config_file: a damaged or hostile file is one line naming it, not a traceback per rank.
+    ds = read_config_file(train.deepspeed_config) if train.deepspeed_config else {
         "zero_optimization": {"stage": train.zero_stage}}
     ds.update({
         "train_micro_batch_size_per_gpu": config.data.batch_size,

@@ -139,3 +139,17 @@ def strip_url(exc: BaseException, url: str) -> str:
     if isinstance(exc, (ValueError, FileNotFoundError)):
         return text
     return f"{type(exc).__name__}: {text}"
+
+
+MAX_SHOWN = 200
+"""Characters of an input's value echoed in an error line."""
+
+
+def shown(value) -> str:
+    """``value`` for an error line: its ``repr`` (control characters escaped), at most
+    ``MAX_SHOWN`` characters, with the full length said when cut. Integers past 256 bits
+    are described, not printed (Python refuses to print those of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"

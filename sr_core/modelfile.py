@@ -20,11 +20,13 @@ num_block / num_grow_ch / scale; compact: num_feat / num_conv / scale / activati
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
 import re
 import struct
+import threading
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -32,6 +34,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from sr_core import storage
+from sr_core.errors import MAX_SHOWN, shown
 from sr_core.archs import GENERATORS, build_generator
 from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
 
@@ -49,6 +52,52 @@ _ESRGAN_RENAMES = [
 
 class ModelFileError(ValueError):
     """A file that is not a model we can load (names the file and the reason)."""
+
+
+MAX_METADATA_DEPTH = 32
+"""Deepest nesting of lists and objects accepted in a JSON metadata field (``hparams``,
+``provenance``). Ours nest a few levels (a training config inside the provenance); a
+file nested hundreds of thousands deep is built to exhaust the parser's stack."""
+
+JSON_FIELDS = ("hparams", "provenance")
+"""Metadata fields that hold JSON."""
+
+def _json_depth(value) -> int:
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _decode_json_field(url: str, name: str, text: str):
+    """Metadata field ``name`` decoded (ValueError when it is not JSON), refused when it
+    nests deeper than ``MAX_METADATA_DEPTH`` (the decoder's own recursion included)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        depth = MAX_METADATA_DEPTH + 1
+    else:
+        depth = _json_depth(value)
+    if depth > MAX_METADATA_DEPTH:
+        raise ModelFileError(f"{url}: metadata {name} is nested more than {MAX_METADATA_DEPTH} levels deep; "
+                             "the file is damaged or was made to exhaust the loader (sr-cloud writes a few levels)")
+    return value
+
+
+def _check_json_fields(url: str, meta: dict[str, str]) -> None:
+    for name in JSON_FIELDS:
+        if name in meta:
+            try:
+                _decode_json_field(url, name, meta[name])
+            except ModelFileError:
+                raise
+            except ValueError:
+                pass  # not JSON at all: load_generator and read_metadata say what they make of it
 
 
 # ---------------------------------------------------------------- saving
@@ -125,10 +174,14 @@ def read_model_file(url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not data:
         raise ModelFileError(f"{url}: empty file, not a model")
     if _looks_like_safetensors(data):
-        return _read_safetensors(url, data)
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
-        return _read_torch_file(url, data)
-    raise ModelFileError(f"{url}: not a model file (neither .safetensors nor a PyTorch .pth)")
+        state, meta = _read_safetensors(url, data)
+    elif data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        state, meta = _read_torch_file(url, data)
+    else:
+        raise ModelFileError(f"{url}: not a model file (neither .safetensors nor a PyTorch .pth)")
+    # Every reader of the metadata (the loader, read_metadata, sr convert's provenance) decodes it.
+    _check_json_fields(url, meta)
+    return state, meta
 
 
 def _looks_like_safetensors(data: bytes) -> bool:
@@ -201,7 +254,7 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
         except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelFileError):
                 raise
-            raise ModelFileError(f"{url}: bad sr-cloud metadata ({exc})") from None
+            raise ModelFileError(f"{url}: bad sr-cloud metadata ({str(exc)[:MAX_SHOWN]})") from None
     else:
         arch, hparams, state = infer_architecture(url, state)
         _check_shapes(url, arch, hparams, state)
@@ -239,28 +292,63 @@ def _check_hparam_values(url: str, arch: str, hparams: dict, state: dict[str, to
         if isinstance(default, int) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ModelFileError(f"{url}: metadata hyperparameter {name} must be an integer, "
-                                     f"got {value!r}; the file is damaged or was not written by sr-cloud")
+                                     f"got {shown(value)}; the file is damaged or was not written by sr-cloud")
             if abs(value) > bound:
-                raise ModelFileError(f"{url}: metadata claims {name}={value}, but the file holds "
+                raise ModelFileError(f"{url}: metadata claims {name}={shown(value)}, but the file holds "
                                      f"{len(state)} tensors (largest dimension {bound}); the metadata "
                                      "does not describe these weights")
         elif isinstance(default, str) and not isinstance(value, str):
-            raise ModelFileError(f"{url}: metadata hyperparameter {name} must be a string, got {value!r}")
+            raise ModelFileError(f"{url}: metadata hyperparameter {name} must be a string, got {shown(value)}")
+
+
+class _TooManyTensors(Exception):
+    """Building the skeleton registered more parameters than the file holds tensors."""
+
+
+@contextlib.contextmanager
+def _at_most_parameters(limit: int):
+    """Within the block, the thread that entered it may register at most ``limit``
+    parameters (other threads are not counted): one more stops the build with
+    ``_TooManyTensors``."""
+    thread, count = threading.get_ident(), 0
+
+    def count_one(module, name, param):
+        nonlocal count
+        if threading.get_ident() == thread:
+            count += 1
+            if count > limit:
+                raise _TooManyTensors()
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count_one)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Tensor]) -> None:
     """Compare the file's tensors with the architecture before allocating anything:
     metadata claiming a huge model must not make us allocate it (the skeleton is built
     on the meta device, which holds shapes only, after the claimed values were checked
-    against the file's size)."""
+    against the file's size). A strict load needs every parameter of the model to be a
+    tensor of the file, so the build stops once it has registered about twice as many
+    parameters as the file holds tensors: how long it runs is bounded by what the file
+    holds, whatever the metadata claims (a padding tensor can lift a dimension to 10^6;
+    it adds one tensor)."""
     _check_hparam_values(url, arch, hparams, state)
     try:
-        with torch.device("meta"):
+        # Twice the file's count and a little: a subclass may register parameters and drop
+        # them again (MultiHeadRRDBNet deletes RRDBNet's conv_last).
+        with torch.device("meta"), _at_most_parameters(2 * len(state) + 16):
             skeleton = build_generator(arch, **hparams)
+    except _TooManyTensors:
+        raise ModelFileError(f"{url}: the metadata describes a {arch} with more weight tensors than the "
+                             f"{len(state)} the file holds ({shown(hparams)}); the metadata does not describe "
+                             "these weights") from None
     except ValueError:
         raise  # the registry's and the architectures' own messages
     except Exception as exc:  # negative widths and the like fail inside torch.nn
-        raise ModelFileError(f"{url}: the metadata's hyperparameters {hparams} do not build a {arch} "
+        raise ModelFileError(f"{url}: the metadata's hyperparameters {shown(hparams)} do not build a {arch} "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
@@ -277,7 +365,7 @@ def _check_shapes(url: str, arch: str, hparams: dict, state: dict[str, torch.Ten
     if wrong:
         details.append(f"{len(wrong)} of other shapes (e.g. {wrong[0]}: file {found[wrong[0]]}, "
                        f"model {expected[wrong[0]]})")
-    raise ModelFileError(f"{url}: weights do not fit {arch} {hparams}: tensors {'; '.join(details)}")
+    raise ModelFileError(f"{url}: weights do not fit {arch} {shown(hparams)}: tensors {'; '.join(details)}")
 
 
 def read_metadata(url: str) -> dict:
@@ -345,7 +433,7 @@ def _rename_oldest_esrgan(url: str, state: dict) -> dict:
         elif m := top.match(key):
             top_level.setdefault(int(m[1]), {})[m[2]] = value
         else:
-            raise ModelFileError(f"{url}: unexpected key {key!r} in an old-ESRGAN (model.N) file")
+            raise ModelFileError(f"{url}: unexpected key {shown(key)} in an old-ESRGAN (model.N) file")
     indices = sorted(top_level)
     if len(indices) < 4 or indices[0] != 0:
         raise ModelFileError(f"{url}: incomplete old-ESRGAN (model.N) file")

@@ -150,18 +150,42 @@ def size(url: str) -> int:
 
 def _local_temporary(path: str, data: bytes) -> str:
     """``data`` in a temporary file beside ``path`` (named for remove_stale_temporaries),
-    with the permissions a plain open() would give (mkstemp makes owner-only files)."""
+    with the permissions a plain open() would give (mkstemp makes owner-only files).
+
+    The temporary name is short and of fixed length (``.tmp-HOST-PID-RANDOM``, at most
+    30 bytes), so any name the folder's file system accepts can be written; a name it
+    does not accept is refused here, naming it, before anything is written. Errors name
+    ``path``, the file asked for, not the temporary."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(), suffix="-" + os.path.basename(path))
+    name = os.path.basename(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+        if len(os.fsencode(name)) > limit:
+            raise ValueError(f"{path}: the name is {len(os.fsencode(name))} bytes long; the file system takes "
+                             f"names of at most {limit} bytes: choose a shorter name")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix())
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)
-    except BaseException:
+    except BaseException as exc:
         os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
     return tmp
+
+
+def _naming(exc: OSError, path: str) -> Exception:
+    """``exc`` about ``path`` (the file asked for) rather than our temporary; a folder
+    name in ``path`` longer than the file system takes is the user's input to fix."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return ValueError(f"{path}: a folder name in this path is longer than the file system takes: "
+                          "choose shorter names")
+    return type(exc)(exc.errno, exc.strerror, path)
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -171,9 +195,11 @@ def write_bytes(url: str, data: bytes) -> None:
         tmp = _local_temporary(path, data)
         try:
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(exc, OSError):
+                raise _naming(exc, path) from None
             raise
         return
     fs, path = get_fs(url)
