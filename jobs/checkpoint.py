@@ -18,7 +18,10 @@ kept. Resuming checks the checkpoint's model against the config before any model
 built, then every file against COMPLETE: a damaged checkpoint (a truncated or altered
 file under its marker) is marked ``DAMAGED`` (kept for inspection) and the previous
 complete one is used, with a warning; ``sr train export`` falls back the same way
-(without marking). Checkpoints written before COMPLETE held checksums are not verified.
+(without marking). A COMPLETE that is not a JSON object naming the folder's step and
+recording ``state.pt`` and ``rank_0.pt`` is damage too (so a rank's RNG and loader
+state is never silently lost); checkpoints written before COMPLETE held checksums are
+checked only for those two files being present and ``state.pt`` loading.
 
 Files are written with ``sr_core.storage.write_bytes`` (atomic on local disks, one
 upload on object stores) and read back with ``torch.load(weights_only=True)``: nothing
@@ -108,6 +111,9 @@ def _find_resume(run_dir: str, resume: str, config, rank: int, warn) -> str | No
         if not storage.exists(storage.join(resume, COMPLETE)):
             raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} file in it)")
         marker = read_marker(resume)
+        damage = marker_damage(resume, marker)
+        if damage:
+            raise ValueError(f"--resume {resume}: the checkpoint is damaged ({damage}); resume from another one")
         check_compatible(resume, marker, config, "--resume " + resume)
         damage = verify(resume, marker)
         if damage:
@@ -128,9 +134,16 @@ def _newest_intact(run_dir: str, config, warn, doing: str, mark: bool, steps: li
         except FileNotFoundError:  # marked damaged meanwhile (by another job)
             damaged.append((folder, "marked damaged"))
             continue
-        if config is not None:
-            check_compatible(folder, marker, config, "--resume auto")
-        damage = verify(folder, marker)
+        damage = marker_damage(folder, marker)
+        if damage is None and config is not None:
+            try:
+                check_compatible(folder, marker, config, "--resume auto")
+            except ValueError as exc:
+                if marker.get("config") is not None:
+                    raise  # another model: refused, not passed over
+                damage = str(exc)  # an old marker and a state.pt that does not load
+        if damage is None:
+            damage = verify(folder, marker)
         if damage is None:
             if warn is not None:
                 for bad, why in damaged:
@@ -158,7 +171,8 @@ def export_source(run_dir: str, step: int | None = None, warn=None) -> str:
     if step not in steps:
         raise ValueError(f"{run_dir}: no complete checkpoint at step {step}; there are: {', '.join(map(str, steps))}")
     folder = step_dir(run_dir, step)
-    damage = verify(folder, read_marker(folder))
+    marker = read_marker(folder)
+    damage = marker_damage(folder, marker) or verify(folder, marker)
     if damage:
         others = ", ".join(str(s) for s in steps if s != step) or "none"
         raise ValueError(f"{folder}: the checkpoint is damaged ({damage}); export another step (--step; complete "
@@ -175,6 +189,42 @@ def read_marker(folder: str) -> dict:
     except ValueError:
         marker = None
     return marker if isinstance(marker, dict) else {}
+
+
+# What every checkpoint holds, whatever its world size and backend: without rank 0's
+# RNG and loader state a resume would silently start its data epoch over.
+REQUIRED_FILES = ("state.pt", "rank_0.pt")
+
+
+def marker_damage(folder: str, marker: dict) -> str | None:
+    """What makes a COMPLETE marker unusable, checked before any file is read: not a JSON
+    object, no step or another step than the folder's, or no record of the files every
+    checkpoint has (a marker of the old ``{"step": N}`` form only needs them present).
+    None when it is usable."""
+    if not marker:
+        return f"{COMPLETE} is empty or not a JSON object"
+    step = marker.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step != _folder_step(folder):
+        return f"{COMPLETE} names step {step!r}, not the folder's"
+    files = marker.get("files")
+    if files is None:  # written before COMPLETE recorded files: they must at least be there
+        for rel in REQUIRED_FILES:
+            if not storage.exists(storage.join(folder, rel)):
+                return f"{rel} is missing"
+        return None
+    if not isinstance(files, dict) or not all(
+            isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)
+            for rec in files.values()):
+        return f"{COMPLETE}'s list of files is malformed"
+    missing = [rel for rel in REQUIRED_FILES if rel not in files]
+    if missing:
+        return f"{COMPLETE} records no {missing[0]}"
+    return None
+
+
+def _folder_step(folder: str) -> int | None:
+    match = _STEP_DIR.match(os.path.basename(folder.rstrip("/")))
+    return int(match.group(1)) if match else None
 
 
 def verify(folder: str, marker: dict) -> str | None:
