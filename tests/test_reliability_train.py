@@ -75,3 +75,40 @@ def test_a_run_without_validation_logs_no_best_psnr(data, tmp_path):
             tags += acc.Tags()["scalars"]
     assert "loss/g_total" in tags  # the files were read
     assert "hparam/best_val_psnr" not in tags
+
+
+# Finite but useless values, one per field that has a range (issue 27 #5 and the same
+# class of defect in every other field): each is one line naming the field, exit 2.
+USELESS_VALUES = [
+    "optim.lr_g=1e300", "optim.lr_d=2", "optim.gamma=1e300", "optim.weight_decay_g=1e300",
+    "optim.weight_decay_d=1.5", "optim.warmup_steps=10000000000", "optim.milestones=[10, 10000000000]",
+    "data.prefetch_factor=0", "data.prefetch_factor=1000", "data.val_center_crop=-2", "data.val_center_crop=3",
+    "data.scale=1000000", "data.gt_size=1000000", "data.batch_size=100000", "data.num_workers=100000",
+    "data.samples_per_transfer=0", "data.shuffle_window_shards=0", "data.cache_max_gb=0",
+    "loss.pixel_weight=1e300", "loss.gan_weight=1e300", "loss.perceptual_weight=1e300",
+    "train.max_steps=1000000000", "train.grad_accum_steps=100000", "train.num_val_images_logged=100000",
+    "train.sync_tensorboard_seconds=0",
+]
+
+
+@pytest.mark.parametrize("override", USELESS_VALUES)
+def test_finite_but_useless_values_are_one_line_naming_the_field(tmp_path, capsys, override):
+    field = override.split("=")[0]
+    code = sr_main(["train", "--preset", "tiny", override, f"train.run_dir={tmp_path}/run",
+                    f"data.train_shards={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and field in err, err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["optim.schedule=cosine_restart", "optim.periods=[10]", "optim.eta_min=1e300"], "optim.eta_min"),
+    (["optim.schedule=cosine_restart", "optim.periods=[10]", "optim.eta_min=0.1"], "optim.eta_min"),
+    (["optim.eta_min=1e300"], "optim.eta_min"),
+    (["optim.schedule=cosine_restart", "optim.periods=[0]"], "optim.periods"),
+])
+def test_schedule_values_beyond_the_learning_rate_are_refused(overrides, field):
+    from jobs.config import load_config
+
+    with pytest.raises(ValueError, match=field):
+        load_config(None, overrides, preset="tiny")
