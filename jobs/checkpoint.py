@@ -457,11 +457,14 @@ def run_lease(run_dir: str):
     """The run directory's lease (``sr_core.lease``), taken by rank 0 only (or by the
     launching process, see LEASE_HELD_ENV): a second job on the same run directory is
     refused naming this one. A holder on another host is waited for until it beats or
-    goes stale (at most ~2 minutes): a spot VM that vanished without SIGTERM leaves its
-    lease behind, and its replacement must take it over rather than fail."""
+    goes stale (at most ``sr_core.lease.MAX_WAIT_SECONDS``, 150 s, whatever its file
+    claims): a spot VM that vanished without SIGTERM leaves its lease behind, and its
+    replacement must take it over rather than fail. SIGTERM ends that wait at once."""
     if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LEASE_HELD_ENV) == run_dir:
         return contextlib.nullcontext()
-    return Lease(run_dir, "sr train", wait_for_stale=True)
+    from jobs import preemption
+
+    return Lease(run_dir, "sr train", wait_for_stale=True, interrupted=preemption.requested)
 
 
 def load_pretrained(generator, url: str, variant: str = "") -> None:

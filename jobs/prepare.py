@@ -83,8 +83,8 @@ class PrepareSettings:
             raise ValueError(f"--min-size ({self.min_size}) must be between 0 and --size ({self.size})")
         if self.images_per_shard < 1:
             raise ValueError(f"--images-per-shard must be >= 1, got {self.images_per_shard}")
-        if self.max_shard_mb <= 0:
-            raise ValueError(f"--max-shard-mb must be positive, got {self.max_shard_mb}")
+        if not 0 < self.max_shard_mb < float("inf"):  # NaN included: it compares false
+            raise ValueError(f"--max-shard-mb must be a positive number, got {self.max_shard_mb}")
         if self.format not in SUBIMAGE_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(SUBIMAGE_FORMATS)}, got {self.format!r}")
         if not 0 <= self.png_level <= 9:
