@@ -812,6 +812,20 @@ def validate_model(config) -> None:
                              f"{', '.join(sorted(VARIANTS.get(name, {})))}")
     if "scale" in m.generator_options:
         raise ValueError("model.generator_options.scale: the scale is data.scale")
+    # Every hyperparameter's range and the networks' size, before any process starts
+    # (torch would fail on a width of 0 with its own traceback, or build for minutes).
+    from sr_core.archs import check_hparams
+
+    checks = [("model.generator_options", m.generator, m.generator_variant,
+               {"scale": config.data.scale, **m.generator_options})]
+    if config.train.stage == "gan":
+        checks.append(("model.discriminator_options", m.discriminator, m.discriminator_variant,
+                       m.discriminator_options))
+    for field_name, name, variant, options in checks:
+        try:
+            check_hparams(name, variant or None, **options)
+        except ValueError as exc:
+            raise ValueError(f"{field_name}: {exc}") from None
     if config.train.stage == "gan":
         d_hparams = {**VARIANTS.get(m.discriminator, {}).get(m.discriminator_variant, {}), **m.discriminator_options}
         input_size = d_hparams.get("input_size")

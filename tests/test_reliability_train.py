@@ -112,3 +112,21 @@ def test_schedule_values_beyond_the_learning_rate_are_refused(overrides, field):
 
     with pytest.raises(ValueError, match=field):
         load_config(None, overrides, preset="tiny")
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.generator_options={num_feat: 0}"], "num_feat"),
+    (["model.generator_options={num_feat: -3}"], "num_feat"),
+    (["model.generator_options={num_block: 100000000}"], "num_block"),
+    (["model.generator=srvgg_compact", "model.generator_options={num_conv: 100000000}"], "num_conv"),
+    (["train.stage=gan", "train.pretrained=START", "model.discriminator_options={num_feat: -1}"], "num_feat"),
+])
+def test_architecture_values_no_model_can_have_are_one_line_before_any_process(tmp_path, capsys, overrides, named):
+    """Issue 27 #4: refused by the config (the architecture's own ranges), exit 2."""
+    start = tmp_path / "start.safetensors"
+    start.write_bytes(b"")
+    overrides = [o.replace("START", str(start)) for o in overrides]
+    code = sr_main(["train", "--processes", "2", "--preset", "tiny", *overrides, f"train.run_dir={tmp_path}/run",
+                    f"data.train_shards={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and named in err and "options" in err, err
