@@ -56,6 +56,9 @@ BEST = "best.json"
 # `sr train --processes N` holds the run directory's lease in the launching process; its
 # children (the ranks) find the run directory here and do not take it again.
 LEASE_HELD_ENV = "SR_RUN_DIR_LEASE_HELD"
+# ... and rank 0 adopts that lease by its token, so that it lives as long as rank 0 does
+# (the process that marks checkpoints complete), whatever happens to the launcher.
+LEASE_TOKEN_ENV = "SR_RUN_DIR_LEASE_TOKEN"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
@@ -101,9 +104,32 @@ def find_resume(run_dir: str, resume: str, config=None, rank: int = 0, warn=None
     marked ``DAMAGED`` (by rank 0) and the previous one is used, with a ``warn``ing; with
     none intact left, or a named one damaged, a ``ValueError`` says so."""
     if not resume:
-        return None
+        return _on_rank0(lambda: refuse_to_replace(run_dir))
     # Rank 0 decides (and marks) for every rank: one reading of the files, one verdict.
     return _on_rank0(lambda: _find_resume(run_dir, resume, config, rank, warn))
+
+
+def earlier_run(run_dir: str) -> str:
+    """What of an earlier run the run directory holds that a fresh start would replace or
+    mix with (complete checkpoints, best.json, exported models), described; '' if none."""
+    found = []
+    steps = complete_steps(run_dir)
+    if steps:
+        found.append(f"checkpoints up to step {steps[-1]}")
+    for name in (storage.join(CHECKPOINTS, BEST), "model.safetensors", "model_ema.safetensors"):
+        if storage.exists(storage.join(run_dir, name)):
+            found.append(name)
+    return ", ".join(found)
+
+
+def refuse_to_replace(run_dir: str) -> None:
+    """A fresh start (no ``--resume``) in a run directory holding an earlier run would
+    replace its models and early checkpoints while its later ones stay, so that a later
+    ``--resume auto`` continues the old run: refused, naming what is there."""
+    found = earlier_run(run_dir)
+    if found:
+        raise ValueError(f"train.run_dir: {run_dir} holds an earlier run ({found}); continue it with --resume auto, "
+                         "or start over in another train.run_dir (or delete that folder first)")
 
 
 def _find_resume(run_dir: str, resume: str, config, rank: int, warn) -> str | None:
@@ -460,8 +486,11 @@ def run_lease(run_dir: str):
     goes stale (at most ``sr_core.lease.MAX_WAIT_SECONDS``, 150 s, whatever its file
     claims): a spot VM that vanished without SIGTERM leaves its lease behind, and its
     replacement must take it over rather than fail. SIGTERM ends that wait at once."""
-    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LEASE_HELD_ENV) == run_dir:
+    if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
+    if os.environ.get(LEASE_HELD_ENV) == run_dir:
+        token = os.environ.get(LEASE_TOKEN_ENV, "")
+        return Lease(run_dir, "sr train", adopt=token) if token else contextlib.nullcontext()
     from jobs import preemption
 
     return Lease(run_dir, "sr train", wait_for_stale=True, interrupted=preemption.requested)

@@ -23,6 +23,10 @@ lease file once that job is known to be gone). A signal ends the wait at once: C
 as ``KeyboardInterrupt``, and whatever ``interrupted`` reports (``sr train``'s SIGTERM
 flag) as :class:`sr_core.errors.Terminated`.
 
+A launcher that starts the processes doing the work hands its lease to the one that
+writes (``hand_over()`` in the launcher, ``adopt=TOKEN`` in that process): the lease then
+lives exactly as long as the writer does, even when the launcher is killed first.
+
 Takeover and renewal use ``sr_core.storage.swap_if_unchanged`` (an ``flock`` locally,
 generation preconditions on GCS), so of several jobs starting at once exactly one gets
 the lease. Heartbeats compare wall clocks of different hosts: keep ``stale_seconds``
@@ -89,7 +93,7 @@ class Lease:
 
     def __init__(self, folder: str, command: str, *, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
                  stale_seconds: float = DEFAULT_STALE_SECONDS, wait_for_stale: bool = False,
-                 max_wait_seconds: float = MAX_WAIT_SECONDS, interrupted=None):
+                 max_wait_seconds: float = MAX_WAIT_SECONDS, interrupted=None, adopt: str = ""):
         if not 0 < heartbeat_seconds < stale_seconds:
             raise ValueError(f"a lease's heartbeat ({heartbeat_seconds} s) must be positive and shorter than "
                              f"the time after which it is stale ({stale_seconds} s)")
@@ -105,6 +109,9 @@ class Lease:
         self.interrupted = interrupted
         self.waiting = threading.Event()  # set while waiting for such a holder
         self.token = uuid.uuid4().hex
+        # The token of a launcher's lease this process takes over (see hand_over()).
+        self.adopt = adopt
+        self.handing_over = False
         self.lost = False  # another job took it over (we looked stale to it)
         self.took_over_from = ""  # the stale holder this lease replaced, described
         self.beat_event = threading.Event()  # set after every heartbeat attempt
@@ -145,7 +152,7 @@ class Lease:
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "command": self.command, "token": self.token,
             "started": self._started, "heartbeat": time.time(), "heartbeat_seconds": self.heartbeat_seconds,
-            "stale_seconds": self.stale_seconds,
+            "stale_seconds": self.stale_seconds, **({"adopted_from": self.adopt} if self.adopt else {}),
         }).encode()
 
     def _refusal(self, holder: dict) -> LeaseHeld:
@@ -161,6 +168,9 @@ class Lease:
         if self._written is not None:
             return self
         self._started = time.time()
+        if self.adopt:
+            self._adopt()
+            return self._start_beating()
         for _attempt in range(5):
             current = self._read(self.url)
             record = self._record()
@@ -181,10 +191,32 @@ class Lease:
         else:  # changed under us every time: others are taking it right now
             raise self._refusal(self.holder(self.folder) or {})
         self._written = record
+        return self._start_beating()
+
+    def _start_beating(self) -> "Lease":
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lease {self.url}", daemon=True)
         self._thread.start()
         return self
+
+    def _adopt(self) -> None:
+        """Take over the launcher's lease whose token is ``self.adopt``, or refuse."""
+        current = self._read(self.url)
+        holder = self._parse(current) if current is not None else {}
+        if holder.get("token") == self.adopt:
+            record = self._record()
+            if storage.swap_if_unchanged(self.url, current, record):
+                self._written = record
+                return
+        raise LeaseHeld(f"{self.folder}: the lease of the launcher that started this process is gone "
+                        f"({describe(holder) + ' holds it now' if holder else 'no lease file'}); start the run "
+                        "again", holder)
+
+    def hand_over(self) -> None:
+        """The launcher's side: a process it starts will adopt this lease (given
+        ``self.token``); from then on this one stops beating quietly and does not delete
+        it at release."""
+        self.handing_over = True
 
     def _wait_for(self, current: bytes, holder: dict) -> None:
         """Return when the lease changed hands or went stale; raise if its holder beats,
@@ -257,6 +289,8 @@ class Lease:
                     self._written = record
                 else:
                     self.lost = True
+                    if self.handing_over:
+                        return  # adopted by the process it was handed to: theirs now
                     logger.warning("lease: %s: another job took over this job's lease (%s); it is no longer "
                                    "protected from that job", self.folder, self.url)
                     return

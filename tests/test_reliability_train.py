@@ -6,7 +6,7 @@ writers, whatever signal reaches `sr train --processes 2`."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 
 import pytest
@@ -130,3 +130,101 @@ def test_architecture_values_no_model_can_have_are_one_line_before_any_process(t
                     f"data.train_shards={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err and "options" in err, err
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Processes whose command line holds ``text`` (a run directory), this test's own
+    children and grandchildren included."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+                with open(f"/proc/{entry}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _holder_pid(run: str) -> int | None:
+    from sr_core.lease import Lease
+
+    holder = Lease.holder(run)
+    return holder.get("pid") if holder else None
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_one_run_directory_never_has_two_writers_whatever_reaches_the_launcher(data, tmp_path, how):
+    """Issue 27 #1 and #8: `sr train --processes 2` hands its lease to rank 0, so a
+    second job is refused for as long as any rank writes. SIGINT: the ranks checkpoint,
+    the launcher prints one line and exits 130 after them (no torch-elastic report);
+    SIGKILL to the launcher alone: the ranks, still running, still hold the lease."""
+    import signal
+    import subprocess
+    import sys
+
+    from events import HANG_TIMEOUT, wait_for
+    from test_train import _env
+
+    run = str(tmp_path / "run")
+    args = ["train", *COMMON, f"data.train_shards={data['shards']}", "data.batch_size=2",
+            "train.checkpoint_every=1", "train.max_steps=100000", f"train.run_dir={run}"]
+    err_path = tmp_path / "err"
+    with open(err_path, "w") as err_file:
+        launcher = subprocess.Popen([sys.executable, "-m", "sr_cli", *args, "--processes", "2"], env=_env(),
+                                    stderr=err_file)
+    try:
+        first = f"{ckpt.step_dir(run, 1)}/{ckpt.COMPLETE}"
+        wait_for(lambda: os.path.exists(first), "the first checkpoint", proc=launcher)
+        rank0 = _holder_pid(run)
+        assert rank0 not in (None, launcher.pid) and rank0 in _processes_naming(run)  # handed to rank 0
+        second = subprocess.run([sys.executable, "-m", "sr_cli", *args, "--resume", "auto"], env=_env(),
+                                capture_output=True, text=True, timeout=HANG_TIMEOUT)
+        assert second.returncode == 2 and f"pid {rank0}" in second.stderr, second.stderr[-2000:]
+
+        launcher.send_signal(getattr(signal, how))
+        code = launcher.wait(HANG_TIMEOUT)
+        if how == "SIGKILL":
+            assert _processes_naming(run), "the ranks were expected to live on"
+            assert _holder_pid(run) == rank0  # still held, by the writer
+            third = subprocess.run([sys.executable, "-m", "sr_cli", *args, "--resume", "auto"], env=_env(),
+                                   capture_output=True, text=True, timeout=HANG_TIMEOUT)
+            assert third.returncode == 2 and f"pid {rank0}" in third.stderr, third.stderr[-2000:]
+            return
+        err = err_path.read_text()
+        assert code == 130, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("sr train: interrupted by SIGINT: the ranks wrote a checkpoint")
+        for noise in ("Traceback", "exitcode", "torch.distributed", "KeyboardInterrupt"):
+            assert noise not in err, err[-3000:]
+        assert not _processes_naming(run)  # the ranks ended before the launcher did
+        assert _holder_pid(run) is None
+    finally:
+        for pid in _processes_naming(run):  # what this test started, by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _processes_naming(run), "the ranks to stop")
+    # Nothing lost: the run continues from its last checkpoint.
+    steps = ckpt.complete_steps(run)
+    assert steps and sr_main([*args, "train.max_steps=" + str(steps[-1] + 1), "--resume", "auto"]) == 0
+
+
+def test_a_fresh_start_on_a_run_directory_holding_an_earlier_run_is_refused(data, tmp_path, capsys):
+    """Issue 27 #1: without --resume, nothing of the earlier run is replaced."""
+    run = tmp_path / "run"
+    args = _two_steps(data, run)
+    before = {name: (run / name).read_bytes() for name in ("model.safetensors", "checkpoints/best.json")
+              if (run / name).exists()}
+    before["step1"] = (run / "checkpoints" / "step_000000001" / "state.pt").read_bytes()
+    capsys.readouterr()
+    for extra in ([], ["--processes", "2"]):
+        assert sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=3", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "earlier run" in err and "--resume auto" in err, err
+    after = {name: (run / name).read_bytes() for name in before if name != "step1"}
+    after["step1"] = (run / "checkpoints" / "step_000000001" / "state.pt").read_bytes()
+    assert after == before and ckpt.complete_steps(str(run)) == [1, 2]
+    assert sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=3", "--resume", "auto"]) == 0
