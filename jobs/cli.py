@@ -44,7 +44,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png-level", type=int, default=3, help="PNG zlib level of the sub-images (default: 3)")
     p.add_argument("-j", "--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_prepare)
+    p.set_defaults(func=run_prepare, interrupt_on_sigterm=True)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:

@@ -228,3 +228,74 @@ def test_a_fresh_start_on_a_run_directory_holding_an_earlier_run_is_refused(data
     after["step1"] = (run / "checkpoints" / "step_000000001" / "state.pt").read_bytes()
     assert after == before and ckpt.complete_steps(str(run)) == [1, 2]
     assert sr_main(["train", *args, f"train.run_dir={run}", "train.max_steps=3", "--resume", "auto"]) == 0
+
+
+def test_sigterm_to_prepare_with_workers_is_one_line_and_a_rerun_finishes(tmp_path):
+    """Issue 27 #8: SIGTERM to `sr prepare -j 2` while its pool works: one line, exit 130
+    (was: BrokenPipeError tracebacks from the workers, death by the signal, leaked
+    semaphore warnings); the rerun finishes the missing shards."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from events import HANG_TIMEOUT, wait_for
+    from test_train import IMAGES, _env
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(12):  # enough units that the pool is still busy after the first
+        for name in ("astronaut", "camera", "chelsea", "coffee"):
+            shutil.copy(IMAGES / f"{name}.png", src / f"{name}_{i}.png")
+    cmd = [sys.executable, "-m", "sr_cli", "prepare", str(src), str(dst), "-j", "2", "-q", "--size", "16", "--step",
+           "8", "--png-level", "9", "--images-per-shard", "1"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (dst / "units" / "00000.json").exists(), "the first finished unit", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=HANG_TIMEOUT)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["sr prepare: interrupted by SIGTERM"], err[-3000:]
+    assert not (dst / "index.json").exists()
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert done.returncode == 0 and "resuming: " in done.stdout, done.stderr[-3000:]  # the finished units kept
+    assert (dst / "index.json").exists() and "48 images" in done.stdout, done.stdout
+
+
+# Sends a real SIGINT to the process at the moment it imports MODULE (during the
+# import machinery), then runs `sr` as `python -m sr_cli` would.
+_SIGINT_AT_IMPORT = """
+import builtins, os, runpy, signal, sys
+target, original, sent = sys.argv.pop(1), builtins.__import__, []
+def hooked(name, *args, **kwargs):
+    if name == target and not sent:
+        sent.append(name)
+        os.kill(os.getpid(), signal.SIGINT)
+    return original(name, *args, **kwargs)
+builtins.__import__ = hooked
+sys.argv[0] = "sr"
+runpy.run_module("sr_cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module, command", [
+    ("batch", ["prepare", "SRC", "DST"]),  # sr_cli.main's imports of the command modules
+    ("infra", ["upscale", "SRC", "-o", "DST", "--model", "M"]),
+    ("jobs.prepare", ["prepare", "SRC", "DST"]),  # the command's own imports
+    ("torch", ["upscale", "SRC", "-o", "DST", "--model", "M"]),
+])
+def test_sigint_while_starting_is_one_line_and_exit_130(tmp_path, module, command):
+    """Issue 27 #8: Ctrl-C in the first moments of `sr prepare` / `sr upscale` (was: a
+    KeyboardInterrupt traceback from the import machinery)."""
+    import subprocess
+    import sys
+
+    from events import HANG_TIMEOUT
+    from test_train import IMAGES, _env
+
+    args = [{"SRC": str(IMAGES), "DST": str(tmp_path / "out"), "M": str(tmp_path / "m.safetensors")}.get(a, a)
+            for a in command]
+    done = subprocess.run([sys.executable, "-c", _SIGINT_AT_IMPORT, module, *args], env=_env(),
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
