@@ -18,7 +18,10 @@ kept. Resuming checks the checkpoint's model against the config before any model
 built, then every file against COMPLETE: a damaged checkpoint (a truncated or altered
 file under its marker) is marked ``DAMAGED`` (kept for inspection) and the previous
 complete one is used, with a warning; ``sr train export`` falls back the same way
-(without marking). Checkpoints written before COMPLETE held checksums are not verified.
+(without marking). A COMPLETE that is not a JSON object naming the folder's step and
+recording ``state.pt`` and ``rank_0.pt`` is damage too (so a rank's RNG and loader
+state is never silently lost); checkpoints written before COMPLETE held checksums are
+checked only for those two files being present and ``state.pt`` loading.
 
 Files are written with ``sr_core.storage.write_bytes`` (atomic on local disks, one
 upload on object stores) and read back with ``torch.load(weights_only=True)``: nothing
@@ -54,6 +57,9 @@ BEST = "best.json"
 # `sr train --processes N` holds the run directory's lease in the launching process; its
 # children (the ranks) find the run directory here and do not take it again.
 LEASE_HELD_ENV = "SR_RUN_DIR_LEASE_HELD"
+# ... and rank 0 adopts that lease by its token, so that it lives as long as rank 0 does
+# (the process that marks checkpoints complete), whatever happens to the launcher.
+LEASE_TOKEN_ENV = "SR_RUN_DIR_LEASE_TOKEN"
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
@@ -99,9 +105,32 @@ def find_resume(run_dir: str, resume: str, config=None, rank: int = 0, warn=None
     marked ``DAMAGED`` (by rank 0) and the previous one is used, with a ``warn``ing; with
     none intact left, or a named one damaged, a ``ValueError`` says so."""
     if not resume:
-        return None
+        return _on_rank0(lambda: refuse_to_replace(run_dir))
     # Rank 0 decides (and marks) for every rank: one reading of the files, one verdict.
     return _on_rank0(lambda: _find_resume(run_dir, resume, config, rank, warn))
+
+
+def earlier_run(run_dir: str) -> str:
+    """What of an earlier run the run directory holds that a fresh start would replace or
+    mix with (complete checkpoints, best.json, exported models), described; '' if none."""
+    found = []
+    steps = complete_steps(run_dir)
+    if steps:
+        found.append(f"checkpoints up to step {steps[-1]}")
+    for name in (storage.join(CHECKPOINTS, BEST), "model.safetensors", "model_ema.safetensors"):
+        if storage.exists(storage.join(run_dir, name)):
+            found.append(name)
+    return ", ".join(found)
+
+
+def refuse_to_replace(run_dir: str) -> None:
+    """A fresh start (no ``--resume``) in a run directory holding an earlier run would
+    replace its models and early checkpoints while its later ones stay, so that a later
+    ``--resume auto`` continues the old run: refused, naming what is there."""
+    found = earlier_run(run_dir)
+    if found:
+        raise ValueError(f"train.run_dir: {run_dir} holds an earlier run ({found}); continue it with --resume auto, "
+                         "or start over in another train.run_dir (or delete that folder first)")
 
 
 def _find_resume(run_dir: str, resume: str, config, rank: int, warn) -> str | None:
@@ -109,6 +138,9 @@ def _find_resume(run_dir: str, resume: str, config, rank: int, warn) -> str | No
         if not storage.exists(storage.join(resume, COMPLETE)):
             raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE} file in it)")
         marker = read_marker(resume)
+        damage = marker_damage(resume, marker)
+        if damage:
+            raise ValueError(f"--resume {resume}: the checkpoint is damaged ({damage}); resume from another one")
         check_compatible(resume, marker, config, "--resume " + resume)
         damage = verify(resume, marker)
         if damage:
@@ -129,9 +161,16 @@ def _newest_intact(run_dir: str, config, warn, doing: str, mark: bool, steps: li
         except FileNotFoundError:  # marked damaged meanwhile (by another job)
             damaged.append((folder, "marked damaged"))
             continue
-        if config is not None:
-            check_compatible(folder, marker, config, "--resume auto")
-        damage = verify(folder, marker)
+        damage = marker_damage(folder, marker)
+        if damage is None and config is not None:
+            try:
+                check_compatible(folder, marker, config, "--resume auto")
+            except ValueError as exc:
+                if marker.get("config") is not None:
+                    raise  # another model: refused, not passed over
+                damage = str(exc)  # an old marker and a state.pt that does not load
+        if damage is None:
+            damage = verify(folder, marker)
         if damage is None:
             if warn is not None:
                 for bad, why in damaged:
@@ -159,7 +198,8 @@ def export_source(run_dir: str, step: int | None = None, warn=None) -> str:
     if step not in steps:
         raise ValueError(f"{run_dir}: no complete checkpoint at step {step}; there are: {', '.join(map(str, steps))}")
     folder = step_dir(run_dir, step)
-    damage = verify(folder, read_marker(folder))
+    marker = read_marker(folder)
+    damage = marker_damage(folder, marker) or verify(folder, marker)
     if damage:
         others = ", ".join(str(s) for s in steps if s != step) or "none"
         raise ValueError(f"{folder}: the checkpoint is damaged ({damage}); export another step (--step; complete "
@@ -176,6 +216,42 @@ def read_marker(folder: str) -> dict:
     except ValueError:
         marker = None
     return marker if isinstance(marker, dict) else {}
+
+
+# What every checkpoint holds, whatever its world size and backend: without rank 0's
+# RNG and loader state a resume would silently start its data epoch over.
+REQUIRED_FILES = ("state.pt", "rank_0.pt")
+
+
+def marker_damage(folder: str, marker: dict) -> str | None:
+    """What makes a COMPLETE marker unusable, checked before any file is read: not a JSON
+    object, no step or another step than the folder's, or no record of the files every
+    checkpoint has (a marker of the old ``{"step": N}`` form only needs them present).
+    None when it is usable."""
+    if not marker:
+        return f"{COMPLETE} is empty or not a JSON object"
+    step = marker.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step != _folder_step(folder):
+        return f"{COMPLETE} names step {step!r}, not the folder's"
+    files = marker.get("files")
+    if files is None:  # written before COMPLETE recorded files: they must at least be there
+        for rel in REQUIRED_FILES:
+            if not storage.exists(storage.join(folder, rel)):
+                return f"{rel} is missing"
+        return None
+    if not isinstance(files, dict) or not all(
+            isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)
+            for rec in files.values()):
+        return f"{COMPLETE}'s list of files is malformed"
+    missing = [rel for rel in REQUIRED_FILES if rel not in files]
+    if missing:
+        return f"{COMPLETE} records no {missing[0]}"
+    return None
+
+
+def _folder_step(folder: str) -> int | None:
+    match = _STEP_DIR.match(os.path.basename(folder.rstrip("/")))
+    return int(match.group(1)) if match else None
 
 
 def verify(folder: str, marker: dict) -> str | None:
@@ -408,11 +484,17 @@ def run_lease(run_dir: str):
     """The run directory's lease (``sr_core.lease``), taken by rank 0 only (or by the
     launching process, see LEASE_HELD_ENV): a second job on the same run directory is
     refused naming this one. A holder on another host is waited for until it beats or
-    goes stale (at most ~2 minutes): a spot VM that vanished without SIGTERM leaves its
-    lease behind, and its replacement must take it over rather than fail."""
-    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LEASE_HELD_ENV) == run_dir:
+    goes stale (at most ``sr_core.lease.MAX_WAIT_SECONDS``, 150 s, whatever its file
+    claims): a spot VM that vanished without SIGTERM leaves its lease behind, and its
+    replacement must take it over rather than fail. SIGTERM ends that wait at once."""
+    if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
-    return Lease(run_dir, "sr train", wait_for_stale=True)
+    if os.environ.get(LEASE_HELD_ENV) == run_dir:
+        token = os.environ.get(LEASE_TOKEN_ENV, "")
+        return Lease(run_dir, "sr train", adopt=token) if token else contextlib.nullcontext()
+    from jobs import preemption
+
+    return Lease(run_dir, "sr train", wait_for_stale=True, interrupted=preemption.requested)
 
 
 def load_pretrained(generator, url: str, variant: str = "") -> None:

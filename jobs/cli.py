@@ -5,6 +5,7 @@ by the table in ``sr_cli.main``). Heavy imports stay inside the handlers so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png-level", type=int, default=3, help="PNG zlib level of the sub-images (default: 3)")
     p.add_argument("-j", "--workers", type=int, default=1, help="worker processes (default: 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_prepare)
+    p.set_defaults(func=run_prepare, interrupt_on_sigterm=True)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -150,19 +151,28 @@ def run_train(args: argparse.Namespace) -> int:
 
 def launch_local(args: argparse.Namespace) -> int:
     """``--processes N``: the same job on N processes of this machine through Accelerate's
-    launcher. SIGTERM is passed on to them (each checkpoints and exits). This process
-    holds the run directory's lease, so a refusal is one line before any process starts."""
+    launcher. This process takes the run directory's lease, so a refusal is one line
+    before any process starts, then hands it to rank 0: it lives as long as the ranks
+    write, even if this process is killed. SIGTERM and SIGINT are passed on to the ranks
+    as SIGTERM (each checkpoints and exits) and this process waits for them: one line,
+    then exit 0 after SIGTERM (a preemption), 130 after SIGINT."""
     from jobs import checkpoint as ckpt
     from jobs import train
 
     config = train.load_job_config(args.args, args.preset)  # a bad config fails here, before any process starts
     run_dir = config.train.run_dir
-    with ckpt.run_lease(run_dir):
+    with ckpt.run_lease(run_dir) as lease:
+        if not args.resume:
+            ckpt.refuse_to_replace(run_dir)
         os.environ[ckpt.LEASE_HELD_ENV] = run_dir
+        if lease is not None:
+            lease.hand_over()
+            os.environ[ckpt.LEASE_TOKEN_ENV] = lease.token
         try:
             return _launch(args)
         finally:
             os.environ.pop(ckpt.LEASE_HELD_ENV, None)
+            os.environ.pop(ckpt.LEASE_TOKEN_ENV, None)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -180,17 +190,55 @@ def _launch(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # gloo; without it Accelerate looks for GPUs
-    child = subprocess.Popen(command, env=env)
-    terminated = []
+    # A session of its own: Ctrl-C at a terminal (SIGINT to the whole foreground group)
+    # reaches this process only, which stops the ranks the one way that checkpoints.
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum, frame):
-        terminated.append(signum)
-        child.send_signal(signum)
+        received.append(signum)
+        _stop_ranks(child.pid)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = child.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    # After SIGTERM the launcher itself exits non-zero; the workers checkpointed.
-    return 0 if terminated else code
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not received:
+        return code
+    name = signal.Signals(received[0]).name
+    outcome = ("the ranks wrote a checkpoint and stopped; --resume auto continues" if code == 0 else
+               f"the ranks stopped (launcher exit {code}); --resume auto continues from the last complete checkpoint")
+    if received[0] == signal.SIGTERM:
+        print(f"sr train: SIGTERM: {outcome}", file=sys.stderr)
+        return 0  # a preemption: the work so far is saved, as with one process
+    raise KeyboardInterrupt(f"interrupted by {name}: {outcome}")
+
+
+def _stop_ranks(launcher_pid: int) -> None:
+    """SIGTERM to the ranks (the launcher's children), which checkpoint and exit 0, so
+    that Accelerate's launcher ends quietly. Signalled itself, it would stop them with
+    the signal, kill them 30 s later whatever they were writing, and print its error
+    report. Before the ranks exist, the launcher is all there is to stop."""
+    ranks = _children(launcher_pid)
+    for pid in ranks or [launcher_pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc: Linux, like the training VMs)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found

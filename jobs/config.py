@@ -40,24 +40,25 @@ class DataConfig:
     ``X4/0001x4.png`` beside ``0001.png``; ``0001.png`` also matches)."""
 
     gt_size: int = 128
-    """Side of the HR (ground-truth) crop in pixels; must be a multiple of ``scale``."""
+    """Side of the HR (ground-truth) crop in pixels; a multiple of ``scale``, at most 4096."""
 
     scale: int = 4
-    """Upscaling factor: LR crops are ``gt_size / scale`` pixels."""
+    """Upscaling factor: LR crops are ``gt_size / scale`` pixels. 1 to 8 (each generator
+    takes some of these: RRDBNet 1, 2, 4, 8; compact 1-4; SRResNet 2, 4, 8)."""
 
     batch_size: int = 16
-    """Crops per batch on each rank (the global batch is this times the world size)."""
+    """Crops per batch on each rank (the global batch is this times the world size); 1 to 4096."""
 
     num_workers: int = 4
-    """DataLoader worker processes per rank (0 reads in the training process)."""
+    """DataLoader worker processes per rank (0 reads in the training process); at most 256."""
 
     prefetch_factor: int = 2
-    """Batches each worker prepares ahead of the training loop."""
+    """Batches each worker prepares ahead of the training loop; 1 to 64."""
 
     samples_per_transfer: int = 32
     """Workers hand batches to the training process in groups of at least this many
     samples: each hand-over costs the training loop about a millisecond whatever its size,
-    which matters only for small models (the crops and their order do not change)."""
+    which matters only for small models (the crops and their order do not change). 1 to 4096."""
 
     seed: int = 0
     """Seed of shard order, sample order, crops and augmentations: the stream of crops is
@@ -65,7 +66,7 @@ class DataConfig:
 
     shuffle_window_shards: int = 4
     """Samples are shuffled within windows of this many consecutive shards of a rank, so
-    a worker reads a few shards at a time instead of all of them at once."""
+    a worker reads a few shards at a time instead of all of them at once. At least 1."""
 
     hflip_prob: float = 0.5
     """Probability of a horizontal flip (applied to LR and HR alike)."""
@@ -87,15 +88,15 @@ class DataConfig:
     DataLoader workers). Empty means ``~/.cache/sr-cloud/shards``."""
 
     cache_max_gb: float = 50.0
-    """Size limit of the shard cache; least recently used shards are evicted beyond it."""
+    """Size limit of the shard cache (above 0); least recently used shards are evicted beyond it."""
 
     val_folder: str = ""
     """Folder or prefix of HR validation images (Set5/Set14/BSD100/DIV2K-valid layouts:
     just the HR images); LR is made by bicubic downscaling. Empty means no validation."""
 
     val_center_crop: int = 0
-    """Validate on centre crops of this size (0: whole images, cropped to a multiple of
-    ``scale``)."""
+    """Validate on centre crops of this size, a positive multiple of ``scale`` up to 16384
+    (0: whole images, cropped to a multiple of ``scale``)."""
 
 
 @dataclass
@@ -134,10 +135,10 @@ class LossConfig:
     """Pixel loss: ``l1`` (ESRGAN), ``mse`` (SRResNet/SRGAN) or ``charbonnier``."""
 
     pixel_weight: float = 1.0
-    """Weight of the pixel loss (ESRGAN's GAN stage: 1e-2)."""
+    """Weight of the pixel loss (ESRGAN's GAN stage: 1e-2); 0 to 1e4."""
 
     perceptual_weight: float = 0.0
-    """Weight of the VGG19 perceptual loss; 0 turns it off (ESRGAN's GAN stage: 1.0)."""
+    """Weight of the VGG19 perceptual loss, 0 to 1e4; 0 turns it off (ESRGAN's GAN stage: 1.0)."""
 
     perceptual_layers: dict[str, float] = field(default_factory=lambda: {"conv5_4": 1.0})
     """VGG19 layers (before activation) and their weights, each > 0; ESRGAN uses ``conv5_4``."""
@@ -158,7 +159,7 @@ class LossConfig:
     ``lsgan`` or ``hinge``."""
 
     gan_weight: float = 5e-3
-    """Weight of the adversarial term in the generator's loss (ESRGAN: 5e-3; SRGAN: 1e-3)."""
+    """Weight of the adversarial term in the generator's loss, 0 to 1e4 (ESRGAN: 5e-3; SRGAN: 1e-3)."""
 
 
 @dataclass
@@ -167,45 +168,46 @@ class OptimConfig:
     alone (so raising ``train.max_steps`` and resuming continues the same curve)."""
 
     lr_g: float = 2e-4
-    """Generator learning rate."""
+    """Generator learning rate, above 0 and at most 1."""
 
     lr_d: float = 1e-4
-    """Discriminator learning rate (GAN stage)."""
+    """Discriminator learning rate (GAN stage), above 0 and at most 1."""
 
     betas_g: tuple[float, float] = (0.9, 0.99)
-    """Adam betas of the generator (BasicSR: 0.9, 0.99)."""
+    """Adam betas of the generator, each in [0, 1) (BasicSR: 0.9, 0.99)."""
 
     betas_d: tuple[float, float] = (0.9, 0.99)
     """Adam betas of the discriminator."""
 
     weight_decay_g: float = 0.0
-    """Adam weight decay of the generator."""
+    """Adam weight decay of the generator, 0 to 1."""
 
     weight_decay_d: float = 0.0
-    """Adam weight decay of the discriminator."""
+    """Adam weight decay of the discriminator, 0 to 1."""
 
     schedule: str = "multistep"
     """``constant``, ``multistep`` (multiply by ``gamma`` at each of ``milestones``) or
     ``cosine_restart`` (cosine from the lr to ``eta_min`` over each of ``periods``)."""
 
     milestones: list[int] = field(default_factory=list)
-    """Steps at which ``multistep`` multiplies the learning rates by ``gamma``."""
+    """Steps at which ``multistep`` multiplies the learning rates by ``gamma`` (increasing,
+    positive)."""
 
     gamma: float = 0.5
-    """Factor applied at each milestone."""
+    """Factor applied at each milestone, above 0 and at most 1."""
 
     periods: list[int] = field(default_factory=list)
-    """Lengths of the ``cosine_restart`` cycles, in steps (after the last one the lr stays
-    at ``eta_min``)."""
+    """Lengths of the ``cosine_restart`` cycles, in steps, each at least 1 (after the last one
+    the lr stays at ``eta_min``)."""
 
     eta_min: float = 1e-7
-    """Lowest learning rate of ``cosine_restart``."""
+    """Lowest learning rate of ``cosine_restart``: 0 up to the learning rates themselves."""
 
     warmup_steps: int = 0
-    """Linear warm-up from 0 over this many steps (0: none)."""
+    """Linear warm-up from 0 over this many steps (0: none; at most 999,999,999)."""
 
     grad_clip: float = 0.0
-    """Clip each network's gradient norm to this value; 0 disables clipping (ESRGAN does not clip)."""
+    """Clip each network's gradient norm to this value (>= 0); 0 disables clipping (ESRGAN does not clip)."""
 
 
 @dataclass
@@ -220,7 +222,8 @@ class TrainConfig:
     """``psnr`` (generator only, pixel loss) or ``gan`` (generator + discriminator)."""
 
     max_steps: int = 1000
-    """Optimizer steps to train (raise it and resume to continue a finished run)."""
+    """Optimizer steps to train, 1 to 999,999,999 (checkpoint folders are named with nine
+    digits); raise it and resume to continue a finished run."""
 
     pretrained: str = ""
     """Generator file the run starts from (the GAN stage starts from the PSNR stage's
@@ -228,7 +231,7 @@ class TrainConfig:
 
     grad_accum_steps: int = 1
     """Batches whose gradients are accumulated per optimizer step (effective batch =
-    ``data.batch_size`` x world size x this)."""
+    ``data.batch_size`` x world size x this); 1 to 4096."""
 
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the generator (BasicSR: 0.999); 0 turns
@@ -239,22 +242,23 @@ class TrainConfig:
     ``data.seed`` seeds the data)."""
 
     checkpoint_every: int = 5000
-    """Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)."""
+    """Steps between checkpoints, at least 1 (a checkpoint is also written at the end and on SIGTERM)."""
 
     keep_checkpoints: int = 3
-    """Complete checkpoints kept (the best by validation PSNR is kept as well)."""
+    """Complete checkpoints kept, at least 1 (the best by validation PSNR is kept as well)."""
 
     val_every: int = 5000
-    """Steps between validations on ``data.val_folder`` (and at the end)."""
+    """Steps between validations on ``data.val_folder`` (and at the end), at least 1."""
 
     log_every: int = 100
-    """Steps between TensorBoard scalar logs."""
+    """Steps between TensorBoard scalar logs, at least 1."""
 
     num_val_images_logged: int = 3
-    """Validation images shown in TensorBoard as bicubic | SR | HR grids."""
+    """Validation images shown in TensorBoard as bicubic | SR | HR grids, 0 to 64."""
 
     sync_tensorboard_seconds: float = 60.0
-    """How often TensorBoard files written locally are copied to ``RUN/tb`` on remote storage."""
+    """How often TensorBoard files written locally are copied to ``RUN/tb`` on remote storage
+    (seconds, above 0)."""
 
     backend: str = "ddp"
     """``ddp`` (PyTorch DistributedDataParallel) or ``deepspeed`` (ZeRO, see ``zero_stage``)."""
@@ -788,6 +792,24 @@ def from_dict(values: dict[str, Any]) -> Config:
     return config
 
 
+# Upper bounds of counts and sizes: far above any real run, low enough that a typo
+# (1e8 workers, a 10^6 px crop) is refused in one line instead of failing deep in torch.
+MAX_STEPS = 999_999_999  # checkpoint folders are step_NNNNNNNNN: nine digits
+MAX_BATCH = 4096
+MAX_CROP = 4096
+MAX_VAL_CROP = 16384
+MAX_WORKERS = 256
+MAX_PREFETCH = 64
+MAX_LOSS_WEIGHT = 1e4
+MAX_IMAGES_LOGGED = 64
+
+
+def _check_range(name: str, value, low, high) -> None:
+    """``low <= value <= high``, else one line naming the field and its range."""
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low:,} to {high:,}, got {value!r}")
+
+
 def validate(config) -> None:
     """Checks that involve several fields or value ranges, section by section."""
     for check in (validate_data, validate_model, validate_loss, validate_optim, validate_train):
@@ -796,18 +818,24 @@ def validate(config) -> None:
 
 def validate_data(config) -> None:
     d = config.data
-    if d.scale < 1:
-        raise ValueError(f"data.scale must be >= 1, got {d.scale}")
+    _check_range("data.scale", d.scale, 1, 8)
     if d.gt_size <= 0 or d.gt_size % d.scale:
         raise ValueError(f"data.gt_size ({d.gt_size}) must be a positive multiple of data.scale ({d.scale})")
-    if d.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
-    if d.samples_per_transfer < 1:
-        raise ValueError(f"data.samples_per_transfer must be >= 1, got {d.samples_per_transfer}")
+    _check_range("data.gt_size", d.gt_size, d.scale, MAX_CROP)
+    _check_range("data.batch_size", d.batch_size, 1, MAX_BATCH)
+    _check_range("data.samples_per_transfer", d.samples_per_transfer, 1, MAX_BATCH)
     if d.seed < 0:
         raise ValueError(f"data.seed must be >= 0 (numpy seeds are non-negative), got {d.seed}")
-    if d.num_workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check_range("data.num_workers", d.num_workers, 0, MAX_WORKERS)
+    # DataLoader asserts prefetch_factor > 0 (with workers); 0 would be its traceback.
+    _check_range("data.prefetch_factor", d.prefetch_factor, 1, MAX_PREFETCH)
+    if d.shuffle_window_shards < 1:
+        raise ValueError(f"data.shuffle_window_shards must be >= 1, got {d.shuffle_window_shards}")
+    if not d.cache_max_gb > 0:
+        raise ValueError(f"data.cache_max_gb must be above 0, got {d.cache_max_gb}")
+    if d.val_center_crop and (d.val_center_crop % d.scale or not 0 < d.val_center_crop <= MAX_VAL_CROP):
+        raise ValueError(f"data.val_center_crop must be 0 (whole images) or a positive multiple of data.scale "
+                         f"({d.scale}) up to {MAX_VAL_CROP}, got {d.val_center_crop}")
     for name in ("hflip_prob", "vflip_prob", "transpose_prob"):
         p = getattr(d, name)
         if not 0.0 <= p <= 1.0:
@@ -845,6 +873,20 @@ def validate_model(config) -> None:
                              f"{', '.join(sorted(VARIANTS.get(name, {})))}")
     if "scale" in m.generator_options:
         raise ValueError("model.generator_options.scale: the scale is data.scale")
+    # Every hyperparameter's range and the networks' size, before any process starts
+    # (torch would fail on a width of 0 with its own traceback, or build for minutes).
+    from sr_core.archs import check_hparams
+
+    checks = [("model.generator_options", m.generator, m.generator_variant,
+               {"scale": config.data.scale, **m.generator_options})]
+    if config.train.stage == "gan":
+        checks.append(("model.discriminator_options", m.discriminator, m.discriminator_variant,
+                       m.discriminator_options))
+    for field_name, name, variant, options in checks:
+        try:
+            check_hparams(name, variant or None, **options)
+        except ValueError as exc:
+            raise ValueError(f"{field_name}: {exc}") from None
     if config.train.stage == "gan":
         d_hparams = {**VARIANTS.get(m.discriminator, {}).get(m.discriminator_variant, {}), **m.discriminator_options}
         input_size = d_hparams.get("input_size")
@@ -864,8 +906,7 @@ def validate_loss(config) -> None:
     if lo.gan not in GAN_LOSSES:
         raise ValueError(f"loss.gan: unknown GAN loss {lo.gan!r}; known: {', '.join(sorted(GAN_LOSSES))}")
     for name in ("pixel_weight", "perceptual_weight", "gan_weight"):
-        if getattr(lo, name) < 0:
-            raise ValueError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+        _check_range(f"loss.{name}", getattr(lo, name), 0, MAX_LOSS_WEIGHT)
     if lo.perceptual_criterion not in ("l1", "l2"):
         raise ValueError(f"loss.perceptual_criterion must be l1 or l2, got {lo.perceptual_criterion!r}")
     unknown = sorted(set(lo.perceptual_layers) - set(LAYER_INDEX))
@@ -891,23 +932,35 @@ SCHEDULES = ("constant", "multistep", "cosine_restart")
 
 def validate_optim(config) -> None:
     o = config.optim
+    # Adam turns these into float32 step sizes: far above 1 they overflow inside torch
+    # ("value cannot be converted to type float"), and no run learns at such a rate.
     for name in ("lr_g", "lr_d"):
-        if not getattr(o, name) > 0:
-            raise ValueError(f"optim.{name} must be > 0, got {getattr(o, name)}")
+        if not 0 < getattr(o, name) <= 1:
+            raise ValueError(f"optim.{name} must be above 0 and at most 1, got {getattr(o, name)}")
+    for name in ("weight_decay_g", "weight_decay_d"):
+        _check_range(f"optim.{name}", getattr(o, name), 0, 1)
     for name in ("betas_g", "betas_d"):
         if not all(0.0 <= b < 1.0 for b in getattr(o, name)):
             raise ValueError(f"optim.{name} must be two numbers in [0, 1), got {list(getattr(o, name))}")
     if o.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
-    if sorted(o.milestones) != list(o.milestones) or any(m <= 0 for m in o.milestones):
-        raise ValueError(f"optim.milestones must be increasing positive steps, got {o.milestones}")
-    if o.schedule == "cosine_restart" and (not o.periods or any(p <= 0 for p in o.periods)):
-        raise ValueError(f"optim.periods must be positive cycle lengths for cosine_restart, got {o.periods}")
-    if not o.gamma > 0:
-        raise ValueError(f"optim.gamma must be > 0, got {o.gamma}")
-    for name in ("warmup_steps", "grad_clip", "eta_min", "weight_decay_g", "weight_decay_d"):
-        if getattr(o, name) < 0:
-            raise ValueError(f"optim.{name} must be >= 0, got {getattr(o, name)}")
+    if sorted(o.milestones) != list(o.milestones) or any(not 0 < m <= MAX_STEPS for m in o.milestones):
+        raise ValueError(f"optim.milestones must be increasing positive steps (at most {MAX_STEPS:,}), "
+                         f"got {o.milestones}")
+    if o.schedule == "cosine_restart" and (not o.periods or any(not 0 < p <= MAX_STEPS for p in o.periods)):
+        raise ValueError(f"optim.periods must be positive cycle lengths (at most {MAX_STEPS:,}) for "
+                         f"cosine_restart, got {o.periods}")
+    if not 0 < o.gamma <= 1:
+        raise ValueError(f"optim.gamma must be above 0 and at most 1 (it lowers the learning rates), got {o.gamma}")
+    _check_range("optim.warmup_steps", o.warmup_steps, 0, MAX_STEPS)
+    if o.grad_clip < 0:
+        raise ValueError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    # The cosine runs from each learning rate down to eta_min: above them it would climb.
+    top = min(o.lr_g, o.lr_d) if config.train.stage == "gan" else o.lr_g
+    if o.schedule == "cosine_restart" and not 0 <= o.eta_min <= top:
+        raise ValueError(f"optim.eta_min must be from 0 to the learning rate ({top:g}), got {o.eta_min}")
+    if not 0 <= o.eta_min <= 1:
+        raise ValueError(f"optim.eta_min must be from 0 to 1, got {o.eta_min}")
 
 
 STAGES = ("psnr", "gan")
@@ -931,13 +984,16 @@ def validate_train(config) -> None:
     for name in ("max_steps", "grad_accum_steps", "checkpoint_every", "val_every", "log_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    _check_range("train.max_steps", t.max_steps, 1, MAX_STEPS)
+    _check_range("train.grad_accum_steps", t.grad_accum_steps, 1, MAX_BATCH)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0 <= t.seed <= MAX_TORCH_SEED:
         raise ValueError(f"train.seed must be in [0, 2**64 - 1] (torch's seed is 64-bit unsigned), "
                          f"got {shown(t.seed)}")
-    if t.num_val_images_logged < 0 or t.sync_tensorboard_seconds <= 0:
-        raise ValueError("train.num_val_images_logged must be >= 0 and train.sync_tensorboard_seconds > 0")
+    _check_range("train.num_val_images_logged", t.num_val_images_logged, 0, MAX_IMAGES_LOGGED)
+    if not t.sync_tensorboard_seconds > 0:
+        raise ValueError(f"train.sync_tensorboard_seconds must be above 0, got {t.sync_tensorboard_seconds}")
 
 
 def check_inputs(config) -> None:

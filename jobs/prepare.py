@@ -22,6 +22,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import tarfile
 import time
@@ -83,8 +84,8 @@ class PrepareSettings:
             raise ValueError(f"--min-size ({self.min_size}) must be between 0 and --size ({self.size})")
         if self.images_per_shard < 1:
             raise ValueError(f"--images-per-shard must be >= 1, got {self.images_per_shard}")
-        if self.max_shard_mb <= 0:
-            raise ValueError(f"--max-shard-mb must be positive, got {self.max_shard_mb}")
+        if not 0 < self.max_shard_mb < float("inf"):  # NaN included: it compares false
+            raise ValueError(f"--max-shard-mb must be a positive number, got {self.max_shard_mb}")
         if self.format not in SUBIMAGE_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(SUBIMAGE_FORMATS)}, got {self.format!r}")
         if not 0 <= self.png_level <= 9:
@@ -272,6 +273,10 @@ def _read_json(url: str, what: str, fix: str = "choose another DST for `sr prepa
     return value
 
 
+def _worker_ignores_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
             progress: bool = True) -> dict:
     """Prepare (or finish preparing) sub-image shards of ``src`` in ``dst``; returns the index."""
@@ -340,7 +345,10 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
         else:
             # spawn: gcsfs holds an event-loop thread and sockets that must not be forked
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(num_workers, len(pending))) as pool:
+            # Leaving the block (an error, Ctrl-C, SIGTERM as Terminated) terminates the
+            # workers; they ignore SIGINT, so Ctrl-C at a terminal (sent to the whole group)
+            # stops them through this process instead of a KeyboardInterrupt traceback each.
+            with ctx.Pool(min(num_workers, len(pending)), initializer=_worker_ignores_sigint) as pool:
                 for m in pool.imap_unordered(_prepare_unit_star, pending):
                     manifests[m["unit"]] = m
                     bar.update(len(m["sources"]))

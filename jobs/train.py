@@ -90,8 +90,10 @@ def run(config: Config, resume: str = "") -> int:
                                             config, state.step)
                     log(state.accelerator, "exported " + ", ".join(written))
                 if state.tb:
-                    best = state.best_psnr if state.best_psnr > -math.inf else 0.0
-                    state.tb.hparams(_hparams(config), {"hparam/best_val_psnr": best})
+                    # A run without validation has no best PSNR: its hparams record holds no
+                    # metric rather than a 0.0 that TensorBoard would show as a score.
+                    best = {"hparam/best_val_psnr": state.best_psnr} if state.best_psnr > -math.inf else {}
+                    state.tb.hparams(_hparams(config), best)
                     state.tb.close()
                 state.accelerator.wait_for_everyone()
             except BaseException:

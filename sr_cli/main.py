@@ -14,7 +14,7 @@ from batch import cli as batch_cli
 from infra import cli as infra_cli
 from jobs import cli as jobs_cli
 from sr_cli import evaluate, models, upscale
-from sr_core.errors import run_command, sigterm_interrupts
+from sr_core.errors import EXIT_INTERRUPTED, run_command, sigterm_interrupts
 
 # Every command, in the order `sr --help` lists them: name -> the function that adds its
 # parser (with its handler as ``func``) to the subcommand table.
@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command started: the same one line
+        print("sr: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     # Commands that set `interrupt_on_sigterm` treat SIGTERM as Ctrl-C from here on,
     # before their heavy imports: one line and exit code 130 instead of a silent 143.
     with sigterm_interrupts() if getattr(args, "interrupt_on_sigterm", False) else contextlib.nullcontext():

@@ -15,6 +15,18 @@ Usage (a context manager, or ``acquire()`` / ``release()``)::
     with Lease(output, "sr batch"):
         ...  # the work
 
+How long a job waits for a holder on another host is ours to decide, never the lease
+file's: at most ``MAX_WAIT_SECONDS`` (our own heartbeat period plus our stale limit), however far in
+the future its heartbeat or however large its ``stale_seconds``. A holder that has not
+beaten by then is refused on one line naming it and saying how to take over (delete the
+lease file once that job is known to be gone). A signal ends the wait at once: Ctrl-C
+as ``KeyboardInterrupt``, and whatever ``interrupted`` reports (``sr train``'s SIGTERM
+flag) as :class:`sr_core.errors.Terminated`.
+
+A launcher that starts the processes doing the work hands its lease to the one that
+writes (``hand_over()`` in the launcher, ``adopt=TOKEN`` in that process): the lease then
+lives exactly as long as the writer does, even when the launcher is killed first.
+
 Takeover and renewal use ``sr_core.storage.swap_if_unchanged`` (an ``flock`` locally,
 generation preconditions on GCS), so of several jobs starting at once exactly one gets
 the lease. Heartbeats compare wall clocks of different hosts: keep ``stale_seconds``
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -37,6 +50,13 @@ from sr_core.errors import short_reason
 LEASE_NAME = ".sr-lease.json"  # hidden: listings of the folder's files skip it
 DEFAULT_HEARTBEAT_SECONDS = 30.0
 DEFAULT_STALE_SECONDS = 120.0
+# The longest wait for a holder on another host to beat or go stale: a live holder with
+# our defaults beats within DEFAULT_HEARTBEAT_SECONDS, a vanished one goes stale after
+# DEFAULT_STALE_SECONDS; a lease that claims more (a heartbeat in the future, a stale
+# limit of days) is refused after this instead of being waited for.
+MAX_WAIT_SECONDS = DEFAULT_HEARTBEAT_SECONDS + DEFAULT_STALE_SECONDS
+# How often a wait looks at ``interrupted`` (a signal handler's flag).
+_SIGNAL_POLL_SECONDS = 0.1
 
 logger = logging.getLogger("sr_core.lease")
 
@@ -59,7 +79,10 @@ def is_stale(holder: dict, now: float | None = None) -> bool:
     said it would let it get, or its process on this host is gone."""
     now = time.time() if now is None else now
     try:
-        if now - float(holder["heartbeat"]) > float(holder.get("stale_seconds", DEFAULT_STALE_SECONDS)):
+        heartbeat = float(holder["heartbeat"])
+        if not math.isfinite(heartbeat):
+            return True  # damaged: names no time at which its holder was alive
+        if now - heartbeat > float(holder.get("stale_seconds", DEFAULT_STALE_SECONDS)):
             return True
         return holder.get("host") == socket.gethostname() and not storage._pid_alive(int(holder["pid"]))
     except (KeyError, TypeError, ValueError):
@@ -70,7 +93,8 @@ class Lease:
     """The lease on ``folder`` for ``command`` (a name shown to whoever is refused)."""
 
     def __init__(self, folder: str, command: str, *, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
-                 stale_seconds: float = DEFAULT_STALE_SECONDS, wait_for_stale: bool = False):
+                 stale_seconds: float = DEFAULT_STALE_SECONDS, wait_for_stale: bool = False,
+                 max_wait_seconds: float = MAX_WAIT_SECONDS, interrupted=None, adopt: str = ""):
         if not 0 < heartbeat_seconds < stale_seconds:
             raise ValueError(f"a lease's heartbeat ({heartbeat_seconds} s) must be positive and shorter than "
                              f"the time after which it is stale ({stale_seconds} s)")
@@ -79,10 +103,16 @@ class Lease:
         self.heartbeat_seconds, self.stale_seconds = float(heartbeat_seconds), float(stale_seconds)
         # A holder on another host that looks alive may be a VM that just vanished (its
         # replacement starting within stale_seconds): with this, wait until it either
-        # beats (alive: refused) or goes stale (taken over), at most its stale_seconds.
+        # beats (alive: refused) or goes stale (taken over), at most max_wait_seconds;
+        # ``interrupted()`` true (a signal arrived) ends the wait with Terminated.
         self.wait_for_stale = wait_for_stale
+        self.max_wait_seconds = float(max_wait_seconds)
+        self.interrupted = interrupted
         self.waiting = threading.Event()  # set while waiting for such a holder
         self.token = uuid.uuid4().hex
+        # The token of a launcher's lease this process takes over (see hand_over()).
+        self.adopt = adopt
+        self.handing_over = False
         self.lost = False  # another job took it over (we looked stale to it)
         self.took_over_from = ""  # the stale holder this lease replaced, described
         self.beat_event = threading.Event()  # set after every heartbeat attempt
@@ -123,7 +153,7 @@ class Lease:
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "command": self.command, "token": self.token,
             "started": self._started, "heartbeat": time.time(), "heartbeat_seconds": self.heartbeat_seconds,
-            "stale_seconds": self.stale_seconds,
+            "stale_seconds": self.stale_seconds, **({"adopted_from": self.adopt} if self.adopt else {}),
         }).encode()
 
     def _refusal(self, holder: dict) -> LeaseHeld:
@@ -139,6 +169,9 @@ class Lease:
         if self._written is not None:
             return self
         self._started = time.time()
+        if self.adopt:
+            self._adopt()
+            return self._start_beating()
         for _attempt in range(5):
             current = self._read(self.url)
             record = self._record()
@@ -159,30 +192,95 @@ class Lease:
         else:  # changed under us every time: others are taking it right now
             raise self._refusal(self.holder(self.folder) or {})
         self._written = record
+        return self._start_beating()
+
+    def _start_beating(self) -> "Lease":
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lease {self.url}", daemon=True)
         self._thread.start()
         return self
 
+    def _adopt(self) -> None:
+        """Take over the launcher's lease whose token is ``self.adopt``, or refuse."""
+        current = self._read(self.url)
+        holder = self._parse(current) if current is not None else {}
+        if holder.get("token") == self.adopt:
+            record = self._record()
+            if storage.swap_if_unchanged(self.url, current, record):
+                self._written = record
+                return
+        raise LeaseHeld(f"{self.folder}: the lease of the launcher that started this process is gone "
+                        f"({describe(holder) + ' holds it now' if holder else 'no lease file'}); start the run "
+                        "again", holder)
+
+    def hand_over(self) -> None:
+        """The launcher's side: a process it starts will adopt this lease (given
+        ``self.token``); from then on this one stops beating quietly and does not delete
+        it at release."""
+        self.handing_over = True
+
     def _wait_for(self, current: bytes, holder: dict) -> None:
-        """Return when the lease changed hands or went stale; raise if its holder beats."""
-        deadline = float(holder.get("heartbeat", 0)) + float(holder.get("stale_seconds", DEFAULT_STALE_SECONDS)) + 1
-        interval = min(max(float(holder.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS)) / 4, 0.05), 5.0)
-        logger.warning("lease: %s is held by %s (heartbeat %.0f s ago); waiting up to %.0f s for it to beat "
+        """Return when the lease changed hands or went stale; raise if its holder beats,
+        or has done neither within our own bound (``max_wait_seconds``)."""
+        start = time.time()
+        try:  # the file's own figures, capped by ours: a damaged or hostile file decides nothing
+            by_file = float(holder["heartbeat"]) + float(holder.get("stale_seconds", DEFAULT_STALE_SECONDS)) + 1
+            interval = min(max(float(holder.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS)) / 4, 0.05), 5.0)
+        except (KeyError, TypeError, ValueError):
+            by_file, interval = start, 1.0
+        if not math.isfinite(interval):
+            interval = 1.0
+        if not math.isfinite(by_file):
+            by_file = start + self.max_wait_seconds
+        deadline = start + min(max(0.0, by_file - start), self.max_wait_seconds)
+        logger.warning("lease: %s is held by %s (heartbeat %s); waiting up to %.0f s for it to beat "
                        "again (a live job: refused) or go stale (taken over)", self.folder, describe(holder),
-                       time.time() - float(holder.get("heartbeat", 0)), max(0.0, deadline - time.time()))
+                       self._heartbeat_age(holder), deadline - start)
         self.waiting.set()
         try:
-            while (left := deadline - time.time()) > 0:
-                time.sleep(min(interval, left))
+            next_read = start + interval
+            while True:
+                self._raise_if_interrupted()
+                now_time = time.time()
+                if now_time >= deadline:
+                    break
+                if now_time < next_read:  # short sleeps: a signal's flag is seen at once
+                    time.sleep(min(_SIGNAL_POLL_SECONDS, next_read - now_time, deadline - now_time))
+                    continue
+                next_read = now_time + interval
                 now = self._read(self.url)
                 if now == current:
                     continue
                 if now is not None and self._parse(now).get("token") == holder.get("token"):
                     raise self._refusal(self._parse(now))  # it beat: a live job
                 return  # released or taken by another: look again
+            if self._read(self.url) == current and not is_stale(holder):
+                raise self._not_stale_in_time(holder, deadline - start)
         finally:
             self.waiting.clear()
+
+    def _raise_if_interrupted(self) -> None:
+        if self.interrupted is not None and self.interrupted():
+            from sr_core.errors import Terminated
+
+            raise Terminated()
+
+    def _not_stale_in_time(self, holder: dict, waited: float) -> LeaseHeld:
+        """The holder neither beat nor went stale within our bound: its file claims more
+        time than we give it (a heartbeat in the future, a stale limit of days)."""
+        return LeaseHeld(f"{self.folder} is held by {describe(holder)}, whose lease neither beat nor went stale "
+                         f"within {waited:g} s (its file claims a heartbeat "
+                         f"{self._heartbeat_age(holder)} and a stale limit of {holder.get('stale_seconds')!r} s); "
+                         f"if that job is gone, delete {self.url} and rerun; if it runs, stop it or use another "
+                         "folder", holder)
+
+    @staticmethod
+    def _heartbeat_age(holder: dict) -> str:
+        try:
+            age = time.time() - float(holder["heartbeat"])
+        except (KeyError, TypeError, ValueError):
+            return "that is unreadable"
+        return f"{age:.0f} s ago" if age >= 0 else f"{-age:.0f} s in the future"
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
@@ -192,6 +290,8 @@ class Lease:
                     self._written = record
                 else:
                     self.lost = True
+                    if self.handing_over:
+                        return  # adopted by the process it was handed to: theirs now
                     logger.warning("lease: %s: another job took over this job's lease (%s); it is no longer "
                                    "protected from that job", self.folder, self.url)
                     return

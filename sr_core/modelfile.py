@@ -35,7 +35,7 @@ from torch import nn
 
 from sr_core import storage
 from sr_core.errors import MAX_SHOWN, shown
-from sr_core.archs import GENERATORS, build_generator
+from sr_core.archs import GENERATORS, build_generator, check_hparams
 from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
 
 FORMAT = "sr-cloud"
@@ -107,6 +107,7 @@ def generator_metadata(model: nn.Module, /, **provenance) -> dict[str, str]:
     if getattr(model, "arch_name", None) not in GENERATORS or not hasattr(model, "hparams"):
         raise ValueError(f"{type(model).__name__} is not a registered generator; "
                          f"model files hold one of: {', '.join(sorted(GENERATORS))}")
+    check_hparams(model.arch_name, **model.hparams)  # never write a file no loader would accept
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

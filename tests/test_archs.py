@@ -373,3 +373,73 @@ def test_unet_sn_skip_connections_change_the_output():
     x = seeded_input(1, 3, 16, 24)
     with torch.no_grad():
         assert not torch.allclose(with_skips(x), without(x))
+
+
+# ---- issue 27 #4: ranges and a size estimate before construction --------------------
+
+
+@pytest.mark.parametrize("name", [*GENERATORS, *DISCRIMINATORS])
+def test_the_size_estimate_is_the_parameter_count(name, monkeypatch):
+    """check_hparams refuses exactly the models whose fp32 weights exceed the memory
+    available: with exactly their size available they are built, one byte less refused."""
+    import sr_core.memory
+    from sr_core.archs import VARIANTS
+
+    builder = build_generator if name in GENERATORS else build_discriminator
+    for variant in VARIANTS[name]:
+        for extra in ([{"scale": s} for s in (1, 2, 4, 8) if _accepts(name, s)] if name in GENERATORS else [{}]):
+            model = builder(name, variant, **extra)
+            size = 4 * sum(p.numel() for p in model.parameters())
+            monkeypatch.setattr(sr_core.memory, "available_memory", lambda: size)
+            builder(name, variant, **extra)
+            monkeypatch.setattr(sr_core.memory, "available_memory", lambda: size - 1)
+            with pytest.raises(ValueError, match="memory available"):
+                builder(name, variant, **extra)
+            monkeypatch.undo()
+
+
+def _accepts(name: str, scale: int) -> bool:
+    try:
+        build_generator(name, "tiny", scale=scale)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("build, name, hparams, named", [
+    (build_generator, "rrdbnet", {"num_feat": 0}, "num_feat must be from 1"),
+    (build_generator, "rrdbnet", {"num_feat": -3}, "num_feat must be from 1"),
+    (build_generator, "rrdbnet", {"num_grow_ch": 0}, "num_grow_ch"),
+    (build_generator, "rrdbnet", {"num_block": -1}, "num_block"),
+    (build_generator, "rrdbnet", {"num_in_ch": 0}, "num_in_ch"),
+    (build_generator, "rrdbnet", {"num_block": 10**6}, "num_block must be from 0 to 1000"),
+    (build_generator, "multihead_rrdbnet", {"num_heads": 10**6}, "num_heads"),
+    (build_generator, "srresnet", {"num_feat": 0}, "num_feat"),
+    (build_generator, "srvgg_compact", {"num_feat": 0}, "num_feat"),
+    (build_generator, "srvgg_compact", {"num_conv": 10**8}, "num_conv must be from 0 to 1000"),
+    (build_generator, "srvgg_compact", {"num_feat": 4096, "num_conv": 1000}, "memory available"),
+    (build_generator, "srvgg_compact", {"num_feat": 2.5}, "num_feat must be an integer"),
+    (build_discriminator, "vgg_style", {"num_feat": -1}, "num_feat"),
+    (build_discriminator, "vgg_style_any", {"num_feat": 0}, "num_feat"),
+    (build_discriminator, "srgan", {"num_linear_feat": 0}, "num_linear_feat"),
+    (build_discriminator, "unet_sn", {"num_feat": -1}, "num_feat"),
+    (build_discriminator, "unet_sn", {"skip_connection": "yes"}, "skip_connection"),
+])
+def test_hyperparameters_no_model_can_have_are_refused_before_any_layer(build, name, hparams, named, monkeypatch):
+    def no_layer(*args, **kwargs):
+        raise AssertionError("a layer was built before the hyperparameters were checked")
+
+    for layer in (nn.Conv2d, nn.Linear, nn.PReLU, nn.BatchNorm2d):
+        monkeypatch.setattr(layer, "__init__", no_layer)
+    with pytest.raises(ValueError, match=named):
+        build(name, "tiny", **hparams)
+
+
+def test_the_writer_refuses_a_model_no_loader_would_accept(tmp_path):
+    from sr_core import save_generator
+
+    model = build_generator("rrdbnet", "tiny", scale=2)
+    model.hparams["num_feat"] = 0  # what a hand-edited model would claim
+    with pytest.raises(ValueError, match="num_feat"):
+        save_generator(model, str(tmp_path / "m.safetensors"))
+    assert not (tmp_path / "m.safetensors").exists()

@@ -59,7 +59,7 @@ def one_line_error(result, *needles):
     ({"num_block": 10**8}, "claims num_block=100000000"),
     ({"num_feat": 10**9}, "claims num_feat=1000000000"),
     ({"num_grow_ch": 10**12}, "claims num_grow_ch"),
-    ({"num_feat": -8}, "do not build"),
+    ({"num_feat": -8}, "num_feat must be from 1 to 4096, got -8"),
     ({"num_feat": "64"}, "num_feat must be an integer"),
     ({"num_block": 1.5}, "num_block must be an integer"),
     ({"num_block": True}, "num_block must be an integer"),

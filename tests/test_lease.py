@@ -149,3 +149,50 @@ def test_of_processes_starting_at_once_exactly_one_gets_the_lease(tmp_path):
         w.join(timeout=120)
     assert outcomes == ["refused", "refused", "refused", "won"]
     assert Lease.holder(folder) is None
+
+
+@pytest.mark.parametrize("claims", [
+    {"heartbeat": time.time() + 1_000_000},  # a heartbeat 11.6 days in the future
+    {"stale_seconds": 100_000.0},  # a stale limit of 28 hours
+    {"heartbeat_seconds": float("nan"), "stale_seconds": float("inf")},  # damaged figures
+])
+def test_a_lease_file_does_not_choose_how_long_we_wait(tmp_path, claims):
+    """Issue 27 #7: our own bound, then one line naming the holder and how to take over."""
+    folder = str(tmp_path / "run")
+    _write_holder(folder, **{"heartbeat_seconds": 0.1, **claims})
+    waiter = Lease(folder, "sr train", wait_for_stale=True, max_wait_seconds=0.5)
+    with pytest.raises(LeaseHeld) as info:
+        waiter.acquire()
+    text = str(info.value)
+    assert "\n" not in text and "elsewhere" in text and "pid 4242" in text, text
+    assert f"delete {storage.join(folder, LEASE_NAME)}" in text and "within 0 s" not in text, text
+    assert Lease.holder(folder)["token"] == "theirs"  # nothing taken over
+
+
+def test_a_signal_ends_the_wait_for_a_lease_at_once(tmp_path):
+    """SIGTERM while `sr train` waits for a holder on another host: one line, exit 130,
+    long before the wait's bound (after which the exit would be 2, a refusal)."""
+    import signal
+
+    from events import HANG_TIMEOUT, wait_for
+
+    run = tmp_path / "run"
+    _write_holder(str(run), stale_seconds=100_000.0)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_text("{}")
+    cmd = [sys.executable, "-m", "sr_cli", "train", "--preset", "tiny", f"data.train_shards={shards}",
+           f"train.run_dir={run}"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines = []
+
+    def waiting():
+        lines.append(proc.stderr.readline())
+        return "waiting up to" in lines[-1]
+
+    wait_for(waiting, "the lease wait's log line", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(HANG_TIMEOUT) == 130, "".join(lines) + err
+    assert err.strip().splitlines() == ["sr train: interrupted by SIGTERM"], err
+    assert Lease.holder(str(run))["token"] == "theirs"

@@ -9,6 +9,11 @@ JSON-serializable, enough to rebuild it), ``self.scale`` and ``self.size_multipl
 Every discriminator class has ``arch_name``, ``self.hparams``, ``self.input_size``
 (the one crop size it accepts, or None for any), ``self.size_multiple`` and
 ``self.min_input_size``; it returns raw logits (no sigmoid).
+
+Every architecture's file has ``check_hparams(hparams)``, which its constructor calls
+first: ranges of every hyperparameter and the size its weights would take, refused in
+one line before a layer is built (``sr_core.archs.limits``). :func:`check_hparams` runs
+it for a name and variant without building anything (configs, model-file writers).
 """
 
 from __future__ import annotations
@@ -55,7 +60,33 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
-def _build(registry: dict, kind: str, name: str, variant: str | None, hparams: dict) -> nn.Module:
+# name -> the architecture's own check of a complete set of hyperparameters.
+CHECKS = {
+    "rrdbnet": rrdbnet.check_hparams,
+    "multihead_rrdbnet": multihead_rrdbnet.check_hparams,
+    "srresnet": srresnet.check_hparams,
+    "srvgg_compact": srvgg.check_hparams,
+    "vgg_style": vgg_discriminator.check_hparams,
+    "vgg_style_any": lambda hparams: vgg_discriminator.check_hparams({**hparams, "input_size": 128}, "vgg_style_any"),
+    "srgan": srgan_discriminator.check_hparams,
+    "unet_sn": unet_discriminator.check_hparams,
+}
+
+
+def check_hparams(name: str, variant: str | None = None, **hparams) -> dict:
+    """The complete hyperparameters of ``name`` (its defaults, then the variant's, then
+    ``hparams``), checked as its constructor would, without building anything; a
+    ``ValueError`` names what is wrong."""
+    registry = GENERATORS if name in GENERATORS else DISCRIMINATORS
+    kind = "generator" if name in GENERATORS else "discriminator"
+    cls, merged = _merged(registry, kind, name, variant, hparams)
+    complete = {key: p.default for key, p in inspect.signature(cls.__init__).parameters.items() if key != "self"}
+    complete.update(merged)
+    CHECKS[name](complete)
+    return complete
+
+
+def _merged(registry: dict, kind: str, name: str, variant: str | None, hparams: dict) -> tuple[type, dict]:
     if name not in registry:
         raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
     cls = registry[name]
@@ -67,6 +98,11 @@ def _build(registry: dict, kind: str, name: str, variant: str | None, hparams: d
     unknown = sorted(set(merged) - accepted)
     if unknown:
         raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; accepted: {sorted(accepted)}")
+    return cls, merged
+
+
+def _build(registry: dict, kind: str, name: str, variant: str | None, hparams: dict) -> nn.Module:
+    cls, merged = _merged(registry, kind, name, variant, hparams)
     return cls(**merged)
 
 

@@ -17,11 +17,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sr_core.archs import rrdbnet
+from sr_core.archs.limits import check_int, check_size, conv
 from sr_core.archs.rrdbnet import RRDBNet
 
 HEAD_KERNEL = 9
 # output_head value meaning "average all heads" (an ensemble at the price of all heads).
 MEAN_OF_HEADS = -1
+
+
+# Head k has k + 1 convolutions of 9x9 at the output resolution: more than a few heads
+# cost more than the whole trunk.
+MAX_HEADS = 16
+
+
+def check_hparams(hparams: dict) -> None:
+    """Ranges of the trunk and the heads, then the size estimate, before any layer is built."""
+    arch = "multihead_rrdbnet"
+    rrdbnet.check_ranges(arch, hparams)
+    check_int(arch, "num_heads", hparams["num_heads"], 1, MAX_HEADS)
+    check_int(arch, "output_head", hparams["output_head"], MEAN_OF_HEADS, hparams["num_heads"] - 1)
+    f, out = hparams["num_feat"], hparams["num_out_ch"]
+    heads = sum(depth * conv(f, f, HEAD_KERNEL) + conv(f, out, HEAD_KERNEL) for depth in range(hparams["num_heads"]))
+    check_size(arch, rrdbnet.trunk_parameters(hparams) + heads)
 
 
 def make_head(num_feat: int, num_out_ch: int, depth: int) -> nn.Sequential:
@@ -53,8 +71,9 @@ class MultiHeadRRDBNet(RRDBNet):
         num_heads: int = 3,
         output_head: int = MEAN_OF_HEADS,
     ):
-        if num_heads < 1:
-            raise ValueError(f"multihead_rrdbnet: num_heads must be at least 1, got {num_heads}")
+        check_hparams(dict(num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
+                           num_block=num_block, num_grow_ch=num_grow_ch, upsampler=upsampler,
+                           num_heads=num_heads, output_head=output_head))
         # The trunk is RRDBNet's, module for module, so its keys and shapes stay compatible.
         super().__init__(num_in_ch, num_out_ch, scale, num_feat, num_block, num_grow_ch, upsampler)
         del self.conv_last

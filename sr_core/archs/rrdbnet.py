@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sr_core.archs.limits import MAX_DEPTH, MAX_IMAGE_CHANNELS, MAX_WIDTH, check_choice, check_int, check_size, conv
+
 # Residual scaling from the ESRGAN paper: adding 0.2 x the block output keeps a deep
 # un-normalized trunk stable at initialization (no BatchNorm, which causes artifacts).
 RESIDUAL_SCALE = 0.2
@@ -23,6 +25,36 @@ INIT_SCALE = 0.1
 UNSHUFFLE_FOR_SCALE = {1: 4, 2: 2, 4: 1, 8: 1}
 # Number of x2 upsampling stages for each output scale.
 UPSAMPLE_STAGES_FOR_SCALE = {1: 2, 2: 2, 4: 2, 8: 3}
+
+
+UPSAMPLERS = ("nearest", "pixelshuffle")
+
+
+def check_ranges(arch: str, hparams: dict) -> None:
+    """The trunk's hyperparameters (shared with the multi-head variant)."""
+    check_int(arch, "num_in_ch", hparams["num_in_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_out_ch", hparams["num_out_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_choice(arch, "scale", hparams["scale"], sorted(UNSHUFFLE_FOR_SCALE))
+    check_int(arch, "num_feat", hparams["num_feat"], 1, MAX_WIDTH)
+    check_int(arch, "num_block", hparams["num_block"], 0, MAX_DEPTH)
+    check_int(arch, "num_grow_ch", hparams["num_grow_ch"], 1, MAX_WIDTH)
+    check_choice(arch, "upsampler", hparams["upsampler"], UPSAMPLERS)
+
+
+def trunk_parameters(hparams: dict) -> int:
+    """Parameters of everything but ``conv_last``."""
+    f, g = hparams["num_feat"], hparams["num_grow_ch"]
+    dense_block = sum(conv(f + i * g, g, 3) for i in range(4)) + conv(f + 4 * g, f, 3)
+    up_out = 4 * f if hparams["upsampler"] == "pixelshuffle" else f
+    num_up = 3 if hparams["scale"] == 8 else 2
+    return (conv(hparams["num_in_ch"] * UNSHUFFLE_FOR_SCALE[hparams["scale"]] ** 2, f, 3)
+            + hparams["num_block"] * 3 * dense_block + conv(f, f, 3) + num_up * conv(f, up_out, 3) + conv(f, f, 3))
+
+
+def check_hparams(hparams: dict) -> None:
+    """Ranges, then the size estimate (``sr_core.archs.limits``), before any layer is built."""
+    check_ranges("rrdbnet", hparams)
+    check_size("rrdbnet", trunk_parameters(hparams) + conv(hparams["num_feat"], hparams["num_out_ch"], 3))
 
 
 def scaled_kaiming_init(module: nn.Module, scale: float = INIT_SCALE) -> None:
@@ -86,14 +118,11 @@ class RRDBNet(nn.Module):
         upsampler: str = "nearest",
     ):
         super().__init__()
-        if scale not in UNSHUFFLE_FOR_SCALE:
-            raise ValueError(f"rrdbnet: scale must be one of {sorted(UNSHUFFLE_FOR_SCALE)}, got {scale}")
-        if upsampler not in ("nearest", "pixelshuffle"):
-            raise ValueError(f"rrdbnet: upsampler must be 'nearest' or 'pixelshuffle', got {upsampler!r}")
         self.hparams = dict(
             num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
             num_block=num_block, num_grow_ch=num_grow_ch, upsampler=upsampler,
         )
+        check_hparams(self.hparams)
         self.scale = scale
         self.upsampler = upsampler
         self.unshuffle = UNSHUFFLE_FOR_SCALE[scale]

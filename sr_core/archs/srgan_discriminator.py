@@ -14,8 +14,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sr_core.archs.limits import MAX_IMAGE_CHANNELS, MAX_WIDTH, check_int, check_size, conv, linear
+
 # (channel multiplier of num_feat, stride) of the conv-BN-LReLU blocks after the first conv.
 BLOCKS = [(1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)]
+
+
+MAX_LINEAR_FEAT = 65536
+
+
+def check_hparams(hparams: dict) -> None:
+    """Ranges, then the size estimate (``sr_core.archs.limits``), before any layer is built."""
+    arch = "srgan"
+    check_int(arch, "num_in_ch", hparams["num_in_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_feat", hparams["num_feat"], 1, MAX_WIDTH)
+    check_int(arch, "num_linear_feat", hparams["num_linear_feat"], 1, MAX_LINEAR_FEAT)
+    f, total, channels = hparams["num_feat"], conv(hparams["num_in_ch"], hparams["num_feat"], 3), hparams["num_feat"]
+    for multiplier, _stride in BLOCKS:
+        total += conv(channels, f * multiplier, 3, bias=False) + 2 * f * multiplier
+        channels = f * multiplier
+    check_size(arch, total + linear(channels, hparams["num_linear_feat"]) + linear(hparams["num_linear_feat"], 1))
 
 
 class ConvBNBlock(nn.Module):
@@ -38,6 +56,7 @@ class SRGANDiscriminator(nn.Module):
     def __init__(self, num_in_ch: int = 3, num_feat: int = 64, num_linear_feat: int = 1024):
         super().__init__()
         self.hparams = dict(num_in_ch=num_in_ch, num_feat=num_feat, num_linear_feat=num_linear_feat)
+        check_hparams(self.hparams)
         self.input_size: int | None = None
         self.size_multiple = 1
         # Four stride-2 blocks: below 16 pixels the last blocks see a single position.

@@ -11,7 +11,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sr_core.archs.limits import MAX_DEPTH, MAX_IMAGE_CHANNELS, MAX_WIDTH, check_choice, check_int, check_size, conv
+
 UPSAMPLE_STAGES_FOR_SCALE = {2: 1, 4: 2, 8: 3}
+
+
+def check_hparams(hparams: dict) -> None:
+    """Ranges, then the size estimate (``sr_core.archs.limits``), before any layer is built."""
+    arch = "srresnet"
+    check_int(arch, "num_in_ch", hparams["num_in_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_out_ch", hparams["num_out_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_choice(arch, "scale", hparams["scale"], sorted(UPSAMPLE_STAGES_FOR_SCALE))
+    check_int(arch, "num_feat", hparams["num_feat"], 1, MAX_WIDTH)
+    check_int(arch, "num_block", hparams["num_block"], 1, MAX_DEPTH)
+    f = hparams["num_feat"]
+    block = 2 * conv(f, f, 3) + 2 * 2 * f + f  # two conv-BN pairs and a PReLU
+    stages = UPSAMPLE_STAGES_FOR_SCALE[hparams["scale"]] * (conv(f, 4 * f, 3) + f)
+    check_size(arch, conv(hparams["num_in_ch"], f, 9) + f + hparams["num_block"] * block + conv(f, f, 3) + 2 * f
+               + stages + conv(f, hparams["num_out_ch"], 9))
 
 
 class ResidualBlock(nn.Module):
@@ -55,12 +72,9 @@ class SRResNet(nn.Module):
         num_block: int = 16,
     ):
         super().__init__()
-        if scale not in UPSAMPLE_STAGES_FOR_SCALE:
-            raise ValueError(f"srresnet: scale must be one of {sorted(UPSAMPLE_STAGES_FOR_SCALE)}, got {scale}")
-        if num_block < 1:
-            raise ValueError(f"srresnet: num_block must be at least 1, got {num_block}")
         self.hparams = dict(num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
                             num_block=num_block)
+        check_hparams(self.hparams)
         self.scale = scale
         self.size_multiple = 1
 

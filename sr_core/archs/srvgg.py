@@ -22,10 +22,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sr_core.archs.limits import MAX_DEPTH, MAX_IMAGE_CHANNELS, MAX_WIDTH, check_choice, check_int, check_size, conv
+
 ACTIVATIONS = ("prelu", "relu", "leakyrelu")
 # Real-ESRGAN's compact generator uses slope 0.1 for LeakyReLU (RRDBNet uses 0.2).
 LEAKY_SLOPE = 0.1
 SCALES = (1, 2, 3, 4)
+
+
+def check_hparams(hparams: dict) -> None:
+    """Ranges, then the size estimate (``sr_core.archs.limits``), before any layer is built."""
+    arch = "srvgg_compact"
+    check_choice(arch, "scale", hparams["scale"], SCALES)
+    check_choice(arch, "activation", hparams["activation"], ACTIVATIONS)
+    check_int(arch, "num_in_ch", hparams["num_in_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_out_ch", hparams["num_out_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_feat", hparams["num_feat"], 1, MAX_WIDTH)
+    check_int(arch, "num_conv", hparams["num_conv"], 0, MAX_DEPTH)
+    if hparams["num_in_ch"] != hparams["num_out_ch"]:
+        # The nearest-upscaled input is added to the output channel by channel.
+        raise ValueError(f"{arch}: num_in_ch ({hparams['num_in_ch']}) must equal num_out_ch "
+                         f"({hparams['num_out_ch']}): the upscaled input is added to the output")
+    f = hparams["num_feat"]
+    slopes = f if hparams["activation"] == "prelu" else 0
+    check_size(arch, conv(hparams["num_in_ch"], f, 3) + slopes + hparams["num_conv"] * (conv(f, f, 3) + slopes)
+               + conv(f, hparams["num_out_ch"] * hparams["scale"] ** 2, 3))
 
 
 def make_activation(activation: str, num_feat: int) -> nn.Module:
@@ -57,18 +78,9 @@ class SRVGGNetCompact(nn.Module):
         activation: str = "prelu",
     ):
         super().__init__()
-        if scale not in SCALES:
-            raise ValueError(f"srvgg_compact: scale must be one of {list(SCALES)}, got {scale}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"srvgg_compact: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        if num_conv < 0:
-            raise ValueError(f"srvgg_compact: num_conv must be >= 0, got {num_conv}")
-        if num_in_ch != num_out_ch:
-            # The nearest-upscaled input is added to the output channel by channel.
-            raise ValueError(f"srvgg_compact: num_in_ch ({num_in_ch}) must equal num_out_ch ({num_out_ch}): "
-                             "the upscaled input is added to the output")
         self.hparams = dict(num_in_ch=num_in_ch, num_out_ch=num_out_ch, scale=scale, num_feat=num_feat,
                             num_conv=num_conv, activation=activation)
+        check_hparams(self.hparams)
         self.scale = scale
         self.size_multiple = 1
 

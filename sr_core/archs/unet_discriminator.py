@@ -21,9 +21,24 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
+from sr_core.archs.limits import MAX_IMAGE_CHANNELS, MAX_WIDTH, check_int, check_size, conv
+
 # Three stride-2 convs down, three x2 upsamplings back: H and W must divide by 8 so
 # the skip connections line up.
 SIZE_MULTIPLE = 8
+
+
+def check_hparams(hparams: dict) -> None:
+    """Ranges, then the size estimate (``sr_core.archs.limits``), before any layer is built."""
+    arch = "unet_sn"
+    check_int(arch, "num_in_ch", hparams["num_in_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_feat", hparams["num_feat"], 1, MAX_WIDTH)
+    if not isinstance(hparams["skip_connection"], bool):
+        raise ValueError(f"{arch}: skip_connection must be true or false, got {hparams['skip_connection']!r}")
+    f = hparams["num_feat"]
+    down = conv(f, 2 * f, 4, False) + conv(2 * f, 4 * f, 4, False) + conv(4 * f, 8 * f, 4, False)
+    up = conv(8 * f, 4 * f, 3, False) + conv(4 * f, 2 * f, 3, False) + conv(2 * f, f, 3, False)
+    check_size(arch, conv(hparams["num_in_ch"], f, 3) + down + up + 2 * conv(f, f, 3, False) + conv(f, 1, 3))
 
 
 class UNetDiscriminatorSN(nn.Module):
@@ -34,6 +49,7 @@ class UNetDiscriminatorSN(nn.Module):
     def __init__(self, num_in_ch: int = 3, num_feat: int = 64, skip_connection: bool = True):
         super().__init__()
         self.hparams = dict(num_in_ch=num_in_ch, num_feat=num_feat, skip_connection=skip_connection)
+        check_hparams(self.hparams)
         self.input_size: int | None = None
         self.size_multiple = SIZE_MULTIPLE
         self.min_input_size = SIZE_MULTIPLE

@@ -19,10 +19,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sr_core.archs.limits import MAX_IMAGE_CHANNELS, MAX_WIDTH, check_int, check_size, conv, linear
+
 # Number of stride-2 stages for each supported fixed input size: the last map is 4x4.
 STAGES_FOR_INPUT_SIZE = {128: 5, 256: 6}
 HEAD_MAP_SIZE = 4
 LINEAR_FEAT = 100
+
+
+def check_hparams(hparams: dict, arch: str = "vgg_style") -> None:
+    """Ranges, then the size estimate (``sr_core.archs.limits``), before any layer is built."""
+    input_size = hparams.get("input_size", 128)
+    if input_size not in STAGES_FOR_INPUT_SIZE or isinstance(input_size, bool):
+        raise ValueError(f"{arch}: input_size must be one of {sorted(STAGES_FOR_INPUT_SIZE)}, got {input_size!r} "
+                         "(use the vgg_style_any discriminator for other crop sizes)")
+    check_int(arch, "num_in_ch", hparams["num_in_ch"], 1, MAX_IMAGE_CHANNELS)
+    check_int(arch, "num_feat", hparams["num_feat"], 1, MAX_WIDTH)
+    f = hparams["num_feat"]
+    total, channels = conv(hparams["num_in_ch"], f, 3) + conv(f, f, 4, bias=False) + 2 * f, f
+    for i in range(1, STAGES_FOR_INPUT_SIZE[input_size]):
+        out = f * min(2**i, 8)
+        total += conv(channels, out, 3, bias=False) + conv(out, out, 4, bias=False) + 4 * out
+        channels = out
+    check_size(arch, total + linear(channels * HEAD_MAP_SIZE * HEAD_MAP_SIZE, LINEAR_FEAT) + linear(LINEAR_FEAT, 1))
 
 
 class VGGStyleDiscriminator(nn.Module):
@@ -32,11 +51,7 @@ class VGGStyleDiscriminator(nn.Module):
 
     def __init__(self, num_in_ch: int = 3, num_feat: int = 64, input_size: int = 128):
         super().__init__()
-        if input_size not in STAGES_FOR_INPUT_SIZE:
-            raise ValueError(
-                f"vgg_style: input_size must be one of {sorted(STAGES_FOR_INPUT_SIZE)}, got {input_size} "
-                "(use the vgg_style_any discriminator for other crop sizes)"
-            )
+        check_hparams(dict(num_in_ch=num_in_ch, num_feat=num_feat, input_size=input_size), self.arch_name)
         self.hparams = dict(num_in_ch=num_in_ch, num_feat=num_feat, input_size=input_size)
         self.input_size: int | None = input_size
         self.size_multiple = 1
