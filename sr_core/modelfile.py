@@ -31,7 +31,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from sr_core import storage
+from sr_core import foreign, storage
 from sr_core.archs import GENERATORS, build_generator
 from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
 
@@ -49,6 +49,10 @@ _ESRGAN_RENAMES = [
 
 class ModelFileError(ValueError):
     """A file that is not a model we can load (names the file and the reason)."""
+
+
+class UnrecognizedLayoutError(ModelFileError):
+    """None of our own layouts: the file goes to spandrel (``sr_core.foreign``)."""
 
 
 # ---------------------------------------------------------------- saving
@@ -190,8 +194,12 @@ def _unwrap_state_dict(url: str, obj) -> dict[str, torch.Tensor]:
 
 def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
     """Load any supported generator file: ours (self-describing), a bare safetensors
-    state dict, or a foreign ESRGAN / Real-ESRGAN .pth. Returns the model in eval mode."""
+    state dict, a foreign ESRGAN / Real-ESRGAN .pth, or any other architecture that
+    spandrel recognizes (``sr_core.foreign``; our own loaders are tried first). Returns
+    the model in eval mode."""
     state, meta = read_model_file(url)
+    if meta.get("format") == FORMAT and meta.get("arch", "").startswith(foreign.ARCH_PREFIX):
+        return _load_foreign_checked(url, state, meta["arch"]).to(device).eval()
     if meta.get("format") == FORMAT:
         try:
             arch, hparams = meta["arch"], json.loads(meta["hparams"])
@@ -203,12 +211,20 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
                 raise
             raise ModelFileError(f"{url}: bad sr-cloud metadata ({exc})") from None
     else:
-        arch, hparams, state = infer_architecture(url, state)
+        try:
+            arch, hparams, state = infer_architecture(url, state)
+        except UnrecognizedLayoutError:
+            return _load_foreign_checked(url, state, None).to(device).eval()
         _check_shapes(url, arch, hparams, state)
     _check_finite(url, state)
     model = build_generator(arch, **hparams)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _load_foreign_checked(url: str, state: dict[str, torch.Tensor], expected_arch: str | None) -> nn.Module:
+    _check_finite(url, state)
+    return foreign.load_foreign(url, state, expected_arch)
 
 
 def _check_finite(url: str, state: dict[str, torch.Tensor]) -> None:
@@ -316,7 +332,7 @@ def infer_architecture(url: str, state: dict[str, torch.Tensor]) -> tuple[str, d
     if "body.0.weight" in state and all(_COMPACT_KEY.match(k) for k in state):
         return "srvgg_compact", _srvgg_hparams_from_shapes(url, state), state
     sample = ", ".join(sorted(state)[:4])
-    raise ModelFileError(f"{url}: unrecognized weight layout (keys begin {sample}, ...); supported: "
+    raise UnrecognizedLayoutError(f"{url}: unrecognized weight layout (keys begin {sample}, ...); supported: "
                          "ESRGAN/Real-ESRGAN RRDBNet in BasicSR, ESRGAN-repository or oldest model.N layout, "
                          "Real-ESRGAN's compact SRVGGNetCompact")
 
