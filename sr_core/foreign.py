@@ -165,7 +165,7 @@ def load_foreign(url: str, state: dict[str, torch.Tensor], expected_arch: str | 
                              f"architectures, is not installed ({exc}); install it with "
                              "`pip install --no-deps spandrel==0.4.2 einops`") from None
     try:
-        descriptor = spandrel.ModelLoader().load_from_state_dict(state)
+        descriptor = spandrel.ModelLoader().load_from_state_dict(spandrel.canonicalize_state_dict(state))
     except spandrel.UnsupportedModelError:
         sample = ", ".join(sorted(state)[:4])
         raise ModelFileError(
@@ -202,3 +202,28 @@ def foreign_metadata(model: ForeignGenerator, /, **provenance) -> dict[str, str]
     if provenance:
         meta["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
     return meta
+
+
+def save_foreign(model: ForeignGenerator, url: str, /, **provenance) -> None:
+    """Write a foreign model as our ``.safetensors``: the architecture's own keys, our
+    metadata (loading it needs spandrel: the architecture's code is spandrel's)."""
+    from safetensors.torch import save as safetensors_save
+
+    from sr_core import storage
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.native_state_dict().items()}
+    storage.write_bytes(url, safetensors_save(state, metadata=foreign_metadata(model, **provenance)))
+
+
+def save_foreign_pth(model: ForeignGenerator, url: str, /, **provenance) -> None:
+    """Write a foreign model as the ``.pth`` its project and chaiNNer read: ``{"params":
+    state}`` in the architecture's own keys, plus our metadata (plain strings)."""
+    import io
+
+    from sr_core import storage
+    from sr_core.modelfile import PTH_METADATA_KEY
+
+    buf = io.BytesIO()
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.native_state_dict().items()}
+    torch.save({"params": state, PTH_METADATA_KEY: foreign_metadata(model, **provenance)}, buf)
+    storage.write_bytes(url, buf.getvalue())

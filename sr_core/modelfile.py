@@ -20,6 +20,7 @@ num_block / num_grow_ch / scale; compact: num_feat / num_conv / scale / activati
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 import json
@@ -455,6 +456,8 @@ def interpolate_generators(model_a: nn.Module, model_b: nn.Module, alpha: float)
         b = state_b[key]
         # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights.
         mixed[key] = (1 - alpha) * a + alpha * b if a.is_floating_point() else a.clone()
-    out = build_generator(model_a.arch_name, **model_a.hparams)
+    # A spandrel-built model is rebuilt as a copy of A (its class is spandrel's).
+    out = (copy.deepcopy(model_a) if isinstance(model_a, foreign.ForeignGenerator)
+           else build_generator(model_a.arch_name, **model_a.hparams))
     out.load_state_dict(mixed)
     return out.eval()
