@@ -311,3 +311,36 @@ def test_pth_and_pt_outputs_hold_torch_bytes(model_file, tmp_path, capsys, suffi
         assert out.read_bytes()[:2] == b"PK"  # torch.save's zip, not safetensors
         obj = torch.load(out, weights_only=True)
         assert "params_ema" in obj
+
+
+# ---- sr batch -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module's batch runs (started once: its start costs seconds)."""
+    import ray
+
+    from batch import localray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, _system_config=localray.SYSTEM_CONFIG, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_sr_batch_equals_a_plain_forward_and_records_the_architecture(local_ray, models, images, tmp_path,
+                                                                     capsys, name):
+    path, model = models[name]
+    dst = tmp_path / "out"
+    code, err = run_sr(capsys, "batch", images, dst, "--model", path, "--run-id", "r", "-q")
+    assert code == 0, err
+    summary = json.loads((dst / "_sr_batch" / "r" / "summary.json").read_text())
+    assert summary["model"]["architecture"] == f"spandrel:{name}"
+    assert summary["done"] == 2 and summary["failed"] == 0
+    for image in ("a", "b"):
+        out = codecs.read_image(str(next(dst.glob(f"{image}*.png"))))
+        np.testing.assert_array_equal(out, plain_forward(model, codecs.read_image(str(images / f"{image}.png"))))
