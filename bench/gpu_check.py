@@ -210,6 +210,8 @@ STEPS = [
                                 "jobs/launch/deepspeed_zero2_8_gpus.yaml (ZeRO-2), 1 process"),
     Step("batch", 100, "sr batch, local Ray, 1 GPU actor, a few hundred small images, vs sr upscale; GPU "
                        "utilisation; does encoding keep up (RRDBNet, and the compact generator if present)"),
+    Step("tensorrt", 40, "where trtexec is installed: ONNX export of RRDBNet x4 (sr convert), a TensorRT fp16 "
+                         "engine with a dynamic shape profile, its throughput at 1x3x256x256"),
     Step("train-nccl", 150, "with 2+ GPUs: sr train --processes 2 (DDP) and the DeepSpeed launch config, 2 "
                             "processes over NCCL, ranks equal", min_gpus=2),
 ]
@@ -1128,6 +1130,43 @@ def step_batch(ctx: Context) -> Iterator[Row]:
 # ---------------------------------------------------------------- running the steps
 
 
+def step_tensorrt(ctx: Context) -> Iterator[Row]:
+    """Self-contained: export the full RRDBNet x4 with `sr convert` (verified there with
+    ONNX Runtime), build a TensorRT engine with the trtexec line docs/MODEL_FILES.md
+    gives, and read trtexec's own throughput figure. Untested: no GPU or TensorRT on
+    the machines this was written on."""
+    trtexec = shutil.which("trtexec")
+    if trtexec is None:
+        yield Row("tensorrt", "trtexec", status=UNAVAILABLE)
+        return
+    from sr_core import build_generator, save_generator
+    from sr_core.onnx_export import trtexec_command
+
+    folder = ctx.workdir / "tensorrt"
+    folder.mkdir(parents=True, exist_ok=True)
+    model, onnx_path, engine = folder / "rrdbnet_x4.safetensors", folder / "rrdbnet_x4.onnx", folder / "x4.plan"
+    save_generator(build_generator("rrdbnet", "tiny" if ctx.rehearsal else "esrgan", scale=4), str(model))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "sr_cli", "convert", str(model), str(onnx_path), "--overwrite"],
+                          capture_output=True, text=True, timeout=max(10.0, ctx.deadline - time.monotonic()))
+    if done.returncode != 0:
+        yield Row("tensorrt", "onnx export", status=f"FAIL: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return
+    yield Row("tensorrt", "onnx export", {"seconds": time.perf_counter() - start})
+    start = time.perf_counter()
+    line = trtexec_command(str(onnx_path), str(engine), max_side=512)
+    built = subprocess.run(line.split(), capture_output=True, text=True,
+                           timeout=max(10.0, ctx.deadline - time.monotonic()))
+    if built.returncode != 0:
+        yield Row("tensorrt", "engine build", status=f"FAIL: {(built.stdout + built.stderr).strip()[-200:]}")
+        return
+    throughput = re.search(r"Throughput: ([\d.]+) qps", built.stdout)
+    figures = {"build seconds": time.perf_counter() - start}
+    if throughput:
+        figures["qps at 1x3x256x256"] = float(throughput[1])
+    yield Row("tensorrt", "engine build (fp16, profile 64..512)", figures)
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Context], Iterator[Row]]] = {
     "environment": step_environment,
     "upscaler-rrdbnet": lambda ctx: step_upscaler(ctx, "rrdbnet"),
@@ -1136,6 +1175,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Context], Iterator[Row]]] = {
     "train-ddp": lambda ctx: step_train(ctx, Launch("sr train (DDP)", "ddp", 1)),
     "train-deepspeed": lambda ctx: step_train(ctx, Launch("DeepSpeed ZeRO-2 launch config", "deepspeed", 1)),
     "batch": step_batch,
+    "tensorrt": step_tensorrt,
     "train-nccl": lambda ctx: [*step_train(ctx, Launch("sr train --processes 2 (DDP, NCCL)", "ddp", 2)),
                                *step_train(ctx, Launch("DeepSpeed ZeRO-2 launch config, 2 processes", "deepspeed", 2))],
 }
