@@ -115,8 +115,8 @@ def _decode_rgb(path: str):
 def run_convert(args: argparse.Namespace) -> int:
     from sr_core import foreign, modelfile
 
-    target = output_format(args.output, CONVERT_FORMATS, args.to)
     _refuse_existing(args.output, args.overwrite)
+    target = output_format(args.output, CONVERT_FORMATS, args.to)
     photographs = _sample_photographs(args.verify_on) if target == "onnx" else None
     model = modelfile.load_generator(args.input)
     provenance = dict(modelfile.read_metadata(args.input).get("provenance") or {})
@@ -143,8 +143,8 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_interpolate(args: argparse.Namespace) -> int:
     from sr_core import foreign, modelfile
 
-    target = output_format(args.output, INTERPOLATE_FORMATS)
     _refuse_existing(args.output, args.overwrite)
+    target = output_format(args.output, INTERPOLATE_FORMATS)
     model_a = modelfile.load_generator(args.model_a)
     model_b = modelfile.load_generator(args.model_b)
     mixed = modelfile.interpolate_generators(model_a, model_b, args.alpha)
