@@ -32,6 +32,7 @@ import sys
 import types
 
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 
 # Our files name a foreign architecture as this prefix + spandrel's architecture id.
@@ -150,6 +151,67 @@ class ForeignGenerator(nn.Module):
                 "tiling": self.tiling, "purpose": self.purpose}
 
 
+# Bounds on what a file may make spandrel build. spandrel reads hyperparameters off the
+# keys and shapes (a sequence's length is its largest key index + 1, a width a tensor's
+# dimension) and builds the model before it loads the tensors into it, so a file with
+# one key "layers.99999999.x" or one tensor of a huge dimension (possibly holding no
+# elements) would have it build 10^8 layers or allocate terabytes.
+# Every layer of a sequence holds at least one tensor, with at most a few parameterless
+# modules (activations) between: indices beyond this multiple of the tensor count are lies.
+SEQUENCE_INDEX_FACTOR = 4
+SEQUENCE_INDEX_SLACK = 16
+# What building may allocate: the file's own tensors several times over (weights, their
+# initialisation, buffers such as attention masks) plus room for small models.
+CONSTRUCTION_FACTOR = 8
+CONSTRUCTION_SLACK_BYTES = 512 * 2**20
+
+
+def _check_sequence_indices(url: str, state: dict[str, torch.Tensor]) -> None:
+    from sr_core.modelfile import ModelFileError
+
+    bound = SEQUENCE_INDEX_FACTOR * len(state) + SEQUENCE_INDEX_SLACK
+    for key in state:
+        for part in key.split("."):
+            if part.isdigit() and int(part) > bound:
+                raise ModelFileError(f"{url}: key {key[:120]!r} claims a sequence index of {int(part)}, but the "
+                                     f"file holds {len(state)} tensors; the keys do not describe a real model")
+
+
+def construction_limit_bytes(state: dict[str, torch.Tensor]) -> int:
+    held = sum(t.numel() * t.element_size() for t in state.values())
+    return CONSTRUCTION_FACTOR * held + CONSTRUCTION_SLACK_BYTES
+
+
+class _AllocationBound(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every tensor made while spandrel builds a model and stops the
+    build (``ModelFileError``) past ``limit``: checked on each factory call's requested
+    size, before the memory is touched."""
+
+    def __init__(self, url: str, limit: int):
+        super().__init__()
+        self.url, self.limit, self.total = url, limit, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in _FACTORIES and args and isinstance(args[0], (list, tuple)):
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            numel = 1
+            for n in args[0]:
+                numel *= max(int(n), 0)
+            self.total += numel * torch.empty((), dtype=dtype).element_size()
+            if self.total > self.limit:
+                from sr_core.modelfile import ModelFileError
+
+                raise ModelFileError(f"{self.url}: the model its tensors describe would need more than "
+                                     f"{self.limit / 2**20:.0f} MiB to build, far more than the file holds; "
+                                     "the file's shapes do not describe a real model")
+        return func(*args, **kwargs)
+
+
+_FACTORIES = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.zeros, torch.ops.aten.ones,
+              torch.ops.aten.full, torch.ops.aten.rand, torch.ops.aten.randn}
+
+
 def load_foreign(url: str, state: dict[str, torch.Tensor], expected_arch: str | None = None) -> ForeignGenerator:
     """Build the model that spandrel recognizes in ``state`` (already read safely).
 
@@ -164,8 +226,13 @@ def load_foreign(url: str, state: dict[str, torch.Tensor], expected_arch: str | 
         raise ModelFileError(f"{url}: not one of our own layouts, and spandrel, which loads other "
                              f"architectures, is not installed ({exc}); install it with "
                              "`pip install --no-deps spandrel==0.4.2 einops`") from None
+    state = spandrel.canonicalize_state_dict(state)
+    _check_sequence_indices(url, state)
     try:
-        descriptor = spandrel.ModelLoader().load_from_state_dict(spandrel.canonicalize_state_dict(state))
+        with _AllocationBound(url, construction_limit_bytes(state)):
+            descriptor = spandrel.ModelLoader().load_from_state_dict(state)
+    except ModelFileError:
+        raise
     except spandrel.UnsupportedModelError:
         sample = ", ".join(sorted(state)[:4])
         raise ModelFileError(

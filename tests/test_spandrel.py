@@ -344,3 +344,57 @@ def test_sr_batch_equals_a_plain_forward_and_records_the_architecture(local_ray,
     for image in ("a", "b"):
         out = codecs.read_image(str(next(dst.glob(f"{image}*.png"))))
         np.testing.assert_array_equal(out, plain_forward(model, codecs.read_image(str(images / f"{image}.png"))))
+
+
+# ---- files whose keys or shapes would make spandrel build something huge -------------
+
+
+def _swinir_state(models):
+    state, _ = read_model_file(models["SwinIR"][0])
+    return dict(state)
+
+
+def test_a_key_claiming_a_huge_sequence_is_refused_before_building(models, images, tmp_path, capsys):
+    """spandrel takes a sequence's length from its largest key index: one key at index
+    10^8 would build 10^8 layers."""
+    from safetensors.torch import save_file
+
+    state = _swinir_state(models)
+    key = "layers.0.residual_group.blocks.0.norm1.weight"
+    state[key.replace("layers.0", "layers.99999999")] = state.pop(key)
+    path = tmp_path / "index-bomb.safetensors"
+    save_file(state, str(path))
+    code, err = run_sr(capsys, "upscale", images, "-o", tmp_path / "o", "-m", path, "--device", "cpu")
+    _one_line(code, err, "index-bomb.safetensors", "sequence index of 99999999")
+
+
+def test_a_huge_dimension_is_refused_while_building(models, tmp_path, capsys):
+    """spandrel takes widths from tensor shapes: a zero-element (200000, 0, 3, 3) tensor
+    makes SwinIR's width 200000 (hundreds of GB of layers) with a file of kilobytes."""
+    import resource
+    import time
+
+    from safetensors.torch import save_file
+
+    state = _swinir_state(models)
+    state["conv_first.weight"] = torch.zeros(200000, 0, 3, 3)
+    path = tmp_path / "width-bomb.safetensors"
+    save_file(state, str(path))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    code, err = run_sr(capsys, "convert", path, tmp_path / "out.safetensors")
+    _one_line(code, err, "width-bomb.safetensors", "MiB to build")
+    assert time.perf_counter() - start < 30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_torchvision_placeholders_do_not_outlive_the_import():
+    """Where torchvision cannot be imported, spandrel's registry imports beside
+    placeholders, which are gone afterwards: no other code takes them for torchvision."""
+    import sys
+
+    spandrel = foreign.import_spandrel()
+    assert "SwinIR" in {a.architecture.id for a in spandrel.MAIN_REGISTRY.architectures()}
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        assert name not in sys.modules or getattr(sys.modules[name], "__file__", None), name
