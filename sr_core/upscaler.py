@@ -301,10 +301,10 @@ class Upscaler:
                              "load one with sr_core.modelfile.load_generator or build_generator")
         hparams = getattr(model, "hparams", {})
         self.num_channels = int(hparams.get("num_in_ch", 3))
-        if self.num_channels not in (1, 3):
-            # Images are gray or colour (+ alpha, run separately): nothing feeds 2 or 4.
+        if self.num_channels not in (1, 3, 4):
+            # Images are gray or colour (+ alpha: run separately, or by an RGBA model).
             raise ValueError(f"the model has {self.num_channels} input channels; the Upscaler runs "
-                             "1- (gray) or 3-channel (RGB) models")
+                             "1- (gray), 3- (RGB) or 4-channel (RGBA) models")
         if int(hparams.get("num_out_ch", self.num_channels)) != self.num_channels:
             raise ValueError("the Upscaler needs a model with as many output channels as input channels")
         self.scale = int(model.scale)
@@ -467,6 +467,8 @@ class Upscaler:
         max_value = float(np.iinfo(image.dtype).max)
         color = slice(0, 1) if channels <= 2 else slice(0, 3)
         groups = [color] if channels in (1, 3) else [color, slice(channels - 1, channels)]
+        if self.num_channels == 4:
+            groups = [slice(0, channels)]  # an RGBA model upscales colour and alpha together
         tile = self.tile_for(height, width)
         for group in groups:
             src, dst = hwc[..., group], out[..., group]
@@ -525,6 +527,8 @@ class Upscaler:
         out = torch.empty((num_images, channels, height * r, width * r), dtype=image.dtype, device=image.device)
         color = slice(0, 1) if channels <= 2 else slice(0, 3)
         groups = [color] if channels in (1, 3) else [color, slice(channels - 1, channels)]
+        if self.num_channels == 4:
+            groups = [slice(0, channels)]  # an RGBA model upscales colour and alpha together
         tile = self.tile_for(height, width)
         for group in groups:
             src, dst = bchw[:, group], out[:, group]
@@ -576,8 +580,11 @@ class Upscaler:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model on one batch already on the device: BCHW float in [0, 1] with 1 or
-        3 channels (mapped onto the model's), returning the clamped fp32 output."""
+        3 channels (1 to 4 for an RGBA model; mapped onto the model's), returning the
+        clamped fp32 output."""
         batch, channels, height, width = x.shape
+        if self.num_channels == 4:
+            return self._forward_rgba(x)
         if channels == self.num_channels:
             model_in = x
         elif channels == 1 and self.num_channels == 3:
@@ -600,3 +607,24 @@ class Upscaler:
             elif channels == 3 and self.num_channels == 1:
                 y = y.reshape(batch, 3, y.shape[-2], y.shape[-1])
         return y
+
+    def _run_model(self, model_in: torch.Tensor) -> torch.Tensor:
+        model_in = model_in.contiguous(memory_format=self.memory_format)
+        with torch.inference_mode(), _eval_mode(self.model):
+            if self.precision in _AUTOCAST_DTYPES:
+                with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
+                    return self.model(model_in).float().clamp_(0, 1)
+            return self.model(model_in).float().clamp_(0, 1)
+
+    def _forward_rgba(self, x: torch.Tensor) -> torch.Tensor:
+        """An RGBA model: gray is replicated to RGB, a missing alpha is opaque; what the
+        image did not have is dropped from the output (RGB back to gray by BT.601 luma)."""
+        channels = x.shape[1]
+        colour = x[:, :3] if channels >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+        alpha = x[:, channels - 1:] if channels in (2, 4) else torch.ones_like(x[:, :1])
+        y = self._run_model(torch.cat([colour, alpha], dim=1))
+        if channels >= 3:
+            return y[:, :channels]
+        luma = torch.tensor(_LUMA, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+        gray = (y[:, :3] * luma).sum(dim=1, keepdim=True)
+        return torch.cat([gray, y[:, 3:]], dim=1) if channels == 2 else gray

@@ -398,3 +398,27 @@ def test_torchvision_placeholders_do_not_outlive_the_import():
     assert "SwinIR" in {a.architecture.id for a in spandrel.MAIN_REGISTRY.architectures()}
     for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
         assert name not in sys.modules or getattr(sys.modules[name], "__file__", None), name
+
+
+def test_an_rgba_model_upscales_colour_and_alpha_together(tmp_path):
+    """A 4-channel model (here OmniSR, RGBA in and out) gets the RGBA image whole; an RGB
+    image gets an opaque alpha, dropped again from the output."""
+    foreign.import_spandrel()  # spandrel's package imports only beside the torchvision placeholders
+    from spandrel.architectures.OmniSR import OmniSR
+
+    torch.manual_seed(3)
+    model = OmniSR(num_in_ch=4, num_out_ch=4, num_feat=16, block_num=1, window_size=8, res_num=1, up_scale=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(0.3)
+        [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1].bias.add_(0.45)
+    path = tmp_path / "rgba.pth"
+    torch.save(model.state_dict(), path)
+    up = Upscaler.from_file(str(path), device="cpu", tile=0)
+    assert up.num_channels == 4
+    rgba = np.concatenate([photo(20, 24), np.linspace(0, 255, 20 * 24).reshape(20, 24, 1).astype(np.uint8)], axis=2)
+    np.testing.assert_array_equal(up(rgba), plain_forward(model, rgba))
+    rgb = photo(20, 24)
+    opaque = np.concatenate([rgb, np.full((20, 24, 1), 255, np.uint8)], axis=2)
+    np.testing.assert_array_equal(up(rgb), plain_forward(model, opaque)[..., :3])
