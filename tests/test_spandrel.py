@@ -422,3 +422,55 @@ def test_an_rgba_model_upscales_colour_and_alpha_together(tmp_path):
     rgb = photo(20, 24)
     opaque = np.concatenate([rgb, np.full((20, 24, 1), 255, np.uint8)], axis=2)
     np.testing.assert_array_equal(up(rgb), plain_forward(model, opaque)[..., :3])
+
+
+def test_an_x1_restoration_model_runs_and_an_inpainting_model_is_refused(images, tmp_path, capsys):
+    """DnCNN (spandrel purpose "Restoration", x1) runs like any model; LaMa (inpainting:
+    it needs a mask, which no command gives) is refused in one line, naming what it is."""
+    foreign.import_spandrel()
+    from spandrel.architectures.DnCNN import DnCNN
+    from spandrel.architectures.LaMa import LaMa
+
+    torch.manual_seed(4)
+    dncnn = DnCNN(in_nc=3, out_nc=3, nc=16, nb=5).eval()
+    path = tmp_path / "dncnn.pth"
+    torch.save({"params": dncnn.state_dict()}, path)
+    code, err = run_sr(capsys, "upscale", images, "-o", tmp_path / "out", "-m", path, "--device", "cpu")
+    assert code == 0, err
+    src = codecs.read_image(str(images / "a.png"))
+    out = codecs.read_image(str(tmp_path / "out" / "a_sr.png"))
+    assert out.shape == src.shape
+    np.testing.assert_array_equal(out, plain_forward(dncnn, src))
+
+    lama = tmp_path / "lama.pth"
+    torch.save(LaMa().state_dict(), lama)
+    code, err = run_sr(capsys, "upscale", images, "-o", tmp_path / "out2", "-m", lama, "--device", "cpu")
+    _one_line(code, err, "lama.pth", "a LaMa model is for inpainting")
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").iterdir())
+
+
+def test_hostile_model_files_through_sr_batch(local_ray, models, images, tmp_path, monkeypatch, capsys):
+    """The same files through `sr batch`: refused in one line by the driver's check,
+    before any worker loads them."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch PWNED",))
+
+    torch.save({"params": {"conv_1.sk.weight": Payload()}}, tmp_path / "evil.pt")
+    torch.jit.save(torch.jit.trace(build("SPAN"), torch.rand(1, 3, 16, 16)), str(tmp_path / "scripted.pt"))
+    data = open(models["SPAN"][0], "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    state = _swinir_state(models)
+    key = "layers.0.residual_group.blocks.0.norm1.weight"
+    state[key.replace("layers.0", "layers.99999999")] = state.pop(key)
+    save_file(state, str(tmp_path / "index-bomb.safetensors"))
+    for name in ("evil.pt", "scripted.pt", "cut.safetensors", "index-bomb.safetensors"):
+        dst = tmp_path / f"out-{name}"
+        code, err = run_sr(capsys, "batch", images, dst, "--model", tmp_path / name, "-q")
+        _one_line(code, err, name)
+        assert not dst.exists() or not list(dst.rglob("*.png"))
+    assert not (tmp_path / "PWNED").exists()
