@@ -289,7 +289,7 @@ def run_batch(config: BatchConfig) -> dict:
     checked = pipeline.load_upscaler(model_bytes, config.model, "cpu", pipeline.StageSettings(settings, scale=1))
     stage_settings = pipeline.StageSettings(settings, scale=checked.scale)
     model_info = {"url": config.model, "sha256": model_sha256, "bytes": len(model_bytes), "scale": checked.scale,
-                  "architecture": type(checked.model).__name__}
+                  "architecture": getattr(checked.model, "arch_name", type(checked.model).__name__)}
     del checked
 
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]

@@ -21,6 +21,7 @@ num_block / num_grow_ch / scale; compact: num_feat / num_conv / scale / activati
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import json
@@ -33,7 +34,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from sr_core import storage
+from sr_core import foreign, storage
 from sr_core.errors import MAX_SHOWN, shown
 from sr_core.archs import GENERATORS, build_generator, check_hparams
 from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
@@ -98,6 +99,10 @@ def _check_json_fields(url: str, meta: dict[str, str]) -> None:
                 raise
             except ValueError:
                 pass  # not JSON at all: load_generator and read_metadata say what they make of it
+
+
+class UnrecognizedLayoutError(ModelFileError):
+    """None of our own layouts: the file goes to spandrel (``sr_core.foreign``)."""
 
 
 # ---------------------------------------------------------------- saving
@@ -244,8 +249,12 @@ def _unwrap_state_dict(url: str, obj) -> dict[str, torch.Tensor]:
 
 def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
     """Load any supported generator file: ours (self-describing), a bare safetensors
-    state dict, or a foreign ESRGAN / Real-ESRGAN .pth. Returns the model in eval mode."""
+    state dict, a foreign ESRGAN / Real-ESRGAN .pth, or any other architecture that
+    spandrel recognizes (``sr_core.foreign``; our own loaders are tried first). Returns
+    the model in eval mode."""
     state, meta = read_model_file(url)
+    if meta.get("format") == FORMAT and meta.get("arch", "").startswith(foreign.ARCH_PREFIX):
+        return _load_foreign_checked(url, state, meta["arch"]).to(device).eval()
     if meta.get("format") == FORMAT:
         try:
             arch, hparams = meta["arch"], json.loads(meta["hparams"])
@@ -257,12 +266,20 @@ def load_generator(url: str, device: str | torch.device = "cpu") -> nn.Module:
                 raise
             raise ModelFileError(f"{url}: bad sr-cloud metadata ({str(exc)[:MAX_SHOWN]})") from None
     else:
-        arch, hparams, state = infer_architecture(url, state)
+        try:
+            arch, hparams, state = infer_architecture(url, state)
+        except UnrecognizedLayoutError:
+            return _load_foreign_checked(url, state, None).to(device).eval()
         _check_shapes(url, arch, hparams, state)
     _check_finite(url, state)
     model = build_generator(arch, **hparams)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _load_foreign_checked(url: str, state: dict[str, torch.Tensor], expected_arch: str | None) -> nn.Module:
+    _check_finite(url, state)
+    return foreign.load_foreign(url, state, expected_arch)
 
 
 def _check_finite(url: str, state: dict[str, torch.Tensor]) -> None:
@@ -405,7 +422,7 @@ def infer_architecture(url: str, state: dict[str, torch.Tensor]) -> tuple[str, d
     if "body.0.weight" in state and all(_COMPACT_KEY.match(k) for k in state):
         return "srvgg_compact", _srvgg_hparams_from_shapes(url, state), state
     sample = ", ".join(sorted(state)[:4])
-    raise ModelFileError(f"{url}: unrecognized weight layout (keys begin {sample}, ...); supported: "
+    raise UnrecognizedLayoutError(f"{url}: unrecognized weight layout (keys begin {sample}, ...); supported: "
                          "ESRGAN/Real-ESRGAN RRDBNet in BasicSR, ESRGAN-repository or oldest model.N layout, "
                          "Real-ESRGAN's compact SRVGGNetCompact")
 
@@ -528,6 +545,8 @@ def interpolate_generators(model_a: nn.Module, model_b: nn.Module, alpha: float)
         b = state_b[key]
         # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights.
         mixed[key] = (1 - alpha) * a + alpha * b if a.is_floating_point() else a.clone()
-    out = build_generator(model_a.arch_name, **model_a.hparams)
+    # A spandrel-built model is rebuilt as a copy of A (its class is spandrel's).
+    out = (copy.deepcopy(model_a) if isinstance(model_a, foreign.ForeignGenerator)
+           else build_generator(model_a.arch_name, **model_a.hparams))
     out.load_state_dict(mixed)
     return out.eval()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,10 @@ GPU_BUDGET_FRACTION = 0.5
 # (e.g. upsampled input + conv output + the previous feature map).
 ACTIVATION_LIVE_FACTOR = 3
 MIN_AUTO_TILE = 32
+# A model whose description discourages tiling (it relies on wide context: SwinIR and
+# the like, as spandrel describes them) plans its tiles with this many times the memory
+# budget: tiles twice as wide, so half as many seams.
+DISCOURAGED_TILING_BUDGET_FACTOR = 4
 
 # BT.601 luma (what OpenCV's RGB2GRAY and Real-ESRGAN use) to turn the RGB output of a
 # colour model run on a replicated gray image back into one channel.
@@ -119,19 +124,22 @@ class AxisWindow:
     """One past the last pixel this window writes, clipped to the real image."""
 
 
-def plan_axis(length: int, tile: int, overlap: int, multiple: int) -> list[AxisWindow]:
+def plan_axis(length: int, tile: int, overlap: int, multiple: int, minimum: int = 0) -> list[AxisWindow]:
     """Windows covering ``length`` pixels. ``tile <= 0`` means one window.
 
-    The image is padded (bottom/right) to a multiple of ``multiple``; ``tile`` and
+    The image is padded (bottom/right) to a multiple of ``multiple``, and to at least
+    ``minimum`` pixels (the smallest input the model takes; windows are never shorter); ``tile`` and
     ``overlap`` are rounded up to multiples of it, so every window starts on the model's
     pixel grid. All windows have one length, at most ``tile + 2 * overlap``; inner
     windows write their centre, the first and last also write out to the border (they
     need no context there), so no work is spent on context that does not exist.
     """
     assert length >= 1 and multiple >= 1
-    padded = -(-length // multiple) * multiple
+    padded = -(-max(length, minimum) // multiple) * multiple
     overlap = -(-max(overlap, 0) // multiple) * multiple
     tile = -(-tile // multiple) * multiple
+    if tile > 0 and tile + 2 * overlap < minimum:
+        tile = -(-(minimum - 2 * overlap) // multiple) * multiple
     if tile <= 0 or padded <= tile + 2 * overlap:
         return [AxisWindow(0, padded, 0, length)]
     count = -(-(padded - 2 * overlap) // tile)
@@ -156,10 +164,11 @@ def choose_tile(bytes_per_pixel: float, budget_bytes: float, tiles_per_batch: in
     return max(tile, -(-MIN_AUTO_TILE // multiple) * multiple)
 
 
-def activation_bytes_per_pixel(model: nn.Module, num_channels: int, multiple: int, device: torch.device) -> float:
+def activation_bytes_per_pixel(model: nn.Module, num_channels: int, multiple: int, device: torch.device,
+                               minimum: int = 0) -> float:
     """Peak activation bytes (fp32) per input pixel, estimated from one small forward:
     the largest layer output per input pixel times ``ACTIVATION_LIVE_FACTOR``."""
-    side = 4 * multiple * max(1, 8 // multiple)
+    side = max(4 * multiple * max(1, 8 // multiple), -(-minimum // multiple) * multiple)
     largest = 0
 
     def record(_module, _inputs, output):
@@ -176,6 +185,43 @@ def activation_bytes_per_pixel(model: nn.Module, num_channels: int, multiple: in
         for handle in handles:
             handle.remove()
     return ACTIVATION_LIVE_FACTOR * 4 * largest / (side * side)
+
+
+# ---------------------------------------------------------------- padding and precision
+
+
+def _reflect_share(pad: int, size: int, mode: str) -> int:
+    """How much of ``pad`` is reflected: reflection reaches at most size - 1 pixels; the
+    rest replicates the edge (spandrel's padding for its models)."""
+    return min(pad, size - 1) if mode == "reflect" else 0
+
+
+def _pad_array(patch: np.ndarray, pad_h: int, pad_w: int, mode: str) -> np.ndarray:
+    ref_h, ref_w = _reflect_share(pad_h, patch.shape[0], mode), _reflect_share(pad_w, patch.shape[1], mode)
+    if ref_h or ref_w:
+        patch = np.pad(patch, ((0, ref_h), (0, ref_w), (0, 0)), mode="reflect")
+    return np.pad(patch, ((0, pad_h - ref_h), (0, pad_w - ref_w), (0, 0)), mode="edge")
+
+
+def _pad_tensor(patch: torch.Tensor, pad_h: int, pad_w: int, mode: str) -> torch.Tensor:
+    ref_h, ref_w = _reflect_share(pad_h, patch.shape[-2], mode), _reflect_share(pad_w, patch.shape[-1], mode)
+    if ref_h or ref_w:
+        patch = F.pad(patch, (0, ref_w, 0, ref_h), mode="reflect")
+    return F.pad(patch, (0, pad_w - ref_w, 0, pad_h - ref_h), mode="replicate")
+
+
+_PRECISION_SUPPORT = {"fp16": "supports_half", "bf16": "supports_bfloat16"}
+
+
+def _precision_the_model_supports(model: nn.Module, precision: str) -> str:
+    """fp32 for a model whose description says it breaks in fp16 / bf16 (spandrel marks
+    e.g. SwinIR as fp16-unsafe: its attention overflows), said once per model kind."""
+    flag = _PRECISION_SUPPORT.get(precision)
+    if flag is None or getattr(model, flag, True):
+        return precision
+    warnings.warn(f"{getattr(model, 'arch_name', type(model).__name__)} does not support {precision}; "
+                  "running it in fp32", stacklevel=3)
+    return "fp32"
 
 
 # ---------------------------------------------------------------- the Upscaler
@@ -255,16 +301,23 @@ class Upscaler:
                              "load one with sr_core.modelfile.load_generator or build_generator")
         hparams = getattr(model, "hparams", {})
         self.num_channels = int(hparams.get("num_in_ch", 3))
-        if self.num_channels not in (1, 3):
-            # Images are gray or colour (+ alpha, run separately): nothing feeds 2 or 4.
+        if self.num_channels not in (1, 3, 4):
+            # Images are gray or colour (+ alpha: run separately, or by an RGBA model).
             raise ValueError(f"the model has {self.num_channels} input channels; the Upscaler runs "
-                             "1- (gray) or 3-channel (RGB) models")
+                             "1- (gray), 3- (RGB) or 4-channel (RGBA) models")
         if int(hparams.get("num_out_ch", self.num_channels)) != self.num_channels:
             raise ValueError("the Upscaler needs a model with as many output channels as input channels")
         self.scale = int(model.scale)
         self.size_multiple = int(getattr(model, "size_multiple", 1))
+        # What a model described by spandrel (sr_core.foreign) may add; our own generators
+        # take any size, pad by replicating edges and tile freely.
+        self.size_minimum = int(getattr(model, "size_minimum", 0))
+        self.size_square = bool(getattr(model, "size_square", False))
+        self.pad_mode = getattr(model, "pad_mode", "replicate")
+        self.tiling = getattr(model, "tiling", "supported")
         self.device = choose_device(device)
         self.precision = _resolve_precision(precision, self.device)
+        self.precision = _precision_the_model_supports(model, self.precision)
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ValueError("fp16 is for GPUs; use fp32 (or bf16) on CPU")
         self.tile = tile
@@ -294,7 +347,7 @@ class Upscaler:
             for p in model.parameters()) else torch.contiguous_format)
         with _eval_mode(self.model):
             self.bytes_per_pixel = activation_bytes_per_pixel(self.model, self.num_channels, self.size_multiple,
-                                                              self.device)
+                                                              self.device, self.size_minimum)
 
     @classmethod
     def from_file(
@@ -344,21 +397,60 @@ class Upscaler:
 
     def tile_for(self, height: int, width: int) -> int:
         """The tile size a call on an image of this size uses (0: untiled)."""
+        if self.tiling == "internal" or self.size_square:
+            return self._check_untiled_fits(height, width)
         if self.tile is not None:
             return self.tile
-        budget = self.memory_budget
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _total = torch.cuda.mem_get_info(self.device)
-                budget = GPU_BUDGET_FRACTION * free
-            elif self.device.type == "mps":
-                budget = DEFAULT_MPS_BUDGET_BYTES
-            else:
-                budget = DEFAULT_CPU_BUDGET_BYTES
+        budget = self._memory_budget()
+        if self.tiling == "discouraged":
+            budget *= DISCOURAGED_TILING_BUDGET_FACTOR
         bytes_per_pixel = self.bytes_per_pixel / (2 if self.precision in _AUTOCAST_DTYPES else 1)
         tile = choose_tile(bytes_per_pixel, budget, self.tiles_per_batch, self.overlap, self.size_multiple)
         # An image that fits in one window is run whole.
         return 0 if max(height, width) <= tile + 2 * self.overlap else tile
+
+    def _memory_budget(self) -> float:
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return GPU_BUDGET_FRACTION * free
+        if self.device.type == "mps":
+            return DEFAULT_MPS_BUDGET_BYTES
+        return DEFAULT_CPU_BUDGET_BYTES
+
+    def _check_untiled_fits(self, height: int, width: int) -> int:
+        """A model that must see the whole image (it tiles internally, or takes square
+        inputs only) runs untiled: refuse an image whose estimated activations exceed
+        the memory limit instead of running out of memory half-way."""
+        padded_h, padded_w = self._padded_size(height, width)
+        needed = self.bytes_per_pixel * padded_h * padded_w / (2 if self.precision in _AUTOCAST_DTYPES else 1)
+        budget = self._untiled_memory_limit()
+        if needed > budget:
+            why = "takes square inputs only" if self.size_square else "must not be tiled (it tiles internally)"
+            raise ValueError(f"a {width}x{height} image needs about {needed / 2**30:.1f} GiB for this model, "
+                             f"which {why}, and {budget / 2**30:.1f} GiB are available; use a smaller image")
+        return 0
+
+    def _untiled_memory_limit(self) -> float:
+        """All the memory there is (the tiled budget is a share of it, to leave room
+        for the output): the free GPU memory, or the host's available memory."""
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        from sr_core.memory import available_memory
+
+        return available_memory() or DEFAULT_CPU_BUDGET_BYTES
+
+    def _padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The model input size of an untiled run: the size requirement applied."""
+        multiple = self.size_multiple
+        padded_h = -(-max(height, self.size_minimum) // multiple) * multiple
+        padded_w = -(-max(width, self.size_minimum) // multiple) * multiple
+        if self.size_square:
+            padded_h = padded_w = max(padded_h, padded_w)
+        return padded_h, padded_w
 
     # ------------------------------------------------------------ arrays
 
@@ -375,6 +467,8 @@ class Upscaler:
         max_value = float(np.iinfo(image.dtype).max)
         color = slice(0, 1) if channels <= 2 else slice(0, 3)
         groups = [color] if channels in (1, 3) else [color, slice(channels - 1, channels)]
+        if self.num_channels == 4:
+            groups = [slice(0, channels)]  # an RGBA model upscales colour and alpha together
         tile = self.tile_for(height, width)
         for group in groups:
             src, dst = hwc[..., group], out[..., group]
@@ -392,9 +486,10 @@ class Upscaler:
             patch = src[wy.start:min(wy.start + wy.length, height), wx.start:min(wx.start + wx.length, width)]
             pad_h, pad_w = wy.length - patch.shape[0], wx.length - patch.shape[1]
             if pad_h or pad_w:
-                # Bottom/right padding to the model's size multiple only: replicate, as
-                # an untiled run pads the same pixels the same way.
-                patch = np.pad(patch, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+                # Bottom/right padding to the model's size requirement only: replicate
+                # (reflect first for spandrel's models, as spandrel pads), as an untiled
+                # run pads the same pixels the same way.
+                patch = _pad_array(patch, pad_h, pad_w, self.pad_mode)
             return patch
 
         def to_model_input(patches: list[np.ndarray]) -> torch.Tensor:
@@ -432,6 +527,8 @@ class Upscaler:
         out = torch.empty((num_images, channels, height * r, width * r), dtype=image.dtype, device=image.device)
         color = slice(0, 1) if channels <= 2 else slice(0, 3)
         groups = [color] if channels in (1, 3) else [color, slice(channels - 1, channels)]
+        if self.num_channels == 4:
+            groups = [slice(0, channels)]  # an RGBA model upscales colour and alpha together
         tile = self.tile_for(height, width)
         for group in groups:
             src, dst = bchw[:, group], out[:, group]
@@ -449,7 +546,7 @@ class Upscaler:
             patch = src[n, :, wy.start:min(wy.start + wy.length, height), wx.start:min(wx.start + wx.length, width)]
             pad_h, pad_w = wy.length - patch.shape[1], wx.length - patch.shape[2]
             if pad_h or pad_w:
-                patch = F.pad(patch.float(), (0, pad_w, 0, pad_h), mode="replicate")
+                patch = _pad_tensor(patch.float(), pad_h, pad_w, self.pad_mode)
             return patch
 
         def to_model_input(patches: list[torch.Tensor]) -> torch.Tensor:
@@ -467,8 +564,10 @@ class Upscaler:
 
     def _run_tiles(self, read, to_model_input, write, num_images: int, height: int, width: int,
                    channels: int, tile: int) -> None:
-        rows = plan_axis(height, tile, self.overlap, self.size_multiple)
-        cols = plan_axis(width, tile, self.overlap, self.size_multiple)
+        # Square-only models run untiled (tile_for), padded to one side for both axes.
+        side = max(self._padded_size(height, width)) if self.size_square else self.size_minimum
+        rows = plan_axis(height, tile, self.overlap, self.size_multiple, side)
+        cols = plan_axis(width, tile, self.overlap, self.size_multiple, side)
         windows = [(n, wy, wx) for n in range(num_images) for wy in rows for wx in cols]
         # A colour image on a one-channel model runs as three gray images.
         per_forward = max(1, self.tiles_per_batch // (channels if self.num_channels == 1 else 1))
@@ -481,8 +580,11 @@ class Upscaler:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model on one batch already on the device: BCHW float in [0, 1] with 1 or
-        3 channels (mapped onto the model's), returning the clamped fp32 output."""
+        3 channels (1 to 4 for an RGBA model; mapped onto the model's), returning the
+        clamped fp32 output."""
         batch, channels, height, width = x.shape
+        if self.num_channels == 4:
+            return self._forward_rgba(x)
         if channels == self.num_channels:
             model_in = x
         elif channels == 1 and self.num_channels == 3:
@@ -505,3 +607,24 @@ class Upscaler:
             elif channels == 3 and self.num_channels == 1:
                 y = y.reshape(batch, 3, y.shape[-2], y.shape[-1])
         return y
+
+    def _run_model(self, model_in: torch.Tensor) -> torch.Tensor:
+        model_in = model_in.contiguous(memory_format=self.memory_format)
+        with torch.inference_mode(), _eval_mode(self.model):
+            if self.precision in _AUTOCAST_DTYPES:
+                with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
+                    return self.model(model_in).float().clamp_(0, 1)
+            return self.model(model_in).float().clamp_(0, 1)
+
+    def _forward_rgba(self, x: torch.Tensor) -> torch.Tensor:
+        """An RGBA model: gray is replicated to RGB, a missing alpha is opaque; what the
+        image did not have is dropped from the output (RGB back to gray by BT.601 luma)."""
+        channels = x.shape[1]
+        colour = x[:, :3] if channels >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+        alpha = x[:, channels - 1:] if channels in (2, 4) else torch.ones_like(x[:, :1])
+        y = self._run_model(torch.cat([colour, alpha], dim=1))
+        if channels >= 3:
+            return y[:, :channels]
+        luma = torch.tensor(_LUMA, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+        gray = (y[:, :3] * luma).sum(dim=1, keepdim=True)
+        return torch.cat([gray, y[:, 3:]], dim=1) if channels == 2 else gray

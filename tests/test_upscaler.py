@@ -309,12 +309,12 @@ def test_models_it_cannot_run_are_refused_up_front_naming_the_file(tmp_path):
     Upscaler is made (one clear message), not a crash or a failure on every image."""
     with pytest.raises(ValueError, match="not a generator"):
         Upscaler(nn.Conv2d(3, 3, 3, padding=1), device="cpu")
-    four = build_generator("rrdbnet", "tiny", scale=2, num_in_ch=4, num_out_ch=4)
-    with pytest.raises(ValueError, match=r"4 input channels.*1- \(gray\) or 3-channel"):
-        Upscaler(four, device="cpu")
-    path = str(tmp_path / "rgba-model.safetensors")
-    save_generator(four, path)
-    with pytest.raises(ValueError, match=r"^.*rgba-model\.safetensors: .*4 input channels"):
+    two = build_generator("rrdbnet", "tiny", scale=2, num_in_ch=2, num_out_ch=2)
+    with pytest.raises(ValueError, match=r"2 input channels.*1- \(gray\), 3- \(RGB\) or 4-channel"):
+        Upscaler(two, device="cpu")
+    path = str(tmp_path / "two-channel-model.safetensors")
+    save_generator(two, path)
+    with pytest.raises(ValueError, match=r"^.*two-channel-model\.safetensors: .*2 input channels"):
         Upscaler.from_file(path, device="cpu")
 
 
