@@ -218,5 +218,9 @@ def plan_dataset(run_url: str, block_rows: int):
 
     # No CPU of its own: the reader mostly waits for shards, and on a small machine a
     # reserved CPU would leave the decode tasks none. (A different resource request
-    # also keeps Ray Data from fusing the decode stage into this one task.)
-    return ray.data.read_datasource(PlanSource(), override_num_blocks=1, num_cpus=0)
+    # also keeps Ray Data from fusing the decode stage into this one task.) Ray Data
+    # merges what a read task yields into blocks of up to 128 MiB, which would make a
+    # whole shard one decode task: the streaming repartition cuts it into small blocks
+    # again, so decoding runs on many tasks at once.
+    ds = ray.data.read_datasource(PlanSource(), override_num_blocks=1, num_cpus=0)
+    return ds.repartition(target_num_rows_per_block=block_rows)

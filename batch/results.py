@@ -371,13 +371,6 @@ def _steady_rate(finished_at: np.ndarray) -> float | None:
     return float((len(finished_at) - 1) / (finished_at.max() - finished_at.min()))
 
 
-def _count(values: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
 def _finite(obj):
     """JSON has no NaN/Inf: they become null (PSNR of identical images is +inf)."""
     if isinstance(obj, float) and not math.isfinite(obj):

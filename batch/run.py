@@ -361,7 +361,7 @@ def _run_pipeline(config: BatchConfig, feed: planfeed.PlanFeed, results: RunResu
         pool = pool_settings(config, local=started_here and not (config.address or os.environ.get("RAY_ADDRESS")))
         ray_info.update(pool=asdict(pool), cluster=ray.cluster_resources())
         model_ref = ray.put(model_bytes)
-        source = planfeed.plan_dataset(results.url, block_rows=max(1, pool.batch_size))
+        source = planfeed.plan_dataset(results.url, block_rows=4 * pool.batch_size)
         ds = pipeline.build_dataset(source, model_ref, model_name, stage_settings, pool)
         results.start = time.perf_counter()  # throughput counts from here: Ray is up
         try:
