@@ -331,14 +331,19 @@ class PoolSettings:
     """False moves encoding to CPU tasks of its own (for the measurement; see above)."""
 
 
-def build_dataset(tasks: list[dict], model_ref, model_name: str, settings: StageSettings, pool: PoolSettings):
-    """The lazy Ray dataset of result rows for ``tasks`` (dicts: input, output, reference)."""
+def build_dataset(tasks, model_ref, model_name: str, settings: StageSettings, pool: PoolSettings):
+    """The lazy Ray dataset of result rows for ``tasks``: a list of dicts (input, output,
+    reference, reference_error), or a Ray dataset of such rows (the plan as a stream,
+    ``batch.planfeed.plan_dataset``, whose blocks are already small)."""
     import ray
 
-    # Small blocks, so reading and decoding start on many tasks at once and decoded
-    # images stream to the actors instead of piling up in a few large blocks.
-    num_blocks = max(1, min(len(tasks) // max(pool.batch_size, 1), 10_000))
-    ds = ray.data.from_items(tasks, override_num_blocks=num_blocks)
+    if isinstance(tasks, list):
+        # Small blocks, so reading and decoding start on many tasks at once and decoded
+        # images stream to the actors instead of piling up in a few large blocks.
+        num_blocks = max(1, min(len(tasks) // max(pool.batch_size, 1), 10_000))
+        ds = ray.data.from_items(tasks, override_num_blocks=num_blocks)
+    else:
+        ds = tasks
     # Ray Data fuses a task stage into the next actor stage when both have the same
     # remote arguments (CPU actors): decoding would then run inside the actors,
     # serially with the model. Stating Ray's default for tasks, max_calls=0 (a worker

@@ -1,27 +1,31 @@
 """The result files of one ``sr batch`` run, under OUTPUT/_sr_batch/<run-id>/:
 
-- ``metrics.parquet``: one row per image processed in this run (``METRIC_COLUMNS``);
-- ``failures.parquet``: one row per input that failed (input, output, stage, error);
+- ``metrics.parquet/``: one row per image processed in this run (``METRIC_COLUMNS``),
+  as a folder of Parquet parts (``part-000000.parquet``, ...) that readers take as one
+  table (pandas, pyarrow.dataset, DuckDB's ``metrics.parquet/*.parquet``);
+- ``failures.parquet/``: one row per input that failed (input, output, stage, error),
+  parts as well;
 - ``summary.json``: counts, wall time, throughput, mean and percentiles of every metric,
   the model file and its SHA-256, the settings; written last, so a run directory
   without it is a run that did not finish;
 - TensorBoard events (throughput while running, metric histograms at the end).
 
-Every file is written whole (``storage.write_bytes``: never a partial object), and
-the tables are rewritten every ``checkpoint_seconds`` while the run goes on, so a
-killed run leaves the rows of what it had finished at its last checkpoint. The rows
-of outputs it wrote after that are made by the next run (``recorded_inputs`` finds
-them missing; their rows say ``recovered``). TensorBoard's writer appends to its
-file, which object stores cannot do (a writer pointed at gs:// loses data): for a
-remote OUTPUT it writes to a local folder whose files are uploaded whole with each
-checkpoint (``sr_core.storage.UploadedFolder``).
+The driver keeps counters and the rows since the last checkpoint, never all rows:
+every ``checkpoint_seconds`` (or ``MAX_PART_ROWS`` rows) the new rows are written as a
+new part, whole (``storage.write_bytes``: never a partial object), and no part is ever
+rewritten. A killed run keeps every part it finished; the rows of outputs it wrote after
+its last part are made by the next run (``recorded_inputs`` finds them missing; their
+rows say ``recovered``). The summary is computed at the end from the parts, one column
+at a time. TensorBoard's writer appends to its file, which object stores cannot do (a
+writer pointed at gs:// loses data): for a remote OUTPUT it writes to a local folder
+whose files are uploaded whole with each checkpoint (``sr_core.storage.UploadedFolder``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import posixpath
 import time
 
 import numpy as np
@@ -102,21 +106,71 @@ def describe(values) -> dict:
     return out
 
 
+MAX_PART_ROWS = 50_000
+"""Rows after which a part is written even before ``checkpoint_seconds``."""
+MAX_KEPT = 20
+"""Failures and unscored images kept in memory for the report (all are in the tables)."""
+
+
+def table_url(run_url: str, name: str) -> str:
+    """The folder of parts of table ``name`` ('metrics' or 'failures') of a run."""
+    return storage.join(run_url, f"{name}.parquet")
+
+
+def read_table(url: str, columns: list[str] | None = None):
+    """A run's table (the folder of parts, or an older run's single file) as one
+    pyarrow Table, only ``columns`` when given."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.get_fs(url)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def _clean_strings(rows: dict[str, list], columns) -> dict[str, list]:
+    """Strings Parquet can hold (UTF-8): an undecodable byte of a file name (Python's
+    surrogate escape) is written as a ``\\x`` escape."""
+    out = dict(rows)
+    for name, kind, _ in columns:
+        if kind == "string":
+            out[name] = [v if _is_utf8(v) else storage.printable(v) for v in rows[name]]
+    return out
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class RunResults:
-    """Collects result rows on the driver and writes the run directory."""
+    """Counts result rows on the driver and writes them as parts of the run directory."""
 
     def __init__(self, output: str, run_id: str, checkpoint_seconds: float = 15.0):
         self.url = storage.join(output, RESULTS_FOLDER, run_id)
         self.rows: dict[str, list] = {name: [] for name, _, _ in METRIC_COLUMNS}
+        """Metric rows since the last part."""
         self.failures: dict[str, list] = {name: [] for name, _, _ in FAILURE_COLUMNS}
+        """Failure rows since the last part."""
         self.checkpoint_seconds = checkpoint_seconds
         self.start = time.perf_counter()
         self.out_pixels = 0
         self.first_result_seconds: float | None = None
         """Seconds from the start to the first result: actor start-up (model load) + one batch."""
         self.first_result_rows = 0
+        self.num_rows = 0
+        """Metric rows of this run (upscaled and recovered)."""
         self.num_recovered = 0
         """Rows of outputs an earlier, killed run wrote (measured, not upscaled, here)."""
+        self.num_failed = 0
+        self.num_reference_errors = 0
+        self.first_failures: list[tuple[str, str, str]] = []
+        """(input, stage, error) of the first ``MAX_KEPT`` failures."""
+        self.first_unscored: list[tuple[str, str, str]] = []
+        """(input, reference, reference_error) of the first ``MAX_KEPT`` rows without a reference score."""
+        self._parts = {"metrics": 0, "failures": 0}
+        self._remove_tables()  # a reused --run-id: its tables are replaced
         self._last_checkpoint = time.perf_counter()
         self._last_scalars = 0.0
         self._tb = storage.UploadedFolder(self.url, prefix="sr-batch-tb-")
@@ -127,24 +181,34 @@ class RunResults:
     @property
     def num_done(self) -> int:
         """Images upscaled in this run (recovered rows are not)."""
-        return len(self.rows["input"]) - self.num_recovered
-
-    @property
-    def num_failed(self) -> int:
-        return len(self.failures["input"])
+        return self.num_rows - self.num_recovered
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
 
+    def _remove_tables(self) -> None:
+        for name in self._parts:
+            fs, path = storage.get_fs(table_url(self.url, name))
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
     def add_failure(self, input_url: str, output: str, stage: str, error: str) -> None:
         for name, value in (("input", input_url), ("output", output), ("stage", stage), ("error", error)):
             self.failures[name].append(value)
+        self.num_failed += 1
+        if len(self.first_failures) < MAX_KEPT:
+            self.first_failures.append((input_url, stage, error))
 
     def _add_row(self, row: dict) -> None:
         for name, kind, _ in METRIC_COLUMNS:
             value = row[name]
             self.rows[name].append(str(value) if kind == "string" else int(value) if kind == "int64" else
                                    bool(value) if kind == "bool" else float(value))
+        self.num_rows += 1
+        if row["reference_error"]:
+            self.num_reference_errors += 1
+            if len(self.first_unscored) < MAX_KEPT:
+                self.first_unscored.append((str(row["input"]), str(row["reference"]), str(row["reference_error"])))
 
     def add_recovered(self, row: dict) -> None:
         """The row of an output an earlier run wrote but did not record (``recovered``
@@ -169,7 +233,7 @@ class RunResults:
         if now - self._last_scalars >= 5.0:
             self._last_scalars = now
             self.log_progress()
-        if now - self._last_checkpoint >= self.checkpoint_seconds:
+        if now - self._last_checkpoint >= self.checkpoint_seconds or len(self.rows["input"]) >= MAX_PART_ROWS:
             self.checkpoint()
 
     def rates(self) -> tuple[float, float]:
@@ -185,21 +249,40 @@ class RunResults:
         self.writer.add_scalar("progress/done", self.num_done, step)
         self.writer.add_scalar("progress/failed", self.num_failed, step)
 
-    def checkpoint(self) -> None:
-        """Write the tables and events so far (each file whole)."""
-        started = time.perf_counter()
-        storage.write_bytes(storage.join(self.url, "metrics.parquet"), _table_bytes(self.rows, METRIC_COLUMNS))
-        storage.write_bytes(storage.join(self.url, "failures.parquet"), _table_bytes(self.failures, FAILURE_COLUMNS))
+    def _write_part(self, name: str, rows: dict[str, list], columns, force: bool = False) -> None:
+        if not rows[columns[0][0]] and not (force and self._parts[name] == 0):
+            return
+        url = storage.join(table_url(self.url, name), f"part-{self._parts[name]:06d}.parquet")
+        try:
+            data = _table_bytes(rows, columns)
+        except (UnicodeEncodeError, ValueError):
+            data = _table_bytes(_clean_strings(rows, columns), columns)
+        storage.write_bytes(url, data)
+        self._parts[name] += 1
+        for values in rows.values():
+            values.clear()
+
+    def checkpoint(self, final: bool = False) -> None:
+        """Write the rows since the last checkpoint as new parts, and the events so far.
+        ``final``: a table without any part gets an empty one (readers find its columns)."""
+        self._write_part("metrics", self.rows, METRIC_COLUMNS, force=final)
+        self._write_part("failures", self.failures, FAILURE_COLUMNS, force=final)
         self.writer.flush()
         self._tb.upload()
-        # Rewriting whole tables costs time proportional to the rows: keep it a small
-        # share of the run however long it gets.
-        self.checkpoint_seconds = max(self.checkpoint_seconds, 20 * (time.perf_counter() - started))
         self._last_checkpoint = time.perf_counter()
 
+    def column(self, table: str, name: str) -> np.ndarray:
+        """One column of this run's table (all parts), read once the parts are written."""
+        values = read_table(table_url(self.url, table), columns=[name]).column(name)
+        return values.to_numpy(zero_copy_only=False)
+
     def finish(self, summary: dict) -> dict:
-        """Final tables, metric histograms, then summary.json (last). Returns the summary."""
+        """Last parts, metric histograms, then summary.json (last), computed from the
+        parts a column at a time. Returns the summary."""
+        self.checkpoint(final=True)
         images_per_s, mpx_per_s = self.rates()
+        finished_at = self.column("metrics", "finished_at")
+        stages, counts = np.unique(self.column("failures", "stage").astype(str), return_counts=True)
         summary.update({
             "done": self.num_done,
             "recovered": self.num_recovered,
@@ -212,59 +295,80 @@ class RunResults:
             "first_result_images": self.first_result_rows,
             # The rate once the actors are up (start-up excluded), from when the outputs
             # were written: what a long run approaches.
-            "steady_images_per_second": _steady_rate([t for t in self.rows["finished_at"] if math.isfinite(t)]),
-            "failures_by_stage": _count(self.failures["stage"]),
-            "metrics": {name: describe(self.rows[name]) for name in SUMMARY_COLUMNS},
-            "files": {"metrics": storage.join(self.url, "metrics.parquet"),
-                      "failures": storage.join(self.url, "failures.parquet"),
+            "steady_images_per_second": _steady_rate(finished_at[np.isfinite(finished_at)]),
+            "failures_by_stage": {str(k): int(v) for k, v in zip(stages, counts)},
+            "metrics": {},
+            "files": {"metrics": table_url(self.url, "metrics"), "failures": table_url(self.url, "failures"),
                       "summary": storage.join(self.url, "summary.json")},
         })
+        del finished_at
         self.log_progress()
         step = self.num_done + self.num_failed
         for name in SUMMARY_COLUMNS:
-            values = np.asarray(self.rows[name], dtype=np.float64)
+            values = self.column("metrics", name).astype(np.float64)
+            summary["metrics"][name] = describe(values)
             values = values[np.isfinite(values)]
             if values.size:
                 self.writer.add_histogram(f"metrics/{name}", values, step)
                 self.writer.add_scalar(f"mean/{name}", float(values.mean()), step)
-        self.checkpoint()
+        self.writer.flush()
+        self._tb.upload()
         self.writer.close()
         self._tb.close()
         storage.write_bytes(summary["files"]["summary"], (json.dumps(_finite(summary), indent=2) + "\n").encode())
         return summary
 
 
-def recorded_inputs(tables: list[str]) -> set[str]:
-    """The inputs that have a row in any of these metrics tables (earlier runs'): one
-    read per table (through ``storage``, with its retries), decoding only the
-    ``input`` column."""
-    import pyarrow.parquet as pq
+def earlier_tables(output: str, except_run: str) -> list[str]:
+    """The metrics tables (folders of parts, or an older run's single file) of the runs
+    below OUTPUT/_sr_batch/ other than ``except_run``."""
+    folder = storage.join(output, RESULTS_FOLDER)
+    fs, path = storage.get_fs(folder)
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    tables = []
+    for entry in sorted(entries):
+        run = posixpath.basename(entry.rstrip("/"))
+        if run.startswith(".") or run == except_run:
+            continue
+        url = table_url(storage.join(folder, run), "metrics")
+        if storage.exists(url):
+            tables.append(url)
+    return tables
+
+
+def recorded_inputs(tables: list[str], into=None) -> set[str]:
+    """The inputs that have a row in any of these metrics tables (earlier runs'),
+    reading only the ``input`` column, a row group at a time. With ``into`` (a
+    ``batch.diskset.DiskSet``) they are added to it (and an empty set is returned)."""
+    import pyarrow.dataset as pads
 
     found: set[str] = set()
     for url in tables:
+        fs, path = storage.get_fs(url)
         try:
-            column = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["input"]).column("input")
+            dataset = pads.dataset(path, filesystem=fs, format="parquet")
+            for batch in dataset.to_batches(columns=["input"]):
+                values = batch.column(0).to_pylist()
+                if into is not None:
+                    into.add_many(values)
+                else:
+                    found.update(values)
         except FileNotFoundError:
             continue  # a run directory removed while we listed
         except Exception as exc:  # an unreadable table would make its images' rows again
             raise ValueError(f"{url}: cannot read this earlier run's metrics table ({type(exc).__name__}: "
                              f"{exc}); move its run folder out of {RESULTS_FOLDER}/ and run again") from None
-        found.update(column.to_pylist())
     return found
 
 
-def _steady_rate(finished_at: list[float]) -> float | None:
+def _steady_rate(finished_at: np.ndarray) -> float | None:
     """Images per second between the first and the last output written."""
-    if len(finished_at) < 2 or max(finished_at) <= min(finished_at):
+    if len(finished_at) < 2 or finished_at.max() <= finished_at.min():
         return None
-    return (len(finished_at) - 1) / (max(finished_at) - min(finished_at))
-
-
-def _count(values: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
+    return float((len(finished_at) - 1) / (finished_at.max() - finished_at.min()))
 
 
 def _finite(obj):

@@ -18,7 +18,7 @@ from sr_core import codecs, errors, storage
 from sr_core.lease import Lease
 from sr_core.outputs import OutputSettings
 
-from batch import inputs, pipeline
+from batch import inputs, pipeline, planfeed
 from batch.results import RunResults
 
 # Failures printed at the end (all of them are in failures.parquet).
@@ -254,12 +254,11 @@ def _read_model(url: str) -> bytes:
         raise ValueError(f"{url}: cannot read the model file ({type(exc).__name__}: {exc})") from None
 
 
-def _plan(config: BatchConfig, extension: str, run_id: str) -> inputs.BatchPlan:
+def _planner(config: BatchConfig, extension: str, run_id: str) -> inputs.Planner:
     try:
-        return inputs.plan_batch(config.input, config.output, config.output_settings.suffix, extension,
-                                 include=config.include,
-                                 exclude=config.exclude, overwrite=config.overwrite, limit=config.limit,
-                                 reference=config.reference, run_id=run_id)
+        return inputs.Planner(config.input, config.output, config.output_settings.suffix, extension,
+                              include=config.include, exclude=config.exclude, overwrite=config.overwrite,
+                              limit=config.limit, reference=config.reference, run_id=run_id)
     except (ValueError, FileNotFoundError):
         raise
     except OSError as exc:  # unreachable or refusing storage: the job cannot run
@@ -306,76 +305,134 @@ def run_batch(config: BatchConfig) -> dict:
 def _run_leased(config: BatchConfig, run_id: str, model_bytes: bytes, model_name: str, model_info: dict,
                 stage_settings: pipeline.StageSettings, wall_start: float) -> dict:
     settings = config.output_settings
-    plan = _plan(config, settings.encode.extension, run_id)
+    planner = _planner(config, settings.encode.extension, run_id)
     results = RunResults(config.output, run_id)
-    for url, reason in plan.failures:
-        results.add_failure(url, "", "plan", reason)
-    planned_failures = len(plan.failures)
-    if plan.orphans:
-        planned_failures += _recover(plan.orphans, stage_settings, results, config.progress)
-
+    feed = planfeed.PlanFeed(planner, results.url)
+    progress = _Progress(feed, results, config.progress)
+    feed.start()
+    try:
+        while not feed.first_shard.wait(0.5):  # listing: nothing to hand to Ray yet
+            progress.update()
+    except KeyboardInterrupt:
+        feed.stop()
+        progress.close()
+        raise
     ray_info: dict = {"started_here": False, "startup_seconds": 0.0}
     interrupted, pipeline_error = False, ""
-    if plan.todo:
-        import ray
-
-        from tqdm import tqdm
-
-        started_here, startup = connect_ray(config.address, config.num_cpus)
-        ray_info.update(started_here=started_here, startup_seconds=startup)
-        try:
-            _quiet_ray_data()
-            pool = pool_settings(config, local=started_here and not (config.address or os.environ.get("RAY_ADDRESS")))
-            ray_info.update(pool=asdict(pool), cluster=ray.cluster_resources())
-            model_ref = ray.put(model_bytes)
-            tasks = [{"input": t.input, "output": t.output, "reference": t.reference,
-                      "reference_error": t.reference_error} for t in plan.todo]
-            ds = pipeline.build_dataset(tasks, model_ref, model_name, stage_settings, pool)
-            results.start = time.perf_counter()  # throughput counts from here: Ray is up
-            bar = tqdm(total=len(tasks), unit="img", desc="sr batch", file=sys.stderr, dynamic_ncols=True,
-                       disable=not config.progress)
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    errors.raise_if_terminated()
-                    results.add_batch(batch)
-                    bar.update(len(batch["status"]))
-                    images_per_s, mpx_per_s = results.rates()
-                    bar.set_postfix_str(f"{images_per_s:.3g} img/s, {mpx_per_s:.3g} Mpx/s out, "
-                                        f"{results.num_failed} failed")
-            except KeyboardInterrupt:
-                interrupted = True
-            except Exception as exc:  # Ray gave up (e.g. actors that keep dying): keep what is done
-                pipeline_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            bar.close()
-        finally:
-            if started_here:
-                shutdown_ray()
-
+    if feed.num_tasks:
+        interrupted, pipeline_error = _run_pipeline(config, feed, results, progress, model_bytes, model_name,
+                                                    stage_settings, ray_info)
+    if interrupted:
+        feed.stop()
+    feed.thread.join()
+    progress.close()
+    planned_failures = _add_plan_failures(feed, results)
+    planned_failures += _recover(feed, stage_settings, results, config.progress and not interrupted)
+    plan_error = ""
+    if feed.error is not None and not isinstance(feed.error, KeyboardInterrupt):
+        plan_error = f"{type(feed.error).__name__}: {str(feed.error).strip().splitlines()[0] if str(feed.error).strip() else ''}"
     summary = results.finish({
         "run_id": run_id,
         "input": config.input,
         "output": config.output,
-        "found": plan.num_found,
-        "listed": plan.num_listed,
-        "skipped": plan.num_skipped,
-        "not_read": [{"input": url, "reason": reason} for url, reason in plan.not_read],
-        "reference_errors": sum(bool(why) for why in results.rows["reference_error"]),
-        "left_for_later": plan.num_left + len(plan.todo) - results.num_done
+        "found": feed.num_found,
+        "listed": feed.num_listed,
+        "skipped": feed.num_skipped,
+        "not_read": [{"input": url, "reason": reason} for url, reason in sorted(feed.not_read)],
+        "not_read_hidden": feed.num_hidden,
+        "not_read_special": feed.num_special,
+        "reference_errors": results.num_reference_errors,
+        "left_for_later": feed.num_left + feed.num_tasks - results.num_done
                           - (results.num_failed - planned_failures),
-        "interrupted": interrupted,
+        "interrupted": interrupted or isinstance(feed.error, KeyboardInterrupt),
         "pipeline_error": pipeline_error,
+        "plan_error": plan_error,
+        "plan": {"shards": feed.num_shards, "first_shard_seconds": feed.first_shard_seconds,
+                 "listing_seconds": feed.listing_seconds},
         "total_seconds": time.perf_counter() - wall_start,
         "model": model_info,
         "settings": {k: v for k, v in config.command.items() if isinstance(v, (str, int, float, bool, list, tuple,
                                                                                type(None)))},
         "ray": ray_info,
     })
+    if not summary["interrupted"]:
+        feed.remove()
     _report(summary, results)
+    if plan_error:
+        raise ValueError(f"listing stopped after {feed.num_listed} input(s) ({plan_error}); what was written is "
+                         f"kept (results in {results.url}): run the same command again to finish")
     if pipeline_error:
         raise ValueError(f"the pipeline stopped after {results.num_done} image(s) ({pipeline_error}); what was "
                          f"written is kept (results in {results.url}; the workers' logs are in {_ray_logs(config)}): "
                          "run the same command again to finish")
     return summary
+
+
+def _run_pipeline(config: BatchConfig, feed: planfeed.PlanFeed, results: RunResults, progress: "_Progress",
+                  model_bytes: bytes, model_name: str, stage_settings: pipeline.StageSettings,
+                  ray_info: dict) -> tuple[bool, str]:
+    """Ray Data over the plan's shards while the listing goes on; returns (interrupted,
+    pipeline error). The plan's failures join the results as they come."""
+    import ray
+
+    interrupted, pipeline_error = False, ""
+    started_here, startup = connect_ray(config.address, config.num_cpus)
+    ray_info.update(started_here=started_here, startup_seconds=startup)
+    try:
+        _quiet_ray_data()
+        pool = pool_settings(config, local=started_here and not (config.address or os.environ.get("RAY_ADDRESS")))
+        ray_info.update(pool=asdict(pool), cluster=ray.cluster_resources())
+        model_ref = ray.put(model_bytes)
+        source = planfeed.plan_dataset(results.url, block_rows=4 * pool.batch_size)
+        ds = pipeline.build_dataset(source, model_ref, model_name, stage_settings, pool)
+        results.start = time.perf_counter()  # throughput counts from here: Ray is up
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                errors.raise_if_terminated()
+                _add_plan_failures(feed, results)
+                results.add_batch(batch)
+                progress.update(len(batch["status"]))
+        except KeyboardInterrupt:
+            interrupted = True
+        except Exception as exc:  # Ray gave up (e.g. actors that keep dying): keep what is done
+            pipeline_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        if started_here:
+            shutdown_ray()
+    return interrupted, pipeline_error
+
+
+def _add_plan_failures(feed: planfeed.PlanFeed, results: RunResults) -> int:
+    failures = feed.take_failures()
+    for url, reason in failures:
+        results.add_failure(url, "", "plan", reason)
+    return len(failures)
+
+
+class _Progress:
+    """One bar: while listing, inputs listed and planned; then images done of those
+    planned so far (the total grows until the listing ends), rate and failures."""
+
+    def __init__(self, feed: planfeed.PlanFeed, results: RunResults, enabled: bool):
+        from tqdm import tqdm
+
+        self.feed, self.results = feed, results
+        self.bar = tqdm(total=0, unit="img", desc="sr batch: listing", file=sys.stderr, dynamic_ncols=True,
+                        disable=not enabled)
+
+    def update(self, done: int = 0) -> None:
+        feed = self.feed
+        self.bar.total = feed.num_tasks
+        if done:
+            self.bar.set_description("sr batch", refresh=False)
+            self.bar.update(done)
+        images_per_s, mpx_per_s = self.results.rates()
+        listing = "" if feed.finished.is_set() else f"listing: {feed.num_listed} listed, {feed.num_tasks} to do; "
+        self.bar.set_postfix_str(f"{listing}{images_per_s:.3g} img/s, {mpx_per_s:.3g} Mpx/s out, "
+                                 f"{self.results.num_failed} failed")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _ray_logs(config: BatchConfig) -> str:
@@ -386,35 +443,38 @@ def _ray_logs(config: BatchConfig) -> str:
     return os.path.join(localray.temp_dir(), "session_latest", "logs")
 
 
-def _recover(orphans: list[inputs.BatchTask], settings: pipeline.StageSettings, results: RunResults,
+def _recover(feed: planfeed.PlanFeed, settings: pipeline.StageSettings, results: RunResults,
              progress: bool) -> int:
     """Rows for outputs that an earlier, killed run wrote after its last checkpoint:
-    measured here on the driver (no model), then checkpointed at once, so a kill of this
-    run does not lose them again. They are the few images of a checkpoint interval per
-    kill, so they need no cluster. Returns how many could not be measured."""
+    measured here on the driver (no model), a shard of the plan's orphans at a time,
+    each checkpointed at once, so a kill of this run does not lose them again. They are
+    the few images of a checkpoint interval per kill, so they need no cluster. Returns
+    how many could not be measured."""
     from tqdm import tqdm
 
     failed = 0
-    for task in tqdm(orphans, unit="img", desc="sr batch: rows of a killed run", file=sys.stderr,
-                     dynamic_ncols=True, disable=not progress):
-        row = pipeline.recover_row({"input": task.input, "output": task.output, "reference": task.reference,
-                                    "reference_error": task.reference_error}, settings)
-        if row["status"] == "ok":
-            results.add_recovered(row)
-        else:
-            results.add_failure(row["input"], row["output"], row["stage"], row["error"])
-            failed += 1
-    results.checkpoint()
+    bar = tqdm(total=feed.num_orphans, unit="img", desc="sr batch: rows of a killed run", file=sys.stderr,
+               dynamic_ncols=True, disable=not progress or not feed.num_orphans)
+    for url in feed.orphan_shards():
+        for task in planfeed.read_shard(url):
+            row = pipeline.recover_row(task, settings)
+            if row["status"] == "ok":
+                results.add_recovered(row)
+            else:
+                results.add_failure(row["input"], row["output"], row["stage"], row["error"])
+                failed += 1
+            bar.update()
+        results.checkpoint()
+    bar.close()
     return failed
 
 
 def _report(summary: dict, results: RunResults) -> None:
     recovered = f" ({summary['recovered']} of them measured for a killed run's missing rows)" \
         if summary["recovered"] else ""
-    hidden = sum(e["reason"] == inputs.HIDDEN_REASON for e in summary["not_read"])
+    hidden, special = summary["not_read_hidden"], summary["not_read_special"]
     not_read = (f", {hidden} hidden file(s) not read" if hidden else "") + \
-        (f", {len(summary['not_read']) - hidden} non-regular file(s) not read"
-         if len(summary["not_read"]) > hidden else "")
+        (f", {special} non-regular file(s) not read" if special else "")
     print(f"sr batch: done {summary['done']}, skipped {summary['skipped']} (output exists){recovered}{not_read}, "
           f"failed {summary['failed']} in {summary['wall_seconds']:.1f} s "
           f"({summary['images_per_second']:.3g} img/s, {summary['output_mpx_per_second']:.3g} Mpx/s out"
@@ -423,13 +483,12 @@ def _report(summary: dict, results: RunResults) -> None:
     if lr.get("count"):
         print(f"  LR consistency PSNR-Y: mean {lr['mean']:.2f} dB, p50 {lr['p50']:.2f}, min {lr['min']:.2f}")
     ref = summary["metrics"]["ref_psnr"]
-    unscored = [(url, ref, why) for url, ref, why in zip(results.rows["input"], results.rows["reference"],
-                                                         results.rows["reference_error"]) if why]
-    summary_unscored = f"; {len(unscored)} image(s) without a reference score (below)" if unscored else ""
+    unscored, num_unscored = results.first_unscored, results.num_reference_errors
+    summary_unscored = f"; {num_unscored} image(s) without a reference score (below)" if num_unscored else ""
     if ref.get("count"):
         print(f"  vs reference PSNR-Y: mean {ref['mean']:.2f} dB over {ref['count']} images, "
               f"SSIM {summary['metrics']['ref_ssim'].get('mean', float('nan')):.4f}{summary_unscored}")
-    elif unscored:
+    elif num_unscored:
         print(f"  vs reference: no image scored{summary_unscored}")
     print(f"  results: {results.url} (summary.json, metrics.parquet, failures.parquet, TensorBoard events)")
     show = storage.printable
@@ -445,19 +504,18 @@ def _report(summary: dict, results: RunResults) -> None:
     for url, ref, why in unscored[:MAX_PRINTED_FAILURES]:
         against = f" (reference {show(ref)})" if ref else ""
         print(f"  NO REFERENCE SCORE {show(url)}{against}: {show(why)}", file=sys.stderr)
-    if len(unscored) > MAX_PRINTED_FAILURES:
-        print(f"  ... and {len(unscored) - MAX_PRINTED_FAILURES} more in metrics.parquet (reference_error)",
+    if num_unscored > MAX_PRINTED_FAILURES:
+        print(f"  ... and {num_unscored - MAX_PRINTED_FAILURES} more in metrics.parquet (reference_error)",
               file=sys.stderr)
     for entry in summary["not_read"][:MAX_PRINTED_FAILURES]:
         print(f"  SKIPPED {show(entry['input'])}: {entry['reason']}", file=sys.stderr)
-    if len(summary["not_read"]) > MAX_PRINTED_FAILURES:
-        print(f"  ... and {len(summary['not_read']) - MAX_PRINTED_FAILURES} more in summary.json (not_read)",
-              file=sys.stderr)
-    failures = results.failures
-    for i in range(min(len(failures["input"]), MAX_PRINTED_FAILURES)):
-        print(f"  FAILED {failures['input'][i]} ({failures['stage'][i]}): {failures['error'][i]}", file=sys.stderr)
-    if len(failures["input"]) > MAX_PRINTED_FAILURES:
-        print(f"  ... and {len(failures['input']) - MAX_PRINTED_FAILURES} more in failures.parquet", file=sys.stderr)
+    if hidden + special > MAX_PRINTED_FAILURES:
+        print(f"  ... and {hidden + special - MAX_PRINTED_FAILURES} more (summary.json's not_read lists the first "
+              f"{planfeed.MAX_NOT_READ})", file=sys.stderr)
+    for url, stage, error in results.first_failures[:MAX_PRINTED_FAILURES]:
+        print(f"  FAILED {show(url)} ({stage}): {show(error)}", file=sys.stderr)
+    if results.num_failed > MAX_PRINTED_FAILURES:
+        print(f"  ... and {results.num_failed - MAX_PRINTED_FAILURES} more in failures.parquet", file=sys.stderr)
     if summary["interrupted"]:
         print("sr batch: interrupted; run the same command again to finish (outputs that exist are skipped)",
               file=sys.stderr)

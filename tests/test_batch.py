@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from batch import localray
+from batch.results import read_table
 from events import HANG_TIMEOUT, upscale_actors_below, wait_for
 from sr_core import codecs, metrics, storage
 from sr_cli.main import main
@@ -136,8 +138,8 @@ def test_gcs_end_to_end_outputs_metrics_failures_summary_and_tensorboard(gcs_emu
     assert listed == sorted(os.path.splitext(rel)[0] + "_sr.png" for rel in good)
 
     run = f"{bucket}/out/_sr_batch/run1"
-    rows = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{run}/metrics.parquet")))
-    failures = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{run}/failures.parquet")))
+    rows = read_table(f"{run}/metrics.parquet").to_pandas()
+    failures = read_table(f"{run}/failures.parquet").to_pandas()
     summary = json.loads(storage.read_bytes(f"{run}/summary.json"))
 
     assert sorted(rows["input"]) == sorted(f"{bucket}/in/{rel}" for rel in good)
@@ -209,14 +211,14 @@ def test_gcs_end_to_end_outputs_metrics_failures_summary_and_tensorboard(gcs_emu
 
     # A run killed after writing its outputs but before recording their rows: the next
     # run measures them from the outputs (no model) and records what run1 recorded.
-    fs.rm(f"{run[5:]}/metrics.parquet")
+    fs.rm(f"{run[5:]}/metrics.parquet", recursive=True)
     code = main(["batch", f"{bucket}/in", f"{bucket}/out", "--model", f"{bucket}/models/x2.safetensors",
                  "--tile", str(TILE), "--max-pixels", str(MAX_PIXELS), "--run-id", "run3", "--exclude", "bad/*",
                  "-q"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"done 0, skipped {len(good)} (output exists) ({len(good)} of them measured" in out.out
-    recovered = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{bucket}/out/_sr_batch/run3/metrics.parquet")))
+    recovered = read_table(f"{bucket}/out/_sr_batch/run3/metrics.parquet").to_pandas()
     summary3 = json.loads(storage.read_bytes(f"{bucket}/out/_sr_batch/run3/summary.json"))
     assert (summary3["done"], summary3["recovered"], summary3["failed"]) == (0, len(good), 0)
     assert recovered["recovered"].all() and not rows["recovered"].any()
@@ -328,7 +330,7 @@ def test_reference_metrics_equal_sr_core_metrics_from_a_manifest(ray_address, mo
 
     # The rows of a killed run (its table lost): measured again from the outputs, with
     # the same reference metrics and reasons.
-    (out_dir / "_sr_batch" / "ref" / "metrics.parquet").unlink()
+    shutil.rmtree(out_dir / "_sr_batch" / "ref" / "metrics.parquet")
     code = main(["batch", str(manifest), str(out_dir), "--model", model_file, "--reference", str(hr_dir),
                  "--run-id", "ref2", "-q"])
     assert code == 0, capsys.readouterr().err

@@ -95,13 +95,13 @@ def test_a_run_holds_the_lease_while_it_plans_and_writes_and_a_dead_holder_is_re
     (out / LEASE_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
                                               "command": "sr batch", "heartbeat": 4e9, "stale_seconds": 120}))
     seen = []
-    plan_batch = inputs.plan_batch
+    steps = inputs.Planner.steps
 
-    def planning(*args, **kwargs):  # what the lease says while this run plans
+    def planning(self):  # what the lease says while this run plans
         seen.append(Lease.holder(str(out)))
-        return plan_batch(*args, **kwargs)
+        yield from steps(self)
 
-    monkeypatch.setattr(inputs, "plan_batch", planning)
+    monkeypatch.setattr(inputs.Planner, "steps", planning)
     assert sr_main(["batch", str(src), str(out), "--model", model_file, "-q", "--run-id", "r"]) == 0
     assert seen[0]["pid"] == os.getpid() and seen[0]["command"] == "sr batch"
     assert not (out / LEASE_NAME).exists()  # given back at the end
