@@ -120,10 +120,24 @@ def table_url(run_url: str, name: str) -> str:
 def read_table(url: str, columns: list[str] | None = None):
     """A run's table (the folder of parts, or an older run's single file) as one
     pyarrow Table, only ``columns`` when given."""
+    return table_dataset(url).to_table(columns=columns)
+
+
+def table_dataset(url: str):
+    """A run's table as a pyarrow dataset over its non-empty files. Object stores can
+    hold zero-byte "folder" markers inside the folder of parts (gcsfs writes them), which
+    pyarrow would otherwise take for a damaged Parquet file."""
     import pyarrow.dataset as pads
 
     fs, path = storage.get_fs(url)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    if fs.isfile(path):
+        return pads.dataset(path, filesystem=fs, format="parquet")
+    parts = sorted(info["name"] for info in fs.ls(path, detail=True)
+                   if info.get("type") == "file" and info.get("size", 0) > 0
+                   and info["name"].endswith(".parquet"))
+    if not parts:
+        raise FileNotFoundError(url)
+    return pads.dataset(parts, filesystem=fs, format="parquet")
 
 
 def _clean_strings(rows: dict[str, list], columns) -> dict[str, list]:
@@ -343,13 +357,10 @@ def recorded_inputs(tables: list[str], into=None) -> set[str]:
     """The inputs that have a row in any of these metrics tables (earlier runs'),
     reading only the ``input`` column, a row group at a time. With ``into`` (a
     ``batch.diskset.DiskSet``) they are added to it (and an empty set is returned)."""
-    import pyarrow.dataset as pads
-
     found: set[str] = set()
     for url in tables:
-        fs, path = storage.get_fs(url)
         try:
-            dataset = pads.dataset(path, filesystem=fs, format="parquet")
+            dataset = table_dataset(url)
             for batch in dataset.to_batches(columns=["input"]):
                 values = batch.column(0).to_pylist()
                 if into is not None:

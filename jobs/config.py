@@ -168,10 +168,10 @@ class OptimConfig:
     alone (so raising ``train.max_steps`` and resuming continues the same curve)."""
 
     lr_g: float = 2e-4
-    """Generator learning rate, above 0 and at most 1."""
+    """Generator learning rate, above 0 and at most 1e30 (float32 holds its steps)."""
 
     lr_d: float = 1e-4
-    """Discriminator learning rate (GAN stage), above 0 and at most 1."""
+    """Discriminator learning rate (GAN stage), above 0 and at most 1e30."""
 
     betas_g: tuple[float, float] = (0.9, 0.99)
     """Adam betas of the generator, each in [0, 1) (BasicSR: 0.9, 0.99)."""
@@ -930,13 +930,19 @@ def validate_loss(config) -> None:
 SCHEDULES = ("constant", "multistep", "cosine_restart")
 
 
+MAX_LR = 1e30
+"""Largest learning rate accepted: float32 arithmetic holds its steps."""
+
+
 def validate_optim(config) -> None:
     o = config.optim
-    # Adam turns these into float32 step sizes: far above 1 they overflow inside torch
-    # ("value cannot be converted to type float"), and no run learns at such a rate.
+    # Adam turns these into float32 step sizes: past MAX_LR they overflow inside torch
+    # ("value cannot be converted to type float"). A large rate below that makes the
+    # loss diverge, which the train loop's non-finite-loss stop reports, keeping the
+    # last good checkpoint.
     for name in ("lr_g", "lr_d"):
-        if not 0 < getattr(o, name) <= 1:
-            raise ValueError(f"optim.{name} must be above 0 and at most 1, got {getattr(o, name)}")
+        if not 0 < getattr(o, name) <= MAX_LR:
+            raise ValueError(f"optim.{name} must be above 0 and at most {MAX_LR:g}, got {getattr(o, name)}")
     for name in ("weight_decay_g", "weight_decay_d"):
         _check_range(f"optim.{name}", getattr(o, name), 0, 1)
     for name in ("betas_g", "betas_d"):

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from batch import localray
+from batch.results import read_table
 from events import HANG_TIMEOUT, upscale_actors_below, wait_for
 from faultproxy import FaultProxy, FaultRates
 from sr_core import codecs, metrics
@@ -85,7 +86,7 @@ def test_batch_through_faults_writes_every_output_right(gcs_emulator, proxied_ra
     injected = proxy.faults - before
     assert injected >= 3, proxy.counts
     check_outputs(gcs_emulator, bucket, names, model_file)
-    rows = pd.read_parquet(gcs_emulator.fs().open(f"{bucket[5:]}/out/_sr_batch/faulty/metrics.parquet"))
+    rows = read_table(f"{bucket}/out/_sr_batch/faulty/metrics.parquet").to_pandas()
     assert sorted(rows["input"]) == sorted(f"{bucket}/in/{n}" for n in names)
     print(f"batch faults injected: {injected} of {dict(proxy.counts)}")
 
@@ -134,8 +135,9 @@ def test_batch_killed_then_rerun_has_every_output_once(gcs_emulator, proxied_ray
     # metrics rows over every run's table: exactly one for each input. The rows of
     # outputs a killed run wrote after its last checkpoint are measured by a later run
     # ("recovered"), equal to what the run that wrote the output would have recorded.
-    tables = [p for p in fs.find(f"{bucket[5:]}/out/_sr_batch") if p.endswith("/metrics.parquet")]
-    rows = pd.concat([pd.read_parquet(fs.open(p)) for p in tables])
+    runs = [p for p in fs.ls(f"{bucket[5:]}/out/_sr_batch") if fs.isdir(p)]
+    tables = [f"gs://{p}/metrics.parquet" for p in runs if fs.exists(f"{p}/metrics.parquet")]
+    rows = pd.concat([read_table(t).to_pandas() for t in tables])
     print(f"batch kills survived: {kills}; metrics rows {len(rows)} of {len(names)} inputs in {len(tables)} "
           f"tables, {int(rows['recovered'].sum())} recovered")
     assert sorted(rows["input"]) == sorted(f"{bucket}/in/{n}" for n in names)

@@ -80,7 +80,7 @@ def test_a_run_without_validation_logs_no_best_psnr(data, tmp_path):
 # Finite but useless values, one per field that has a range (issue 27 #5 and the same
 # class of defect in every other field): each is one line naming the field, exit 2.
 USELESS_VALUES = [
-    "optim.lr_g=1e300", "optim.lr_d=2", "optim.gamma=1e300", "optim.weight_decay_g=1e300",
+    "optim.lr_g=1e300", "optim.lr_d=1e31", "optim.gamma=1e300", "optim.weight_decay_g=1e300",
     "optim.weight_decay_d=1.5", "optim.warmup_steps=10000000000", "optim.milestones=[10, 10000000000]",
     "data.prefetch_factor=0", "data.prefetch_factor=1000", "data.val_center_crop=-2", "data.val_center_crop=3",
     "data.scale=1000000", "data.gt_size=1000000", "data.batch_size=100000", "data.num_workers=100000",
