@@ -18,7 +18,8 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=None, help="context pixels around each tile (default: 16)")
     p.add_argument("--tiles-per-batch", type=int, default=None, help="tiles per forward pass (default: 4 on GPUs, 1 on CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: fp16 on V100-class GPUs, bf16 on A100 and newer, fp32 on CPU")
+                   help="auto: fp16 on V100-class GPUs, bf16 on A100 and newer; on CPUs with AMX or "
+                        "AVX512-BF16 bf16 for the compact generator; fp32 otherwise")
     p.add_argument("--alpha", default="model", choices=["model", "bicubic"],
                    help="how the alpha channel is upscaled (default: model)")
     p.add_argument("-f", "--format", default="png", choices=["png", "jpg", "jpeg", "webp"],
