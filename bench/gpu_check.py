@@ -210,6 +210,10 @@ STEPS = [
                                 "jobs/launch/deepspeed_zero2_8_gpus.yaml (ZeRO-2), 1 process"),
     Step("batch", 100, "sr batch, local Ray, 1 GPU actor, a few hundred small images, vs sr upscale; GPU "
                        "utilisation; does encoding keep up (RRDBNet, and the compact generator if present)"),
+    Step("jpeg-gpu", 10, "JPEG encoding on the GPU (nvJPEG via torchvision.io, or nvImageCodec) vs the CPU "
+                         "encoder: ms per output Mpx, quality vs the original; the CPU fallback"),
+    Step("compile", 30, f"torch.compile of the Upscaler's model ({COMPACT}, default precision): compile "
+                        "time, Mpx/s vs eager, windows to pay back, output vs eager"),
     Step("train-nccl", 150, "with 2+ GPUs: sr train --processes 2 (DDP) and the DeepSpeed launch config, 2 "
                             "processes over NCCL, ranks equal", min_gpus=2),
 ]
@@ -1125,6 +1129,89 @@ def step_batch(ctx: Context) -> Iterator[Row]:
         yield Row(step, f"{arch} · encoding in the actor", figures)
 
 
+# ---------------------------------------------------------------- step: jpeg-gpu
+
+
+def step_jpeg_gpu(ctx: Context) -> Iterator[Row]:
+    """The batch actors' GPU JPEG path (``sr_core.codecs.encode_image(..., device="cuda")``)
+    against the CPU encoder on x4 bicubic upscales of the photographs."""
+    import numpy as np
+
+    from sr_core import codecs
+    from sr_core.metrics import psnr
+    from sr_core.resize import imresize
+
+    step = "jpeg-gpu"
+    outputs = [np.ascontiguousarray(imresize(im, scale=4)) for im in photos(ctx)]
+    mpx = sum(o.shape[0] * o.shape[1] for o in outputs) / 1e6
+    options = codecs.EncodeOptions("jpeg", jpeg_quality=95)
+    cpu = [codecs.encode_image(o, options) for o in outputs]
+    cpu_s = best_seconds(lambda: [codecs.encode_image(o, options) for o in outputs], ctx.sizes.repeats, "cpu")
+    encoder = None if ctx.rehearsal else codecs.gpu_jpeg_encoder()
+    if encoder is None:
+        # What runs on a GPU worker without a GPU encoder (and here): the CPU's bytes.
+        same = all(codecs.encode_image(o, options, device="cuda") == c for o, c in zip(outputs, cpu))
+        yield Row(step, "CPU fallback (no GPU JPEG encoder)", {"CPU ms/output Mpx": cpu_s * 1e3 / mpx,
+                                                                "same bytes as CPU": same},
+                  SUCCESS if same else failed("the fallback wrote other bytes than the CPU encoder"))
+        if not ctx.rehearsal:
+            yield Row(step, "GPU JPEG encode", {}, UNAVAILABLE + " (neither torchvision.io nor nvidia.nvimgcodec)")
+        return
+    gpu = [codecs.encode_image(o, options, device="cuda") for o in outputs]  # warm-up and the files
+    gpu_s = best_seconds(lambda: [codecs.encode_image(o, options, device="cuda") for o in outputs],
+                         ctx.sizes.repeats, "cuda")
+    gpu_db = min(psnr(codecs.decode_image(g), o) for g, o in zip(gpu, outputs))
+    cpu_db = min(psnr(codecs.decode_image(c), o) for c, o in zip(cpu, outputs))
+    figures = {"encoder": encoder, "GPU ms/output Mpx": gpu_s * 1e3 / mpx, "CPU ms/output Mpx": cpu_s * 1e3 / mpx,
+               "dB vs original GPU / CPU": f"{gpu_db:.1f} / {cpu_db:.1f}",
+               "bytes GPU / CPU": sum(map(len, gpu)) / sum(map(len, cpu))}
+    # The two encoders quantize differently; more than 1 dB worse than libjpeg at the same
+    # quality is a wrong setting, not a different encoder.
+    status = SUCCESS if gpu_db >= cpu_db - 1.0 else failed(f"GPU JPEG {gpu_db:.1f} dB vs CPU {cpu_db:.1f} dB")
+    yield Row(step, f"q95, {len(outputs)} photos x4 (bicubic), {mpx:.1f} Mpx", figures, status)
+
+
+# ---------------------------------------------------------------- step: compile
+
+
+def step_compile(ctx: Context) -> Iterator[Row]:
+    """torch.compile (inductor) of the Upscaler's model against eager on the same windows."""
+    import copy as copy_module
+
+    import torch
+
+    from sr_core.metrics import psnr
+    from sr_core.upscaler import Upscaler
+
+    step = "compile"
+    arch = COMPACT if available(COMPACT) else "rrdbnet"
+    images = photos(ctx)
+    out_px = sum(im.shape[0] * im.shape[1] for im in images) * 16
+    eager = Upscaler(build_model(ctx, arch), device=ctx.device, tile=ctx.sizes.tile, overlap=OVERLAP,
+                     owns_model=True)
+    reference = [eager(im) for im in images]  # warm-up
+    eager_s = best_seconds(lambda: [eager(im) for im in images], ctx.sizes.repeats, ctx.device)
+    # The same Upscaler (it holds only settings and the model) with the model compiled.
+    compiled = copy_module.copy(eager)
+    compiled.model = torch.compile(eager.model)
+    start = time.perf_counter()
+    outputs = [compiled(im) for im in images]
+    synchronize(ctx.device)
+    first_s = time.perf_counter() - start
+    compiled_s = best_seconds(lambda: [compiled(im) for im in images], ctx.sizes.repeats, ctx.device)
+    db = psnr_against(outputs, reference)
+    saved = eager_s - compiled_s
+    figures = {"model": model_label(ctx, arch), "precision": eager.precision,
+               "first pass s (compile)": first_s, "eager out Mpx/s": out_px / eager_s / 1e6,
+               "compiled out Mpx/s": out_px / compiled_s / 1e6, "speed-up": eager_s / compiled_s,
+               "passes to pay back": (first_s - compiled_s) / saved if saved > 0 else "never",
+               "dB vs eager": db}
+    status = SUCCESS
+    if isinstance(db, float) and db < PSNR_FLOOR_DB:
+        status = failed(f"compiled output {db:.1f} dB from eager (< {PSNR_FLOOR_DB:g} dB)")
+    yield Row(step, f"tile {ctx.sizes.tile}, {len(images)} photos, one pass = all of them", figures, status)
+
+
 # ---------------------------------------------------------------- running the steps
 
 
@@ -1136,6 +1223,8 @@ STEP_FUNCTIONS: dict[str, Callable[[Context], Iterator[Row]]] = {
     "train-ddp": lambda ctx: step_train(ctx, Launch("sr train (DDP)", "ddp", 1)),
     "train-deepspeed": lambda ctx: step_train(ctx, Launch("DeepSpeed ZeRO-2 launch config", "deepspeed", 1)),
     "batch": step_batch,
+    "jpeg-gpu": step_jpeg_gpu,
+    "compile": step_compile,
     "train-nccl": lambda ctx: [*step_train(ctx, Launch("sr train --processes 2 (DDP, NCCL)", "ddp", 2)),
                                *step_train(ctx, Launch("DeepSpeed ZeRO-2 launch config, 2 processes", "deepspeed", 2))],
 }

@@ -540,11 +540,59 @@ def _normalize_shape(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def encode_image(image: np.ndarray, options: EncodeOptions = EncodeOptions()) -> bytes:
+def gpu_jpeg_encoder() -> str | None:
+    """The GPU JPEG encoder importable here with a CUDA device visible: ``torchvision``
+    (nvJPEG through ``torchvision.io.encode_jpeg`` on CUDA tensors, torchvision >= 0.19) or
+    ``nvimgcodec`` (NVIDIA nvImageCodec); None without either (then JPEG is encoded on the
+    CPU). Untested here: the test machines have no GPU, and torchvision does not import
+    beside their CPU torch build; ``./dev gpu-check`` runs it on a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import torchvision.io  # noqa: F401
+
+        if hasattr(torchvision.io, "encode_jpeg"):
+            return "torchvision"
+    except Exception:  # torchvision built for another torch fails at import with various errors
+        pass
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+
+        return "nvimgcodec"
+    except ImportError:
+        return None
+
+
+def _encode_jpeg_on_gpu(image: np.ndarray, quality: int, encoder: str) -> bytes:
+    """8-bit gray (H, W) or RGB (H, W, 3) as JPEG, encoded on the current CUDA device."""
+    import torch
+
+    hwc = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[..., None])).cuda()
+    if encoder == "torchvision":
+        import torchvision.io
+
+        data = torchvision.io.encode_jpeg(hwc.permute(2, 0, 1).contiguous(), quality=quality)
+        return data.cpu().numpy().tobytes()
+    from nvidia import nvimgcodec
+
+    nv_image = nvimgcodec.as_image(hwc)
+    return bytes(nvimgcodec.Encoder().encode(nv_image, "jpeg", params=nvimgcodec.EncodeParams(quality=quality)))
+
+
+def encode_image(image: np.ndarray, options: EncodeOptions = EncodeOptions(), device: str = "cpu") -> bytes:
     """Encode an array (module-docstring convention) to PNG, JPEG or WebP bytes.
 
-    uint16 colour is written as 16-bit PNG; JPEG and WebP round it to 8 bits."""
+    uint16 colour is written as 16-bit PNG; JPEG and WebP round it to 8 bits. ``device``
+    ``cuda``: 8-bit gray and RGB JPEG is encoded on the GPU where ``gpu_jpeg_encoder()``
+    finds an encoder (the CPU's cores are what a GPU worker runs short of); everything
+    else, and every case without one, on the CPU."""
     image = _normalize_shape(image)
+    if options.format == "jpeg" and device.startswith("cuda") and (image.ndim == 2 or image.shape[2] == 3):
+        encoder = gpu_jpeg_encoder()
+        if encoder is not None:
+            return _encode_jpeg_on_gpu(_to_8bit(image), min(options.jpeg_quality, 100), encoder)
     buf = io.BytesIO()
     if options.format == "png":
         if image.dtype == np.uint16 and image.ndim == 3 and image.shape[2] == 2:

@@ -576,3 +576,15 @@ def test_the_default_png_writer_is_fpng_for_8_bit_colour_and_libpng_otherwise():
     big = encode_image(kinds["RGB"], EncodeOptions("png", png_compress_level=0))
     small = encode_image(kinds["RGB"], EncodeOptions("png", png_compress_level=9))
     assert len(small) < len(big)
+
+
+def test_jpeg_for_a_gpu_worker_falls_back_to_the_cpu_encoder_without_one():
+    import torch
+
+    # No CUDA here (and torchvision does not import beside this torch): the GPU path is
+    # written for GPU workers and checked by ./dev gpu-check; here the CPU path must run.
+    assert not torch.cuda.is_available() and codecs.gpu_jpeg_encoder() is None
+    kinds = _every_png_kind()
+    for kind in ("RGB", "L", "RGBA", "RGB16"):
+        options = EncodeOptions("jpeg", jpeg_quality=90)
+        assert encode_image(kinds[kind], options, device="cuda") == encode_image(kinds[kind], options), kind
