@@ -61,7 +61,9 @@ def candidates() -> list[tuple[str, bool, object]]:
     rows = [
         ("Pillow PNG level 1", True, _pillow("PNG", compress_level=1)),
         ("Pillow PNG level 6", True, _pillow("PNG", compress_level=6)),
-        ("sr_core encode_image png (level 1)", True,
+        ("sr_core encode_image png (default: fpng / libpng RLE)", True,
+         lambda a: codecs.encode_image(a, codecs.EncodeOptions(format="png"))),
+        ("sr_core encode_image png (level 1: libpng)", True,
          lambda a: codecs.encode_image(a, codecs.EncodeOptions(format="png", png_compress_level=1))),
     ]
     try:
