@@ -103,3 +103,13 @@ def test_bf16_output_agrees_with_fp32_on_photographs(arch, variant):
         # really draw the photograph for the agreement to mean something.
         assert reference.std() > 5, f"{arch}/{variant}: output std {reference.std():.1f}, too flat to compare"
         assert _psnr_u8(reference, candidate) >= prec.BF16_MIN_PSNR_DB, (arch, variant)
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", None])
+def test_training_auto_follows_the_cpu_and_the_generator(monkeypatch, flag):
+    from jobs import engines
+
+    monkeypatch.setattr(engines, "cpu_bf16_flag", lambda: flag)
+    assert engines.resolve_precision("auto", False, "srvgg_compact") == ("bf16" if flag else "fp32")
+    assert engines.resolve_precision("auto", False, "rrdbnet") == "fp32"
+    assert engines.resolve_precision("fp32", False, "srvgg_compact") == "fp32"
