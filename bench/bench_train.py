@@ -89,6 +89,8 @@ def bare_step_times(config, window: int) -> list[float]:
 
 def compare_precision(shards: str, work: str, args) -> None:
     """The demo preset's step time with fp32 forced and with the default precision."""
+    from accelerate.state import AcceleratorState
+
     from jobs.engines import resolve_precision
 
     chosen = resolve_precision("auto", torch.cuda.is_available(), "srvgg_compact")
@@ -101,6 +103,8 @@ def compare_precision(shards: str, work: str, args) -> None:
                      f"train.checkpoint_every={args.steps}", "train.progress=false",
                      f"train.precision={precision}"]
             config = load_config(None, extra, preset="demo_x2")
+            # Accelerate keeps one mixed-precision setting per process: forget it between runs.
+            AcceleratorState._reset_state(reset_partial_state=True)
             step_times, _ = job_step_times(config)
             times[precision] += step_times
             print(f"round {r + 1} {precision}: {1000 * statistics.median(step_times):.1f} ms/step", file=sys.stderr)
