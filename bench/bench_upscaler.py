@@ -435,10 +435,13 @@ def compare_compile(quick: bool) -> None:
     Upscaler's CPU windows (one 160 px window = a 128 px tile with 16 px overlap): the
     compile time, the steady time per window, and how many windows pay for the compile."""
     import torch
+    import torch._inductor.config
 
     sys.path.insert(0, str(REPO))
     from sr_core import build_generator
 
+    # A cold compile, as a fresh worker pays it: no graphs cached by an earlier run.
+    torch._inductor.config.fx_graph_cache = False
     torch.manual_seed(0)
     side = 64 if quick else TILE + 2 * OVERLAP
     model = build_generator("srvgg_compact", "realesr_general", scale=4)
