@@ -169,8 +169,10 @@ def _quality(image: np.ndarray, result: np.ndarray, reference_url: str, settings
         row["reference_error"] = _fail({}, "reference", exc, reference_url)["error"]
 
 
-def finish_image(row: dict, image: np.ndarray, result: np.ndarray, settings: StageSettings) -> dict:
-    """Quality metrics, encode and write one upscaled image; returns its result row."""
+def finish_image(row: dict, image: np.ndarray, result: np.ndarray, settings: StageSettings,
+                 device: str = "cpu") -> dict:
+    """Quality metrics, encode and write one upscaled image; returns its result row.
+    ``device``: the actor's (``cuda``: JPEG is encoded on the GPU where it can be)."""
     row.update(out_height=result.shape[0], out_width=result.shape[1])
     started = time.perf_counter()
     try:
@@ -180,7 +182,7 @@ def finish_image(row: dict, image: np.ndarray, result: np.ndarray, settings: Sta
     encode_start = time.perf_counter()
     row["metrics_s"] = encode_start - started
     try:
-        data = codecs.encode_image(result, settings.output.encode)
+        data = codecs.encode_image(result, settings.output.encode, device=device)
     except Exception as exc:
         return _fail(row, "encode", exc, row["input"])
     write_start = time.perf_counter()
@@ -282,7 +284,8 @@ class UpscaleActor:
                 continue
             row["model_s"] = time.perf_counter() - started
             if self.encode_here:
-                finished += self.writer.submit(i, finish_image, row, image, result, self.settings)
+                finished += self.writer.submit(i, finish_image, row, image, result, self.settings,
+                                               self.upscaler.device.type)
             else:
                 results[i] = (row, image, result)
         for i, future in finished + self.writer.drain():

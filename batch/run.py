@@ -288,7 +288,10 @@ def run_batch(config: BatchConfig) -> dict:
     checked = pipeline.load_upscaler(model_bytes, config.model, "cpu", pipeline.StageSettings(settings, scale=1))
     stage_settings = pipeline.StageSettings(settings, scale=checked.scale)
     model_info = {"url": config.model, "sha256": model_sha256, "bytes": len(model_bytes), "scale": checked.scale,
-                  "architecture": getattr(checked.model, "arch_name", type(checked.model).__name__)}
+                  "architecture": getattr(checked.model, "arch_name", type(checked.model).__name__),
+                  # What CPU workers run (auto: bf16 on CPUs with bf16 hardware for the
+                  # architectures that agree with fp32); GPU workers choose by compute capability.
+                  "precision_cpu": checked.precision}
     del checked
 
     run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -479,6 +482,7 @@ def _report(summary: dict, results: RunResults) -> None:
           f"failed {summary['failed']} in {summary['wall_seconds']:.1f} s "
           f"({summary['images_per_second']:.3g} img/s, {summary['output_mpx_per_second']:.3g} Mpx/s out"
           f"; Ray start {summary['ray']['startup_seconds']:.1f} s)")
+    print(f"  precision on CPU workers: {summary['model']['precision_cpu']}")
     lr = summary["metrics"]["lr_psnr"]
     if lr.get("count"):
         print(f"  LR consistency PSNR-Y: mean {lr['mean']:.2f} dB, p50 {lr['p50']:.2f}, min {lr['min']:.2f}")

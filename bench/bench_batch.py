@@ -20,6 +20,13 @@ the FLOP model's figure per output pixel; from those, what a V100 would produce 
 each under the stated assumption, and how many CPU cores its decoding, encoding and
 metrics need.
 
+``--today`` runs only the before/after table: `sr batch` (1 actor, 1 torch thread) over
+crops of the sample photographs with the compact generator at realesr-general-x4v3's
+size, PNG output, with the settings of before this change (``--precision fp32``, zlib
+level 1) against the new PNG writer alone (fp32 forced) and against the defaults (auto
+precision, fast PNG writer), interleaved rounds; the outputs of the first two must decode
+to the same pixels.
+
 Plain rates include the actor pool's start (a new worker process: torch import, model
 load); "steady" rates are those between the first and the last output written. Ray's
 own start is timed separately. "outside the model": the share of the steady time per
@@ -30,6 +37,7 @@ measured against the bare loop's model time).
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import shutil
@@ -87,8 +95,9 @@ def run_sr_upscale(model_path: str, src: Path, dst: Path) -> float:
 
 
 def run_sr_batch(model_path: str, src: Path, dst: Path, run_id: str, actors: int, cpus_per_actor: float,
-                 encode_in_actor: bool = True) -> dict:
-    settings = OutputSettings(tile=TILE)
+                 encode_in_actor: bool = True, precision: str = "auto", png_level: int | None = 1) -> dict:
+    settings = OutputSettings(tile=TILE, precision=precision,
+                              encode=codecs.EncodeOptions("png", png_compress_level=png_level))
     config = BatchConfig(input=str(src), output=str(dst), model=model_path, output_settings=settings,
                          overwrite=True, actors=(actors, actors), cpus_per_actor=cpus_per_actor, run_id=run_id,
                          progress=False, encode_in_actor=encode_in_actor)
@@ -117,7 +126,11 @@ def cpu_costs(side_in: int = 480, repeats: int = 3) -> list[tuple[str, float, fl
     steps = [
         ("decode input PNG", lambda: codecs.decode_image(png_in)),
         ("decode input JPEG", lambda: codecs.decode_image(jpg_in)),
-        ("encode output PNG (level 1, default)", lambda: codecs.encode_image(out)),
+        ("encode output PNG (before: Pillow, level 1)", lambda: Image.fromarray(out).save(io.BytesIO(), "PNG",
+                                                                                          compress_level=1)),
+        ("encode output PNG (default: fpng)", lambda: codecs.encode_image(out)),
+        ("encode output PNG (level 1: libpng)",
+         lambda: codecs.encode_image(out, codecs.EncodeOptions(png_compress_level=1))),
         ("encode output PNG (level 6)", lambda: codecs.encode_image(out, codecs.EncodeOptions(png_compress_level=6))),
         ("encode output JPEG (q95, default)", lambda: codecs.encode_image(out, codecs.EncodeOptions("jpeg"))),
         ("LR-consistency metrics", lr_consistency),
@@ -141,6 +154,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=128, help="input side in pixels (output is 4x)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each variant keeps its best")
     parser.add_argument("--quick", action="store_true", help="8 images of 64 px, 1 round: a smoke run")
+    parser.add_argument("--today", action="store_true",
+                        help="only the before/after table (fp32 + zlib level 1 vs the defaults)")
     parser.add_argument("--generators-only", action="store_true",
                         help="only the generators through sr batch, and the per-image CPU costs")
     args = parser.parse_args()
@@ -156,6 +171,10 @@ def main() -> None:
         start = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=localray.SYSTEM_CONFIG)
         ray_start = time.perf_counter() - start
+        if args.today:
+            compare_today(work, args.quick, args.rounds)
+            ray.shutdown()
+            return
         if not args.generators_only:
             compare_variants(args, work)
             print(f"\nRay start (ray.init, local, 2 CPUs): {ray_start:.1f} s. \"first result\": seconds from the "
@@ -216,6 +235,43 @@ def compare_variants(args: argparse.Namespace, work: Path) -> None:
               f"{max(outside, 0):.0%} | {first} |")
 
 
+def compare_today(work: Path, quick: bool, rounds: int) -> None:
+    """sr batch with the settings of before (fp32, zlib level 1) vs the new PNG writer vs
+    the defaults, interleaved; the encoder alone must not change a pixel."""
+    count, side = (4, 32) if quick else (8, 128)
+    src = work / "in-today"
+    make_inputs(src, count, side)
+    torch.manual_seed(0)
+    model_path = str(work / "compact-general.safetensors")
+    save_generator(build_generator("srvgg_compact", "realesr_general", scale=4), model_path)
+    variants = [("before: --precision fp32, PNG zlib level 1", "fp32", 1),
+                ("new PNG writer only (fp32 forced)", "fp32", None),
+                ("now: the defaults (auto precision, fast PNG writer)", "auto", None)]
+    best: dict[str, dict] = {}
+    for r in range(rounds):
+        for i, (name, precision, level) in enumerate(variants):
+            s = run_sr_batch(model_path, src, work / f"out-today-{i}", f"today-{r}-{i}", 1, 1.0,
+                             precision=precision, png_level=level)
+            b = best.setdefault(name, {"steady": float("inf"), "seconds": float("inf")})
+            b["steady"] = min(b["steady"], count / s["steady_images_per_second"])
+            b["seconds"] = min(b["seconds"], s["call_seconds"])
+            b["precision"] = s["model"]["precision_cpu"]
+            b["encode"] = s["metrics"].get("encode_s", {}).get("mean", float("nan"))
+    same = all(np.array_equal(codecs.read_image(str(work / "out-today-0" / p.relative_to(work / "out-today-1"))),
+                              codecs.read_image(str(p)))
+               for p in (work / "out-today-1").rglob("*.png"))
+    out_mpx = count * (side * 4) ** 2 / 1e6
+    print(f"\n# sr batch before and after (1 actor, 1 torch thread): {count} PNG crops of the sample photos "
+          f"{side}x{side}, compact realesr_general x4 (seeded), tile {TILE}, PNG out; best of {rounds} rounds")
+    print("| settings | precision | encode s / image (mean) | out Mpx/s (steady) | vs before | seconds (call) |")
+    print("|---|---|---|---|---|---|")
+    before = best[variants[0][0]]["steady"]
+    for name, b in best.items():
+        print(f"| {name} | {b['precision']} | {b['encode']:.3f} | {out_mpx / b['steady']:.3f} | "
+              f"{before / b['steady']:.2f}x | {b['seconds']:.1f} |")
+    print(f"\nnew PNG writer's outputs decode to the same pixels as zlib level 1's: {'yes' if same else 'NO'}")
+
+
 def compare_generators(work: Path, quick: bool) -> list[dict]:
     """Each generator at its published size through `sr batch` (1 actor, 1 torch
     thread) on the same inputs: steady output Mpx/s, seconds in the model per output
@@ -230,20 +286,27 @@ def compare_generators(work: Path, quick: bool) -> list[dict]:
         flop_per_output_px = conv_flops_per_input_pixel(model) / 16
         model_path = str(work / f"{arch}-{variant}.safetensors")
         save_generator(model, model_path)
-        s = run_sr_batch(model_path, src, work / f"out-{arch}-{variant}", f"gen-{arch}-{variant}", 1, 1.0)
         out_mpx = count * (side * 4) ** 2 / 1e6
-        rows.append(dict(label=label, flop=flop_per_output_px, steady=out_mpx * s["steady_images_per_second"] / count,
-                         model_s_per_mpx=s["metrics"]["model_s"]["mean"] * count / out_mpx))
-    print(f"\n# Generators through sr batch (1 actor, 1 torch thread, PNG level 1 out): {count} PNG inputs "
-          f"{side}x{side}, x4, tile {TILE}")
-    print("| generator (x4) | MFLOP / output px | FLOP vs RRDBNet | out Mpx/s (steady) | model s / output Mpx "
-          "| speed vs RRDBNet |")
-    print("|---|---|---|---|---|---|")
+        row = dict(label=label, flop=flop_per_output_px)
+        for precision in ("fp32", "bf16", "auto"):
+            s = run_sr_batch(model_path, src, work / f"out-{arch}-{variant}", f"gen-{arch}-{variant}-{precision}", 1,
+                             1.0, precision=precision, png_level=None)
+            row[precision] = s["metrics"]["model_s"]["mean"] * count / out_mpx
+            if precision == "auto":
+                row.update(steady=out_mpx * s["steady_images_per_second"] / count, model_s_per_mpx=row["auto"],
+                           chosen=s["model"]["precision_cpu"])
+        rows.append(row)
+    print(f"\n# Generators through sr batch (1 actor, 1 torch thread, PNG out, default writer): {count} PNG inputs "
+          f"{side}x{side}, x4, tile {TILE}; the model's CPU seconds per output Mpx in fp32 and bf16 forced, and "
+          "with the default precision")
+    print("| generator (x4) | MFLOP / output px | FLOP vs RRDBNet | model s / output Mpx fp32 | bf16 | "
+          "auto chooses | out Mpx/s (steady, auto) | speed vs RRDBNet |")
+    print("|---|---|---|---|---|---|---|---|")
     reference = rows[0]
     for r in rows:
         ratio = "1" if r is reference else f"1/{reference['flop'] / r['flop']:.1f}"
-        print(f"| {r['label']} | {r['flop'] / 1e6:.3f} | {ratio} | {r['steady']:.3f} | {r['model_s_per_mpx']:.1f} | "
-              f"{reference['model_s_per_mpx'] / r['model_s_per_mpx']:.1f}x |")
+        print(f"| {r['label']} | {r['flop'] / 1e6:.3f} | {ratio} | {r['fp32']:.2f} | {r['bf16']:.2f} | "
+              f"{r['chosen']} | {r['steady']:.3f} | {reference['model_s_per_mpx'] / r['model_s_per_mpx']:.1f}x |")
     return rows
 
 
@@ -261,9 +324,11 @@ def print_cpu_costs(generators: list[dict]) -> None:
     sustained = V100_FP16_PEAK * V100_ASSUMED_EFFICIENCY
     print(f"\nV100 (ASSUMED {V100_ASSUMED_EFFICIENCY:.0%} of {V100_FP16_PEAK / 1e12:.0f} TFLOP/s fp16 = "
           f"{sustained / 1e12:.1f} TFLOP/s on every generator's 3x3 convolutions)")
-    outputs = [("PNG in, PNG out (level 1)", "decode input PNG", "encode output PNG (level 1, default)"),
+    outputs = [("PNG in, PNG out (fpng, default)", "decode input PNG", "encode output PNG (default: fpng)"),
+               ("PNG in, PNG out (before: Pillow level 1)", "decode input PNG",
+                "encode output PNG (before: Pillow, level 1)"),
                ("JPEG in, JPEG out (q95)", "decode input JPEG", "encode output JPEG (q95, default)"),
-               ("JPEG in, PNG out (level 1)", "decode input JPEG", "encode output PNG (level 1, default)")]
+               ("JPEG in, PNG out (fpng)", "decode input JPEG", "encode output PNG (default: fpng)")]
     print("\n| generator (x4) | V100 output Mpx/s | " + " | ".join(f"cores per V100: {o[0]}" for o in outputs) + " |")
     print("|---|---|" + "---|" * len(outputs))
     for g in generators:

@@ -9,6 +9,11 @@ Both loops: RRDBNet (``--variant``) x2, L1, Adam, EMA 0.999, batches of
 assets/images, 2 DataLoader workers, one process, CPU. The job's step time is what it
 logs to TensorBoard (perf/step_time_s) after its first logging window; the bare loop is
 timed the same way, over the same steps.
+
+``--precision`` instead runs the job with the CPU demo's preset (``demo_x2``: the compact
+generator x2, batch 16 of 64 px) twice per round, ``train.precision=fp32`` forced and the
+default ``auto`` (bf16 on CPUs with bf16 hardware), alternating which goes first, and
+prints their step times side by side.
 """
 
 from __future__ import annotations
@@ -82,6 +87,38 @@ def bare_step_times(config, window: int) -> list[float]:
     return times[1:]
 
 
+def compare_precision(shards: str, work: str, args) -> None:
+    """The demo preset's step time with fp32 forced and with the default precision."""
+    from accelerate.state import AcceleratorState
+
+    from jobs.engines import resolve_precision
+
+    chosen = resolve_precision("auto", torch.cuda.is_available(), "srvgg_compact")
+    times: dict[str, list[float]] = {"fp32": [], "auto": []}
+    for r in range(args.rounds):
+        order = ("fp32", "auto") if r % 2 == 0 else ("auto", "fp32")
+        for precision in order:
+            extra = [f"data.train_shards={shards}", f"train.run_dir={os.path.join(work, f'p{r}-{precision}')}",
+                     "data.num_workers=2", f"train.max_steps={args.steps}", f"train.log_every={args.window}",
+                     f"train.checkpoint_every={args.steps}", "train.progress=false",
+                     f"train.precision={precision}"]
+            config = load_config(None, extra, preset="demo_x2")
+            # Accelerate keeps one mixed-precision setting per process: forget it between runs.
+            AcceleratorState._reset_state(reset_partial_state=True)
+            step_times, _ = job_step_times(config)
+            times[precision] += step_times
+            print(f"round {r + 1} {precision}: {1000 * statistics.median(step_times):.1f} ms/step", file=sys.stderr)
+    fp32, auto = (1000 * statistics.median(times[p]) for p in ("fp32", "auto"))
+    fp32_best, auto_best = (1000 * min(times[p]) for p in ("fp32", "auto"))
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch thread(s); demo_x2 (srvgg_compact small x2, batch 16 of 64 px), "
+          f"{args.rounds} rounds x {args.steps} steps (windows of {args.window}, first dropped)\n")
+    print("| train.precision | runs in | ms/step (median) | ms/step (best window) | speed-up (median) |")
+    print("|---|---|---|---|---|")
+    print(f"| fp32 (forced) | fp32 | {fp32:.1f} | {fp32_best:.1f} | 1 |")
+    print(f"| auto (default) | {chosen} | {auto:.1f} | {auto_best:.1f} | {fp32 / auto:.2f}x |")
+
+
 def _forever(loader):
     while True:
         yield from loader
@@ -94,10 +131,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", default="small", help="rrdbnet variant (default: small)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", action="store_true",
+                        help="the demo preset with train.precision=fp32 forced vs the default (auto)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-train-")
     shards = os.path.join(work, "shards")
     prepare(str(REPO / "assets" / "images"), shards, PrepareSettings(size=128, step=64, format="raw"), progress=False)
+    if args.precision:
+        compare_precision(shards, work, args)
+        return
     job, bare, waits = [], [], []
     for r in range(args.rounds):
         config = load_config(None, overrides(shards, os.path.join(work, f"run{r}"), args), preset="tiny")

@@ -20,6 +20,14 @@ peak RSS against the uint8 output size. A third puts the generators side by side
 demo and the learning-curve benchmark train): the FLOP model's figure per output pixel
 and the ``Upscaler``'s measured output Mpx/s on this CPU, same images, same settings.
 
+A fourth (``--precision-only`` runs it alone) times ``sr upscale`` end to end (the
+command in this process: decode, model, encode, write) with the default precision
+(``auto``) against ``--precision fp32`` forced (today's CPU default) and ``bf16`` forced,
+interleaved rounds in one run, for RRDBNet esrgan x4 and the compact generator at its two
+published sizes; each output's PSNR against the fp32 output says how far it moved. A
+fifth (``--compile-only``) measures ``torch.compile`` on the Upscaler's model: compile
+time (first call) and steady time per window against eager, fp32 and bf16.
+
 FLOP model: 2 x multiply-accumulates of every Conv2d, counted from the model's layers
 on a probe input (per input pixel); activations, upsampling and concatenations are
 not counted. The counter reproduces the full ESRGAN generator's 35.85 MFLOP per input pixel
@@ -219,6 +227,10 @@ def main() -> None:
     parser.add_argument("--skip-4k", action="store_true", help="skip the 3840x2160 memory case")
     parser.add_argument("--generators-only", action="store_true",
                         help="only the generators side by side (RRDBNet and compact per output pixel)")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only sr upscale with the default precision vs fp32 and bf16 forced")
+    parser.add_argument("--compile-only", action="store_true", help="only torch.compile vs eager")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the precision table")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker (default 1: on a shared machine, OpenMP threads "
                              "waiting for a descheduled sibling make 2 threads up to 10x slower than 1)")
@@ -228,6 +240,15 @@ def main() -> None:
         return
 
     print(f"machine: {machine()}; workers use {args.threads} torch thread(s)")
+    if args.precision_only or args.compile_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.precision_only:
+            compare_precision(args.quick, args.rounds)
+        if args.compile_only:
+            compare_compile(args.quick)
+        return
     from sr_core.archs import build_generator
 
     full = build_generator("rrdbnet", "esrgan", scale=4)
@@ -277,6 +298,117 @@ def compare_generators(quick: bool, threads: int) -> None:
         ratio = "1" if r is reference else f"1/{ref_flop / flop_out:.1f}"
         print(f"| {label} | {r['params']:,} | {flop_out / 1e6:.3f} | {ratio} | "
               f"{rate / 1e6:.3f} | {rate / ref_rate:.1f}x | {gflops:.1f} |")
+
+
+# sr upscale per precision: (label, registry name, variant, input crop side).
+PRECISION_ROWS = [
+    ("compact realesr_general x4", "srvgg_compact", "realesr_general", 192),
+    ("compact animevideo x4", "srvgg_compact", "animevideo", 192),
+    ("RRDBNet esrgan x4", "rrdbnet", "esrgan", 64),
+]
+
+
+def _psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def compare_precision(quick: bool, rounds: int) -> None:
+    """``sr upscale`` (in this process) with auto, fp32 and bf16, interleaved rounds."""
+    import tempfile
+
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from sr_cli.main import main as sr_main
+    from sr_core import build_generator, codecs, save_generator
+    from sr_core.precision import cpu_bf16_flag
+    from sr_core.upscaler import Upscaler
+
+    print(f"\nsr upscale by precision (CPU bf16 hardware: {cpu_bf16_flag() or 'none'}); the four sample photos "
+          f"centre-cropped, seeded weights, best of {rounds} interleaved rounds")
+    print("| generator | input | auto chooses | fp32 s | auto s | auto speed-up | bf16 s | bf16 speed-up | "
+          "auto vs fp32 dB (min) | bf16 vs fp32 dB (min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for label, name, variant, side in PRECISION_ROWS:
+            side = min(side, 48) if quick else side
+            src = work / f"in-{name}-{variant}"
+            src.mkdir()
+            for photo in PHOTOS:
+                img = Image.open(IMAGES / photo).convert("RGB")
+                left, top = (img.width - side) // 2, (img.height - side) // 2
+                img.crop((left, top, left + side, top + side)).save(src / photo)
+            torch.manual_seed(0)
+            model_path = str(work / f"{name}-{variant}.safetensors")
+            save_generator(build_generator(name, variant, scale=4), model_path)
+            chosen = Upscaler.from_file(model_path, device="cpu").precision
+            best = {}
+            for _ in range(rounds):
+                for prec in ("fp32", "auto", "bf16"):
+                    out = work / f"out-{name}-{variant}-{prec}"
+                    start = time.perf_counter()
+                    code = sr_main(["upscale", str(src), "-o", str(out), "-m", model_path, "--device", "cpu",
+                                    "--precision", prec, "--overwrite"])
+                    seconds = time.perf_counter() - start
+                    assert code == 0, f"sr upscale exited {code}"
+                    best[prec] = min(best.get(prec, float("inf")), seconds)
+            agree = {}
+            for prec in ("auto", "bf16"):
+                agree[prec] = min(
+                    _psnr_u8(codecs.read_image(str(work / f"out-{name}-{variant}-fp32" / p.name)),
+                             codecs.read_image(str(work / f"out-{name}-{variant}-{prec}" / p.name)))
+                    for p in (work / f"out-{name}-{variant}-fp32").iterdir())
+            print(f"| {label} | 4 x {side} px | {chosen} | {best['fp32']:.2f} | {best['auto']:.2f} | "
+                  f"{best['fp32'] / best['auto']:.2f}x | {best['bf16']:.2f} | {best['fp32'] / best['bf16']:.2f}x | "
+                  f"{agree['auto']:.1f} | {agree['bf16']:.1f} |", flush=True)
+
+
+def compare_compile(quick: bool) -> None:
+    """torch.compile (inductor) of the compact realesr_general model against eager, on the
+    Upscaler's CPU windows (one 160 px window = a 128 px tile with 16 px overlap): the
+    compile time, the steady time per window, and how many windows pay for the compile."""
+    import torch
+    import torch._inductor.config
+
+    sys.path.insert(0, str(REPO))
+    from sr_core import build_generator
+
+    # A cold compile, as a fresh worker pays it: no graphs cached by an earlier run.
+    torch._inductor.config.fx_graph_cache = False
+    torch.manual_seed(0)
+    side = 64 if quick else TILE + 2 * OVERLAP
+    model = build_generator("srvgg_compact", "realesr_general", scale=4)
+    model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
+    repeats = 2 if quick else 5
+    print(f"\ntorch.compile (inductor, default mode) vs eager, compact realesr_general x4, one {side} px window, "
+          f"mean of {repeats} steady calls")
+    print("| precision | eager ms/window | compile s (first call) | compiled ms/window | speed-up | "
+          "windows to pay back |")
+    print("|---|---|---|---|---|---|")
+    for prec in ("fp32", "bf16"):
+        compiled = torch.compile(model)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+            model(x)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            eager = (time.perf_counter() - start) / repeats
+            start = time.perf_counter()
+            compiled(x)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(repeats):
+                compiled(x)
+            steady = (time.perf_counter() - start) / repeats
+        saved = eager - steady
+        payback = f"{(first - steady) / saved:,.0f}" if saved > 0 else "never"
+        print(f"| {prec} | {eager * 1e3:.0f} | {first:.1f} | {steady * 1e3:.0f} | {eager / steady:.2f}x | "
+              f"{payback} |", flush=True)
+        torch._dynamo.reset()
 
 
 def print_table(rows: list[dict], floor: dict | None, output_mb: float | None = None) -> None:

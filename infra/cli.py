@@ -178,6 +178,10 @@ def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
                    help="more options of `sr batch` as one string after '=', e.g. --batch-args='--overwrite --limit 1000' "
                         "(default: none)")
     p.add_argument("--submission-id", default="", help="Ray job submission id (default: sr-batch-<UTC time>)")
+    p.add_argument("--generator", default="rrdbnet",
+                   choices=["rrdbnet", "multihead_rrdbnet", "srresnet", "srvgg_compact"],
+                   help="the model's architecture: sizes the CPUs of each GPU actor from the cost per output "
+                        "megapixel (docs/BATCH.md; default: rrdbnet)")
     _add_out_options(p)
     p.set_defaults(func=run_batch)
 
@@ -501,6 +505,18 @@ def check_batch_arguments(entrypoint: list[str], sr_parser: argparse.ArgumentPar
         raise ValueError(f"--batch-args: {last[0]}") from None
 
 
+def _batch_format(batch_args: str) -> str:
+    """The output format that ``--batch-args`` asks ``sr batch`` for (``-f`` / ``--format``)."""
+    tokens, fmt = shlex.split(batch_args), "png"
+    for i, token in enumerate(tokens):
+        if token in ("-f", "--format") and i + 1 < len(tokens):
+            fmt = tokens[i + 1]
+        elif token.startswith("--format="):
+            fmt = token.split("=", 1)[1]
+    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+    return fmt if fmt in ("png", "jpeg", "webp") else "png"  # sr batch's parser refuses the others
+
+
 def run_batch(args: argparse.Namespace) -> int:
     import json
     import time
@@ -519,6 +535,7 @@ def run_batch(args: argparse.Namespace) -> int:
         input=args.input, output=args.output, model=args.model, cluster_yaml=args.cluster,
         submission_id=submission_id, batch_args=tuple(shlex.split(args.batch_args)), project_dir=project_dir(),
         max_gpus=raycluster.max_gpus(cluster), cpus_per_gpu=raycluster.cpus_per_gpu(cluster),
+        generator=args.generator, output_format=_batch_format(args.batch_args),
     )
     check_batch_arguments(raycluster.batch_entrypoint(job), args.sr_parser)
     out = _out_dir(args, submission_id)

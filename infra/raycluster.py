@@ -19,6 +19,7 @@ NVIDIA driver the VM image installs on first boot (as Ray's GPU Docker example d
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -272,6 +273,10 @@ class BatchJob:
     """GPUs of the cluster at full size (0: none, CPU actors)."""
     cpus_per_gpu: int = 0
     """vCPUs beside each GPU on the GPU workers (0: unknown)."""
+    generator: str = "rrdbnet"
+    """The model's architecture (registry name), for the CPUs each GPU actor gets."""
+    output_format: str = "png"
+    """``png``, ``jpeg`` or ``webp`` (from ``sr batch --format``), for the same."""
 
 
 def runtime_env(job: BatchJob) -> dict:
@@ -301,14 +306,36 @@ def cpus_per_gpu(config: dict) -> int:
     return min(ratios) if ratios else 0
 
 
-def actor_cpus(cpus_per_gpu: int) -> int:
-    """CPUs each GPU actor reserves for its encode threads, of the ``cpus_per_gpu`` beside
-    its GPU: a quarter (at least one) stays for the read + decode tasks and Ray itself
-    (8 -> 6, 4 -> 3, 2 -> 1). PNG output needs about 2-7 encoding cores per V100
-    (docs/BATCH.md), so with Ray's 1 CPU and 2 threads the GPUs would wait."""
+# Cost per output megapixel (docs/BATCH.md, "Cost per output megapixel";
+# bench/bench_batch.py): CPU seconds per output Mpx that an actor spends beside its GPU on
+# decoding the input, the LR-consistency metrics and encoding the output, on one core, by
+# output format (PNG: the default fpng writer).
+CPU_SECONDS_PER_OUTPUT_MPX = {"png": 0.080, "jpeg": 0.067, "webp": 0.125}
+# One V100's output Mpx/s per generator at x4: the FLOP model's MFLOP per output pixel
+# (2.24 RRDBNet esrgan, 0.151 compact realesr_general) at an ASSUMED 31 TFLOP/s (25% of
+# the fp16 tensor-core peak; not measured, the project has no GPU).
+GPU_OUTPUT_MPX_PER_S = {"rrdbnet": 14.0, "multihead_rrdbnet": 14.0, "srresnet": 40.0, "srvgg_compact": 207.0}
+# Measured CPU costs move with the load of a shared VM (the slow end is ~2x the best).
+CPU_HEADROOM = 1.5
+
+
+def encode_cores_per_gpu(generator: str, output_format: str) -> float:
+    """CPU cores one GPU actor needs to keep up with its GPU (decode + metrics + encode)."""
+    if generator not in GPU_OUTPUT_MPX_PER_S:
+        raise ValueError(f"unknown generator {generator!r}; one of {', '.join(GPU_OUTPUT_MPX_PER_S)}")
+    if output_format not in CPU_SECONDS_PER_OUTPUT_MPX:
+        raise ValueError(f"unknown output format {output_format!r}; one of {', '.join(CPU_SECONDS_PER_OUTPUT_MPX)}")
+    return GPU_OUTPUT_MPX_PER_S[generator] * CPU_SECONDS_PER_OUTPUT_MPX[output_format] * CPU_HEADROOM
+
+
+def actor_cpus(cpus_per_gpu: int, generator: str = "rrdbnet", output_format: str = "png") -> int:
+    """CPUs each GPU actor reserves for its encode threads: what the cost table says its
+    GPU needs with this generator and output format, at most the ``cpus_per_gpu`` beside
+    the GPU less one for the read + decode tasks and Ray (RRDBNet, PNG: 2 of 8; the compact
+    generator, PNG: all 7 of 8, and still short of the ~25 it would need)."""
     if cpus_per_gpu <= 1:
         return 1
-    return cpus_per_gpu - max(1, cpus_per_gpu // 4)
+    return max(1, min(math.ceil(encode_cores_per_gpu(generator, output_format)), cpus_per_gpu - 1))
 
 
 def batch_entrypoint(job: BatchJob) -> list[str]:
@@ -320,8 +347,9 @@ def batch_entrypoint(job: BatchJob) -> list[str]:
     if job.max_gpus:
         command += ["--num-gpus-per-actor", "1", "--actors", f"1,{job.max_gpus}"]
     if job.max_gpus and job.cpus_per_gpu:
-        # The encoding beside each GPU gets the worker's CPUs (one thread per CPU).
-        cpus = actor_cpus(job.cpus_per_gpu)
+        # The encoding beside each GPU gets the CPUs the cost table says it needs, of the
+        # worker's (one thread per CPU).
+        cpus = actor_cpus(job.cpus_per_gpu, job.generator, job.output_format)
         command += ["--cpus-per-actor", str(cpus), "--encode-threads", str(cpus)]
     return command + list(job.batch_args)
 

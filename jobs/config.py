@@ -271,8 +271,9 @@ class TrainConfig:
     accumulation, clipping and precision are filled in from this config)."""
 
     precision: str = "auto"
-    """``auto`` (fp16 with dynamic loss scaling on V100 / compute capability 7.x, bf16 on 8.0+,
-    fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``. Losses and metrics run in fp32."""
+    """``auto`` (fp16 with dynamic loss scaling on V100 / compute capability 7.x, bf16 on 8.0+;
+    on CPUs with bf16 hardware, AMX or AVX512-BF16, bf16 for the compact generator
+    (``srvgg_compact``); fp32 otherwise), ``fp32``, ``fp16`` or ``bf16``. Losses and metrics run in fp32."""
 
     progress: bool = True
     """Show a progress bar with ETA on rank 0."""

@@ -49,15 +49,18 @@ from jobs import checkpoint as ckpt
 from jobs.config import Config, read_config_file
 from sr_core import storage
 from sr_core.net import free_port
-from sr_core.precision import choose_precision
+from sr_core.precision import choose_precision, cpu_bf16_flag
 
 
-def resolve_precision(requested: str, cuda: bool) -> str:
+def resolve_precision(requested: str, cuda: bool, arch: str | None = None) -> str:
     """``auto``: by compute capability on CUDA (7.x / V100: fp16 — it has no bf16 tensor
     cores, though ``torch.cuda.is_bf16_supported()`` says True through emulation; 8.0+:
-    bf16), fp32 on CPU."""
+    bf16); on CPU bf16 where the CPU has bf16 hardware (AMX, AVX512-BF16) and the generator
+    ``arch`` agrees with fp32 in bf16 (``sr_core.precision.BF16_CPU_ARCHS``), else fp32."""
     if requested == "auto":
-        return choose_precision("cuda", torch.cuda.get_device_capability()) if cuda else "fp32"
+        if cuda:
+            return choose_precision("cuda", torch.cuda.get_device_capability())
+        return choose_precision("cpu", arch=arch, cpu_bf16=cpu_bf16_flag())
     if requested == "fp16" and not cuda:
         raise ValueError("train.precision=fp16 needs a GPU; use fp32 (or bf16) on CPU")
     return requested

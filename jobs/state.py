@@ -106,7 +106,7 @@ def build_state(config: Config, resume: str) -> TrainingState:
     checkpoint folder."""
     train, model, loss, optim = config.train, config.model, config.loss, config.optim
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(train.precision, cuda)
+    precision = resolve_precision(train.precision, cuda, model.generator)
     backend = BACKENDS[train.backend](config, precision, cuda)
     accelerator = backend.accelerator
     device = accelerator.device

@@ -18,14 +18,16 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=None, help="context pixels around each tile (default: 16)")
     p.add_argument("--tiles-per-batch", type=int, default=None, help="tiles per forward pass (default: 4 on GPUs, 1 on CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: fp16 on V100-class GPUs, bf16 on A100 and newer, fp32 on CPU")
+                   help="auto: fp16 on V100-class GPUs, bf16 on A100 and newer; on CPUs with AMX or "
+                        "AVX512-BF16 bf16 for the compact generator; fp32 otherwise")
     p.add_argument("--alpha", default="model", choices=["model", "bicubic"],
                    help="how the alpha channel is upscaled (default: model)")
     p.add_argument("-f", "--format", default="png", choices=["png", "jpg", "jpeg", "webp"],
                    help="output format (default: png)")
     p.add_argument("--suffix", default="_sr", help="added to output file names (default: _sr)")
-    p.add_argument("--png-compress-level", type=int, default=1,
-                   help="PNG zlib level 0-9 (default 1: fast, slightly larger files)")
+    p.add_argument("--png-compress-level", type=int, default=None,
+                   help="PNG zlib level 0-9 through libpng (default: the fastest writer, fpng for 8-bit "
+                        "RGB/RGBA, files ~10%% larger than level 1)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
     p.add_argument("--webp-quality", type=int, default=90, help="WebP quality (default: 90)")
     p.add_argument("--webp-lossless", action="store_true", help="lossless WebP")

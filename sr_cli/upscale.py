@@ -68,12 +68,13 @@ def run_upscale(args: argparse.Namespace) -> int:
         else:
             todo.append(task)
 
-    written, interrupted, stopped = 0, False, None
+    written, interrupted, stopped, ran_on = 0, False, None, ""
     notes: list[tuple[str, str]] = []  # (input, decoder warning) of images that were processed
     if todo:
         # A read-only, foreign or full OUT is refused before any image is computed.
         storage.check_writable(args.output)
         up = settings.load_upscaler(args.model, device=args.device)
+        ran_on = f" on {up.device.type} in {up.precision}"
         memory_limit = (args.memory_limit * 2**30 if args.memory_limit is not None else available_memory())
         out_pixels = 0
         start = time.perf_counter()
@@ -137,7 +138,8 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""
     hidden += f", {len(plan.special)} non-regular file(s) not read" if plan.special else ""
-    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}")
+    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}"
+          f"{ran_on}")
     show = storage.printable
     for url, message in notes:
         print(f"  WARNING {show(url)}: {show(message)}", file=sys.stderr)

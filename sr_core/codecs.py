@@ -22,6 +22,14 @@ cut to one frame.
 Encoding writes PNG (8-bit, 16-bit grayscale, 16-bit RGB/RGBA), JPEG and WebP. JPEG has
 no alpha, so transparent images are composited over white; JPEG and WebP have no 16-bit,
 so 16-bit images are rounded to 8 bits for them.
+
+PNG encoding is the slow stage beside a GPU (Pillow at zlib level 1: ~140 ms per output
+megapixel on one core), so by default (no compression level asked for) 8-bit RGB/RGBA is
+written by fpng (the ``fpng`` package: ~10x faster, files ~10% larger) and every other
+kind by libpng through ``imagecodecs`` with OpenCV's fast settings (level 1, RLE, SUB
+filter: ~2x Pillow, ~18% larger); an explicit level goes to libpng at that level.
+Both write standard PNG that Pillow decodes to the same pixels (tests/test_codecs.py,
+bench/bench_codecs.py). Without those packages, Pillow and OpenCV write it.
 """
 
 from __future__ import annotations
@@ -37,6 +45,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sr_core import storage
+
+try:  # fast PNG writers (see the module docstring); Pillow / OpenCV write PNG without them
+    import fpng as _fpng
+except ImportError:
+    _fpng = None
+try:
+    import imagecodecs as _imagecodecs
+except ImportError:
+    _imagecodecs = None
 
 # 100 Mpx (e.g. 10000 x 10000): anything larger is far more likely a decompression bomb
 # than a photograph someone wants upscaled x4 (the output would be 1.6 Gpx).
@@ -367,6 +384,37 @@ def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
+# libpng settings of the default (no level asked for): zlib level 1 with the RLE strategy
+# and the SUB filter, what OpenCV uses for its fastest PNG.
+_LIBPNG_FAST = dict(level=1, strategy=3, filter=16)
+
+
+def png_encoder(image: np.ndarray, compress_level: int | None) -> str:
+    """Which library writes this (shape-normalized) array as PNG: ``fpng``,
+    ``imagecodecs`` (libpng), ``pillow`` or ``opencv`` (16-bit colour without imagecodecs)."""
+    if compress_level is None and _fpng is not None and image.dtype == np.uint8 and image.ndim == 3 \
+            and image.shape[2] in (3, 4):
+        return "fpng"  # fpng writes 8-bit RGB and RGBA only
+    if _imagecodecs is not None:
+        return "imagecodecs"
+    return "opencv" if image.dtype == np.uint16 and image.ndim == 3 else "pillow"
+
+
+def _encode_png(image: np.ndarray, compress_level: int | None) -> bytes:
+    encoder = png_encoder(image, compress_level)
+    if encoder == "fpng":
+        return _fpng.from_ndarray(np.ascontiguousarray(image))
+    if encoder == "imagecodecs":
+        settings = _LIBPNG_FAST if compress_level is None else dict(level=compress_level)
+        return bytes(_imagecodecs.png_encode(np.ascontiguousarray(image), **settings))
+    level = 1 if compress_level is None else compress_level
+    if encoder == "opencv":
+        return _encode_png_16_bit_colour(image, level)
+    buf = io.BytesIO()
+    to_pil(image).save(buf, "PNG", compress_level=level)
+    return buf.getvalue()
+
+
 def _encode_png_16_bit_colour(image: np.ndarray, compress_level: int) -> bytes:
     import cv2
 
@@ -405,10 +453,10 @@ class EncodeOptions:
 
     format: str = "png"
     """Output format: ``png``, ``jpeg`` (or ``jpg``) or ``webp``."""
-    png_compress_level: int = 1
-    """zlib level 0-9. 1 is several times faster than Pillow's default 6 for files
-    ~10-20% larger: PNG encoding is the slow stage of a batch run (~7 output Mpx/s per core at
-    level 6, JPEG ~190)."""
+    png_compress_level: int | None = None
+    """zlib level 0-9 (libpng), or None: the fastest writer for the image (fpng for 8-bit
+    RGB/RGBA, ~10x Pillow at level 1 for files ~10% larger; libpng level 1 with the RLE
+    strategy for the rest). PNG encoding is the slow stage of a batch run beside a GPU."""
     jpeg_quality: int = 95
     """JPEG quality 1-95 (Pillow's scale; above 95 only grows the file)."""
     webp_lossless: bool = False
@@ -421,7 +469,7 @@ class EncodeOptions:
         if fmt is None:
             raise ValueError(f"unknown output format {self.format!r}; choose one of png, jpg, webp")
         object.__setattr__(self, "format", fmt)
-        if not 0 <= self.png_compress_level <= 9:
+        if self.png_compress_level is not None and not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level must be 0-9, got {self.png_compress_level}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1-100, got {self.jpeg_quality}")
@@ -492,20 +540,66 @@ def _normalize_shape(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def encode_image(image: np.ndarray, options: EncodeOptions = EncodeOptions()) -> bytes:
+def gpu_jpeg_encoder() -> str | None:
+    """The GPU JPEG encoder importable here with a CUDA device visible: ``torchvision``
+    (nvJPEG through ``torchvision.io.encode_jpeg`` on CUDA tensors, torchvision >= 0.19) or
+    ``nvimgcodec`` (NVIDIA nvImageCodec); None without either (then JPEG is encoded on the
+    CPU). Untested here: the test machines have no GPU, and torchvision does not import
+    beside their CPU torch build; ``./dev gpu-check`` runs it on a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import torchvision.io  # noqa: F401
+
+        if hasattr(torchvision.io, "encode_jpeg"):
+            return "torchvision"
+    except Exception:  # torchvision built for another torch fails at import with various errors
+        pass
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+
+        return "nvimgcodec"
+    except ImportError:
+        return None
+
+
+def _encode_jpeg_on_gpu(image: np.ndarray, quality: int, encoder: str) -> bytes:
+    """8-bit gray (H, W) or RGB (H, W, 3) as JPEG, encoded on the current CUDA device."""
+    import torch
+
+    hwc = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[..., None])).cuda()
+    if encoder == "torchvision":
+        import torchvision.io
+
+        data = torchvision.io.encode_jpeg(hwc.permute(2, 0, 1).contiguous(), quality=quality)
+        return data.cpu().numpy().tobytes()
+    from nvidia import nvimgcodec
+
+    nv_image = nvimgcodec.as_image(hwc)
+    return bytes(nvimgcodec.Encoder().encode(nv_image, "jpeg", params=nvimgcodec.EncodeParams(quality=quality)))
+
+
+def encode_image(image: np.ndarray, options: EncodeOptions = EncodeOptions(), device: str = "cpu") -> bytes:
     """Encode an array (module-docstring convention) to PNG, JPEG or WebP bytes.
 
-    uint16 colour is written as 16-bit PNG; JPEG and WebP round it to 8 bits."""
+    uint16 colour is written as 16-bit PNG; JPEG and WebP round it to 8 bits. ``device``
+    ``cuda``: 8-bit gray and RGB JPEG is encoded on the GPU where ``gpu_jpeg_encoder()``
+    finds an encoder (the CPU's cores are what a GPU worker runs short of); everything
+    else, and every case without one, on the CPU."""
     image = _normalize_shape(image)
+    if options.format == "jpeg" and device.startswith("cuda") and (image.ndim == 2 or image.shape[2] == 3):
+        encoder = gpu_jpeg_encoder()
+        if encoder is not None:
+            return _encode_jpeg_on_gpu(_to_8bit(image), min(options.jpeg_quality, 100), encoder)
     buf = io.BytesIO()
     if options.format == "png":
-        if image.dtype == np.uint16 and image.ndim == 3:
-            if image.shape[2] == 2:
-                raise ValueError("16-bit gray + alpha (H, W, 2) cannot be written as PNG; write it as 16-bit "
-                                 "RGBA (repeat the gray channel) or round it to 8 bits")
-            return _encode_png_16_bit_colour(image, options.png_compress_level)
-        to_pil(image).save(buf, "PNG", compress_level=options.png_compress_level)
-    elif options.format == "jpeg":
+        if image.dtype == np.uint16 and image.ndim == 3 and image.shape[2] == 2:
+            raise ValueError("16-bit gray + alpha (H, W, 2) cannot be written as PNG; write it as 16-bit "
+                             "RGBA (repeat the gray channel) or round it to 8 bits")
+        return _encode_png(image, options.png_compress_level)
+    if options.format == "jpeg":
         image = _to_8bit(image)
         if image.ndim == 3 and image.shape[2] in (2, 4):
             image = _over_white(image)

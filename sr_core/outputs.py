@@ -51,8 +51,9 @@ class OutputSettings:
     tiles_per_batch: int | None = None
     """Tiles per forward pass (None: 4 on GPUs, 1 on CPU)."""
     precision: str = "auto"
-    """``auto`` (fp16 on V100-class GPUs, bf16 on A100 and newer, fp32 on CPU), ``fp32``,
-    ``fp16`` or ``bf16``."""
+    """``auto`` (fp16 on V100-class GPUs, bf16 on A100 and newer; on CPUs with AMX or
+    AVX512-BF16 bf16 for the compact generator; fp32 otherwise), ``fp32``, ``fp16`` or
+    ``bf16``."""
     alpha: str = "model"
     """How an alpha channel is upscaled: ``model`` or ``bicubic``."""
 

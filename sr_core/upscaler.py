@@ -14,11 +14,13 @@ untiled run. Only each window's core is written, into an output preallocated on 
 host in the output's own dtype (uint8 / uint16 for arrays), so host memory stays near
 the output size and the device holds one batch of windows, never the whole frame.
 
-Precision on accelerators (written, but not testable here: the test machines have no
-GPU): fp16 autocast on compute capability 7.x (V100: fast fp16 tensor cores, no bf16;
-``torch.cuda.is_bf16_supported()`` says True there through emulation, so we decide by
-capability), bf16 autocast on 8.0+ (same speed as fp16, fp32's range: no overflow in
-un-normalized trunks), fp32 elsewhere.
+Precision ``auto``: on accelerators (written, but not testable here: the test machines
+have no GPU) fp16 autocast on compute capability 7.x (V100: fast fp16 tensor cores, no
+bf16; ``torch.cuda.is_bf16_supported()`` says True there through emulation, so we decide
+by capability), bf16 autocast on 8.0+ (same speed as fp16, fp32's range: no overflow in
+un-normalized trunks). On CPUs with bf16 hardware (AMX, AVX512-BF16) bf16 autocast for the
+architectures whose bf16 output agrees with fp32 (``sr_core.precision.BF16_CPU_ARCHS``),
+fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sr_core.modelfile import load_generator
-from sr_core.precision import PRECISIONS, choose_precision
+from sr_core.precision import PRECISIONS, choose_precision, cpu_bf16_flag
 from sr_core.resize import imresize
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -98,13 +100,16 @@ def choose_device(requested: str | torch.device | None = "auto") -> torch.device
     return device
 
 
-def _resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, arch: str | None = None) -> str:
+    """``precision`` with ``auto`` replaced by the choice for this device and generator
+    architecture (registry name; see ``sr_core.precision.choose_precision``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return choose_precision(device.type, capability)
+    cpu_bf16 = cpu_bf16_flag() if device.type == "cpu" else None
+    return choose_precision(device.type, capability, arch=arch, cpu_bf16=cpu_bf16)
 
 
 # ---------------------------------------------------------------- tiling plan
@@ -316,7 +321,7 @@ class Upscaler:
         self.pad_mode = getattr(model, "pad_mode", "replicate")
         self.tiling = getattr(model, "tiling", "supported")
         self.device = choose_device(device)
-        self.precision = _resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, getattr(model, "arch_name", None))
         self.precision = _precision_the_model_supports(model, self.precision)
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ValueError("fp16 is for GPUs; use fp32 (or bf16) on CPU")

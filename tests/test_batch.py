@@ -179,6 +179,7 @@ def test_gcs_end_to_end_outputs_metrics_failures_summary_and_tensorboard(gcs_emu
     assert summary["failures_by_stage"] == {"decode": len(bad)}
     assert summary["model"]["sha256"] == __import__("hashlib").sha256(Path(model_file).read_bytes()).hexdigest()
     assert summary["model"]["scale"] == 2 and summary["settings"]["tile"] == TILE
+    assert summary["model"]["precision_cpu"] == Upscaler.from_file(model_file, device="cpu").precision
     assert summary["metrics"]["lr_psnr"]["mean"] == pytest.approx(rows["lr_psnr"].mean())
     assert summary["metrics"]["lr_psnr"]["p50"] == pytest.approx(rows["lr_psnr"].median())
     assert summary["metrics"]["model_s"]["p90"] == pytest.approx(np.percentile(rows["model_s"], 90))

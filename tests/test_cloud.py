@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -413,12 +414,13 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
     submit = next(line for line in lines if line.startswith("  ray job submit"))
     argv = shlex.split(submit)
     # The default cluster has 4 one-GPU workers at most: one actor per GPU, 1 to 4 of them;
-    # each worker has 8 vCPUs per GPU, of which each actor's encoding gets 6 (threads and
-    # CPUs), 2 staying for decoding and Ray. Options given in --batch-args come last (win).
+    # each worker has 8 vCPUs per GPU, of which each actor's encoding gets what the cost
+    # table says RRDBNet's PNG output needs beside a V100 (2, threads and CPUs), the rest
+    # staying for decoding and Ray. Options given in --batch-args come last (win).
     assert argv[argv.index("--") + 1:] == ["sr", "batch", "gs://in/photos", "gs://out/photos", "--model",
                                            "gs://m/x4.safetensors", "--address", "auto", "--run-id", "job1",
                                            "--num-gpus-per-actor", "1", "--actors", "1,4",
-                                           "--cpus-per-actor", "6", "--encode-threads", "6", "--overwrite"]
+                                           "--cpus-per-actor", "2", "--encode-threads", "2", "--overwrite"]
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert runtime_env == json.loads((out / "runtime_env.json").read_text())
     assert runtime_env["working_dir"] == str(ROOT) and ".venv" in runtime_env["excludes"]
@@ -445,20 +447,34 @@ def test_batch_dry_run_submits_sr_batch(tmp_path, offline_env, sr):
 
 
 def test_batch_actors_get_the_cpus_of_the_cluster_shape(tmp_path, offline_env, sr):
-    """The CPUs and encode threads of each GPU actor follow the workers' vCPUs per GPU."""
-    for shape, (actors, cpus) in {("--gpus-per-worker", "2", "--cpus-per-gpu", "4", "--max-workers", "3"): ("1,6", "3"),
-                                  ("--gpus-per-worker", "4", "--cpus-per-gpu", "2"): ("1,16", "1")}.items():
+    """The CPUs and encode threads of each GPU actor follow the cost table (generator and
+    output format), within the workers' vCPUs per GPU less one."""
+    from infra import raycluster
+
+    # The table: RRDBNet's PNG needs ~2 cores beside a V100, the compact generator's many more.
+    assert math.ceil(raycluster.encode_cores_per_gpu("rrdbnet", "png")) == 2
+    assert raycluster.encode_cores_per_gpu("srvgg_compact", "png") > 8
+    assert raycluster.encode_cores_per_gpu("rrdbnet", "jpeg") < raycluster.encode_cores_per_gpu("rrdbnet", "png")
+    cases = [  # (ray-config shape, sr cloud batch options, --batch-args, actors, CPUs per actor)
+        (["--gpus-per-worker", "2", "--cpus-per-gpu", "4", "--max-workers", "3"], [], "", "1,6", "2"),
+        (["--gpus-per-worker", "4", "--cpus-per-gpu", "2"], [], "", "1,16", "1"),
+        (["--cpus-per-gpu", "8"], ["--generator", "srvgg_compact"], "", "1,4", "7"),
+        (["--cpus-per-gpu", "8"], ["--generator", "srvgg_compact"], "--format jpg ", "1,4", "7"),
+        (["--cpus-per-gpu", "8"], [], "-f jpeg ", "1,4", "2"),
+    ]
+    for shape, options, batch_args, actors, cpus in cases:
         cluster = tmp_path / "cluster.yaml"
         assert sr(["cloud", "ray-config", "--project", "p", *shape, "-o", cluster]).returncode == 0
         config = yaml.safe_load(cluster.read_text())
         worker = config["available_node_types"]["gpu_worker"]["resources"]
-        done = sr(["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", cluster,
-                   "--submission-id", "j", "--dry-run", "--out", tmp_path / "o", "--batch-args=--encode-threads 9"])
+        done = sr(["cloud", "batch", "gs://in/a", "gs://out/a", "--model", "gs://m/x", "--cluster", cluster, *options,
+                   "--submission-id", "j", "--dry-run", "--out", tmp_path / "o",
+                   f"--batch-args={batch_args}--encode-threads 9"])
         assert done.returncode == 0, done.stderr
         argv = shlex.split(next(line for line in done.stdout.splitlines() if line.startswith("  ray job submit")))
         entry = argv[argv.index("--") + 1:]
         assert entry[entry.index("--actors") + 1] == actors
-        assert worker["CPU"] // worker["GPU"] == int(shape[3])
+        assert worker["CPU"] // worker["GPU"] == int(shape[shape.index("--cpus-per-gpu") + 1])
         assert entry[entry.index("--cpus-per-actor") + 1] == cpus == entry[entry.index("--encode-threads") + 1]
         assert entry[-2:] == ["--encode-threads", "9"]  # the user's choice comes last and wins
 

@@ -266,7 +266,7 @@ def test_png_compression_level_is_configurable_and_fast_by_default():
     arr = np.asarray(photo("RGB", size=(200, 150)))
     fast = encode_image(arr)
     small = encode_image(arr, EncodeOptions("png", png_compress_level=9))
-    assert EncodeOptions().png_compress_level == 1
+    assert EncodeOptions().png_compress_level is None
     assert len(small) < len(fast)
     np.testing.assert_array_equal(decode_image(small, "x"), decode_image(fast, "x"))
 
@@ -533,3 +533,58 @@ def test_upscaler_keeps_16_bit_colour():
         assert (out % 257 != 0).mean() > 0.5  # real 16-bit output, not 8-bit scaled up
         if channels == 4:
             assert np.abs(out[::2, ::2, 3].astype(int) - values[..., 3]).max() < 2048
+
+
+def _every_png_kind() -> dict[str, np.ndarray]:
+    """A photograph as each kind of output the Upscaler writes as PNG."""
+    rgb = np.asarray(Image.open(IMAGES / "coffee.png").convert("RGB"))[:96, :128]
+    rng = np.random.default_rng(0)
+    alpha = rng.integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    return {
+        "RGB": rgb, "RGBA": np.dstack([rgb, alpha]), "L": gray, "LA": np.dstack([gray, alpha]),
+        "I;16": gray.astype(np.uint16) * 257 + rng.integers(0, 257, gray.shape, dtype=np.uint16),
+        "RGB16": rgb.astype(np.uint16) * 257 + rng.integers(0, 257, rgb.shape, dtype=np.uint16),
+        "RGBA16": np.dstack([rgb, alpha]).astype(np.uint16) * 257,
+    }
+
+
+@pytest.mark.parametrize("fast_writers", [True, False], ids=["fpng+imagecodecs", "pillow+opencv"])
+@pytest.mark.parametrize("level", [None, 1, 9])
+def test_png_writers_decode_to_the_same_pixels_for_every_kind(monkeypatch, fast_writers, level):
+    if not fast_writers:  # what runs where fpng and imagecodecs are not installed
+        monkeypatch.setattr(codecs, "_fpng", None)
+        monkeypatch.setattr(codecs, "_imagecodecs", None)
+    for kind, image in _every_png_kind().items():
+        data = encode_image(image, EncodeOptions("png", png_compress_level=level))
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", kind
+        back = decode_image(data, kind)
+        assert back.dtype == image.dtype and back.shape == image.shape, kind
+        np.testing.assert_array_equal(back, image, err_msg=kind)
+        if image.dtype == np.uint8:  # Pillow, an independent decoder, reads the same pixels
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), image, err_msg=kind)
+
+
+def test_the_default_png_writer_is_fpng_for_8_bit_colour_and_libpng_otherwise():
+    kinds = _every_png_kind()
+    assert codecs.png_encoder(kinds["RGB"], None) == "fpng"
+    assert codecs.png_encoder(kinds["RGBA"], None) == "fpng"
+    for kind in ("L", "LA", "I;16", "RGB16", "RGBA16"):
+        assert codecs.png_encoder(kinds[kind], None) == "imagecodecs", kind
+    # A compression level asked for is a zlib level: libpng, never fpng (which has none).
+    assert codecs.png_encoder(kinds["RGB"], 6) == "imagecodecs"
+    big = encode_image(kinds["RGB"], EncodeOptions("png", png_compress_level=0))
+    small = encode_image(kinds["RGB"], EncodeOptions("png", png_compress_level=9))
+    assert len(small) < len(big)
+
+
+def test_jpeg_for_a_gpu_worker_falls_back_to_the_cpu_encoder_without_one():
+    import torch
+
+    # No CUDA here (and torchvision does not import beside this torch): the GPU path is
+    # written for GPU workers and checked by ./dev gpu-check; here the CPU path must run.
+    assert not torch.cuda.is_available() and codecs.gpu_jpeg_encoder() is None
+    kinds = _every_png_kind()
+    for kind in ("RGB", "L", "RGBA", "RGB16"):
+        options = EncodeOptions("jpeg", jpeg_quality=90)
+        assert encode_image(kinds[kind], options, device="cuda") == encode_image(kinds[kind], options), kind

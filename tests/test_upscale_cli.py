@@ -81,7 +81,8 @@ def test_rerun_skips_existing_outputs_unless_overwrite(photo_folder, model_file,
     out = tmp_path / "out"
     args = ["upscale", str(photo_folder / "trip"), "-o", str(out), "-m", model_file]
     assert main(args) == 1
-    assert "written 3, skipped 0 (output exists), failed 2" in capsys.readouterr().out
+    # The summary names the device and the precision the model ran in (RRDBNet: fp32 on CPU).
+    assert "written 3, skipped 0 (output exists), failed 2 on cpu in fp32" in capsys.readouterr().out
     (out / "camera_sr.png").unlink()
     before = (out / "day1" / "coffee_sr.png").stat().st_mtime_ns
     assert main(args) == 1
