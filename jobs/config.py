@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from sr_core.precision import PRECISIONS
+from sr_core.realdegrade import SECOND_STAGE, RealDegradationOptions, StageOptions
 
 
 @dataclass
@@ -273,6 +274,51 @@ class TrainConfig:
 
 
 @dataclass
+class RealDegradationConfig:
+    """Real-ESRGAN's second-order degradation (``sr_core.realdegrade``), made from the GT
+    batch on the training device inside the step, with a pool of pairs that mixes
+    batches. The defaults are Real-ESRGAN x4plus's published values."""
+
+    enabled: bool = False
+    """Make the LR by the second-order model instead of bicubic downscaling (the loader
+    then delivers GT crops only; ``data.degradation_probs`` must be empty)."""
+
+    first: StageOptions = field(default_factory=StageOptions)
+    """The first blur -> resize -> noise -> JPEG pass (fields: ``blur_prob``,
+    ``kernel_prob``, ``sinc_prob``, ``blur_sigma``, ``betag``, ``betap``, ``resize_prob``,
+    ``resize_range``, ``gaussian_noise_prob``, ``noise_range``, ``poisson_scale_range``,
+    ``gray_noise_prob``, ``jpeg_range``; e.g. ``degradation.first.noise_range=[1,30]``)."""
+
+    second: StageOptions = field(default_factory=lambda: SECOND_STAGE)
+    """The second pass, same fields (published: blur_prob 0.8, sigma 0.2-1.5, resize
+    0.3/0.4/0.3 over 0.3-1.2, noise sigma 1-25, Poisson 0.05-2.5)."""
+
+    kernel_sizes: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)
+    """Odd blur kernel sizes, drawn uniformly."""
+
+    final_sinc_prob: float = 0.8
+    """Probability of the final sinc filter (per sample)."""
+
+    usm_gt: bool = True
+    """Sharpen the GT by unsharp masking for the pixel and perceptual losses (the
+    discriminator sees the unsharpened GT)."""
+
+    pool_size: int = 180
+    """Degraded pairs kept to mix batches (Real-ESRGAN's queue); a multiple of
+    ``data.batch_size``; 0 turns the pool off. It is saved in every checkpoint (uint8)
+    so that a resumed run continues exactly."""
+
+    num_images_logged: int = 4
+    """Crops shown in TensorBoard's ``degraded/`` grid (LR | output | GT) at each
+    validation; 0 for none."""
+
+    def options(self, scale: int) -> RealDegradationOptions:
+        return RealDegradationOptions(scale=scale, first=self.first, second=self.second,
+                                      kernel_sizes=tuple(self.kernel_sizes), final_sinc_prob=self.final_sinc_prob,
+                                      usm_gt=self.usm_gt)
+
+
+@dataclass
 class Config:
     """The training job's configuration."""
 
@@ -290,6 +336,9 @@ class Config:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """The run itself."""
+
+    degradation: RealDegradationConfig = field(default_factory=RealDegradationConfig)
+    """Real-ESRGAN's second-order degradation of the training pairs (off by default)."""
 
 
 # Presets are plain override dicts applied before the config file. The published ones
@@ -729,7 +778,8 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def validate(config) -> None:
     """Checks that involve several fields or value ranges, section by section."""
-    for check in (validate_data, validate_model, validate_loss, validate_optim, validate_train):
+    for check in (validate_data, validate_model, validate_loss, validate_optim, validate_train,
+                  validate_degradation):
         check(config)
 
 
@@ -819,6 +869,24 @@ def validate_loss(config) -> None:
                              "(a path or URL of vgg19-dcbb9e9d.pth); set loss.random_vgg=true only for tests")
     if not gan and lo.pixel_weight <= 0:
         raise ValueError("loss.pixel_weight must be > 0 in the psnr stage (it is the only loss there)")
+
+
+def validate_degradation(config) -> None:
+    deg, d = config.degradation, config.data
+    try:
+        deg.options(d.scale)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("degradation ", "degradation.", 1)) from None
+    if deg.pool_size < 0 or (deg.pool_size and deg.pool_size % d.batch_size):
+        raise ValueError(f"degradation.pool_size ({deg.pool_size}) must be 0 or a multiple of data.batch_size "
+                         f"({d.batch_size})")
+    if deg.num_images_logged < 0:
+        raise ValueError(f"degradation.num_images_logged must be >= 0, got {deg.num_images_logged}")
+    if deg.enabled and d.degradation_probs:
+        raise ValueError("degradation.enabled makes the LR itself: leave data.degradation_probs empty")
+    if deg.enabled and d.train_lr:
+        raise ValueError("degradation.enabled makes the LR from the GT: train from data.train_shards, "
+                         "not paired folders (data.train_lr)")
 
 
 SCHEDULES = ("constant", "multistep", "cosine_restart")
