@@ -560,6 +560,62 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Real-ESRGAN's recipes (Wang et al. 2021; options/train_realesrnet_x4plus.yml and
+# options/train_realesrgan_x4plus.yml): the second-order degradation with its published
+# values (RealDegradationConfig's defaults) on 256 px GT crops, batch 12 per GPU on 4
+# GPUs, a pool of 180 pairs, the GT sharpened by USM for the pixel and perceptual losses,
+# Adam betas (0.9, 0.99), EMA 0.999, lr halved at the last step (i.e. constant).
+_REAL_ESRGAN_DATA = {
+    "degradation.enabled": True,
+    "degradation.pool_size": 180,
+    "data.gt_size": 256,
+    "data.scale": 4,
+    "data.batch_size": 12,
+    "train.ema_decay": 0.999,
+    "optim.betas_g": [0.9, 0.99],
+    "optim.betas_d": [0.9, 0.99],
+    "optim.schedule": "multistep",
+    "optim.gamma": 0.5,
+    "loss.pixel": "l1",
+    "loss.pixel_weight": 1.0,
+    "train.checkpoint_every": 5000,
+    "train.val_every": 5000,
+}
+# RealESRNet: L1 only, lr 2e-4, 1M iterations, from ESRGAN's x4 weights (set
+# train.pretrained to ESRGAN_SRx4_DF2KOST_official-ff704c30.pth or our esrgan_psnr_x4 run).
+_REAL_PSNR = {**_REAL_ESRGAN_DATA, "train.stage": "psnr", "train.max_steps": 1_000_000,
+              "optim.lr_g": 2e-4, "optim.milestones": [1_000_000]}
+# RealESRGAN: from RealESRNet, + perceptual (VGG19 before activation, L1: conv1_2 0.1,
+# conv2_2 0.1, conv3_4/4_4/5_4 1.0) + vanilla GAN 0.1 against the U-Net discriminator
+# with spectral norm; lr 1e-4 for G and D, 400k iterations.
+_REAL_GAN = {**_REAL_ESRGAN_DATA, "train.stage": "gan", "train.max_steps": 400_000,
+             "optim.lr_g": 1e-4, "optim.lr_d": 1e-4, "optim.milestones": [400_000],
+             "model.discriminator": "unet_sn", "model.discriminator_variant": "realesrgan",
+             "loss.perceptual_weight": 1.0, "loss.perceptual_criterion": "l1",
+             "loss.perceptual_layers": {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1.0, "conv4_4": 1.0,
+                                        "conv5_4": 1.0},
+             "loss.gan": "vanilla", "loss.gan_weight": 0.1}
+REAL_PRESETS: dict[str, dict[str, Any]] = {
+    "realesrnet_x4plus": {**_REAL_PSNR, "model.generator": "rrdbnet", "model.generator_variant": "esrgan"},
+    "realesrgan_x4plus": {**_REAL_GAN, "model.generator": "rrdbnet", "model.generator_variant": "esrgan"},
+    # The compact counterpart (realesr-general-x4v3's size) with the same degradations and
+    # stages; Real-ESRGAN publishes no options for it, so these are the x4plus values.
+    "realesr_general_x4": {**_REAL_PSNR, "model.generator": "srvgg_compact",
+                           "model.generator_variant": "realesr_general"},
+    "realesr_general_gan_x4": {**_REAL_GAN, "model.generator": "srvgg_compact",
+                               "model.generator_variant": "realesr_general"},
+    # The CPU demo for real photographs: demo_x2 (the compact `small` x2, 64 px crops,
+    # batch 16, lr 1e-3, EMA 0.99) trained on the second-order degradation; chosen by
+    # measurement (docs/TRAINING.md, "How demo_real_x2 was chosen").
+    "demo_real_x2": {
+        **PRESETS["demo_x2"],
+        "degradation.enabled": True,
+        "degradation.pool_size": 192,
+    },
+}
+PRESETS.update(REAL_PRESETS)
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of dataclass ``cls``."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -877,7 +933,7 @@ def validate_degradation(config) -> None:
         deg.options(d.scale)
     except ValueError as exc:
         raise ValueError(str(exc).replace("degradation ", "degradation.", 1)) from None
-    if deg.pool_size < 0 or (deg.pool_size and deg.pool_size % d.batch_size):
+    if deg.pool_size < 0 or (deg.enabled and deg.pool_size and deg.pool_size % d.batch_size):
         raise ValueError(f"degradation.pool_size ({deg.pool_size}) must be 0 or a multiple of data.batch_size "
                          f"({d.batch_size})")
     if deg.num_images_logged < 0:
