@@ -123,6 +123,8 @@ class Sizes:
     """Inputs of the ``sr batch`` step (crops of the photographs)."""
     batch_side: int = 128
     """Their side in pixels (x4: 512x512 outputs)."""
+    degrade_batch: tuple = (12, 256)
+    """(batch, GT side) of the second-order degradation step: Real-ESRGAN x4plus's per-GPU batch."""
 
 
 GPU = Sizes()
@@ -130,7 +132,7 @@ REHEARSAL = Sizes(
     variants={"rrdbnet": "small", COMPACT: "tiny"}, seed=1, photo_crop=32, tile=16, repeats=1,
     psnr_preset="tiny", gan_preset="tiny", train_overrides=("data.num_workers=0",),
     gan_overrides=("train.stage=gan",), checkpoint_every=2, steps_after_resume=6, gan_steps=3,
-    batch_images=8, batch_side=24,
+    batch_images=8, batch_side=24, degrade_batch=(2, 64),
 )
 
 
@@ -210,6 +212,8 @@ STEPS = [
                                 "jobs/launch/deepspeed_zero2_8_gpus.yaml (ZeRO-2), 1 process"),
     Step("batch", 100, "sr batch, local Ray, 1 GPU actor, a few hundred small images, vs sr upscale; GPU "
                        "utilisation; does encoding keep up (RRDBNet, and the compact generator if present)"),
+    Step("degradation", 20, "Real-ESRGAN's second-order degradation on the GPU (sr_core.realdegrade): degraded "
+                            "pairs/s at x4plus's batch of 12 x 256 px, peak memory, its JPEG on the GPU vs on the CPU"),
     Step("train-nccl", 150, "with 2+ GPUs: sr train --processes 2 (DDP) and the DeepSpeed launch config, 2 "
                             "processes over NCCL, ranks equal", min_gpus=2),
 ]
@@ -1125,6 +1129,41 @@ def step_batch(ctx: Context) -> Iterator[Row]:
         yield Row(step, f"{arch} · encoding in the actor", figures)
 
 
+def step_degradation(ctx: Context) -> Iterator[Row]:
+    """Degraded pairs/s of the whole pipeline on the device (what the training step adds
+    per batch when ``degradation.enabled``), and the device's JPEG against the CPU's."""
+    import torch
+
+    from sr_core import jpeg_torch
+    from sr_core.realdegrade import RealDegradation, RealDegradationOptions
+
+    batch, side = ctx.sizes.degrade_batch
+    crops = [torch.from_numpy(im[:side, :side].copy()).permute(2, 0, 1).float() / 255
+             for im in photos(ctx) if min(im.shape[:2]) >= side]
+    if not crops:
+        crops = [torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))]
+    gt = torch.stack([crops[i % len(crops)] for i in range(batch)]).to(ctx.device)
+    pipeline = RealDegradation(RealDegradationOptions(scale=4))
+    seeds = iter(range(10**6))
+
+    def run():
+        return pipeline(gt, torch.Generator(device=ctx.device).manual_seed(next(seeds)))
+
+    run()  # warm-up
+    memory: dict = {}
+    with peak_memory(ctx.device, memory):
+        seconds = best_seconds(run, max(3, ctx.sizes.repeats), ctx.device)
+    yield Row("degradation", f"second-order pipeline, {batch} x {side} px, x4", {
+        "pairs/s": batch / seconds, "ms/batch": 1000 * seconds,
+        "peak GiB": memory["peak_gib"] if memory["peak_gib"] is not None else "n/a (CPU)"})
+    on_device = jpeg_torch.jpeg(gt, 60).cpu().double()
+    on_cpu = jpeg_torch.jpeg(gt.cpu(), 60).double()
+    mse = float(((on_device - on_cpu) ** 2).mean())
+    yield Row("degradation", "JPEG q60 on the device vs on the CPU", {
+        "dB": "identical" if mse == 0 else 10 * math.log10(1 / mse),
+        "differing 8-bit values": float((on_device != on_cpu).float().mean())})
+
+
 # ---------------------------------------------------------------- running the steps
 
 
@@ -1136,6 +1175,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Context], Iterator[Row]]] = {
     "train-ddp": lambda ctx: step_train(ctx, Launch("sr train (DDP)", "ddp", 1)),
     "train-deepspeed": lambda ctx: step_train(ctx, Launch("DeepSpeed ZeRO-2 launch config", "deepspeed", 1)),
     "batch": step_batch,
+    "degradation": step_degradation,
     "train-nccl": lambda ctx: [*step_train(ctx, Launch("sr train --processes 2 (DDP, NCCL)", "ddp", 2)),
                                *step_train(ctx, Launch("DeepSpeed ZeRO-2 launch config, 2 processes", "deepspeed", 2))],
 }
