@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -118,13 +120,44 @@ def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def opencv_gaussian_kernel(size: int, sigma: float = 0) -> torch.Tensor:
-    """OpenCV's ``getGaussianKernel`` outer product (sigma <= 0: 0.3((size-1)/2 - 1) + 0.8)."""
+    """OpenCV's ``getGaussianKernel`` (1-D, float64; sigma <= 0: 0.3((size-1)/2 - 1) + 0.8)."""
     if sigma <= 0:
         sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+    return g / g.sum()
+
+
+def _reflect_indices(i: np.ndarray, n: int) -> np.ndarray:
+    """Reflect-101 (OpenCV's default border, torch's "reflect") of indices ``i`` into
+    0..n-1, bouncing as often as needed."""
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    i = np.abs(i) % period
+    return np.where(i < n, i, period - i)
+
+
+@lru_cache(maxsize=32)
+def _blur_matrix(n: int, kernel_1d: tuple[float, ...]) -> torch.Tensor:
+    """(n, n) float64 matrix M with ``x @ M`` = the 1-D convolution of rows x with the
+    kernel, reflect-101 borders folded in."""
+    k = len(kernel_1d)
+    out, taps = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    source = _reflect_indices(out + taps - k // 2, n)
+    m = np.zeros((n, n))
+    np.add.at(m, (source, out), np.asarray(kernel_1d)[::-1][taps])
+    return torch.from_numpy(m)
+
+
+def separable_blur(img: torch.Tensor, kernel_1d: torch.Tensor) -> torch.Tensor:
+    """Convolve every channel with ``outer(kernel_1d, kernel_1d)``, reflect-101 borders,
+    as two matrix products (``M_h^T X M_w``): CPUs and GPUs run them far faster than a
+    51-tap single-channel convolution."""
+    h, w = img.shape[-2:]
+    taps = tuple(kernel_1d.tolist())
+    m_h, m_w = _blur_matrix(h, taps).to(img), _blur_matrix(w, taps).to(img)
+    return m_h.T @ img @ m_w
 
 
 def usm_sharpen(img: torch.Tensor, weight: float = 0.5, radius: int = 50, threshold: float = 10) -> torch.Tensor:
@@ -134,9 +167,9 @@ def usm_sharpen(img: torch.Tensor, weight: float = 0.5, radius: int = 50, thresh
     ``m K + (1 - m) I`` with ``m = G * [|I - G*I| * 255 > threshold]``."""
     size = radius + 1 if radius % 2 == 0 else radius
     kernel = opencv_gaussian_kernel(size)
-    residual = img - filter2d(img, kernel)
+    residual = img - separable_blur(img, kernel)
     mask = (residual.abs() * 255 > threshold).to(img.dtype)
-    soft = filter2d(mask, kernel)
+    soft = separable_blur(mask, kernel)
     sharp = (img + weight * residual).clamp(0, 1)
     return soft * sharp + (1 - soft) * img
 
@@ -164,9 +197,14 @@ def _luma(img: torch.Tensor) -> torch.Tensor:
 def _poisson_part(img: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shot noise of the 8-bit image: Poisson(img * v) / v - img, with v the number of
     distinct values of each image rounded up to a power of two (Real-ESRGAN's choice)."""
-    img = (img * 255).round().clamp(0, 255) / 255
-    counts = [len(torch.unique(one)) for one in img]
-    vals = img.new_tensor([2 ** math.ceil(math.log2(n)) for n in counts]).view(-1, 1, 1, 1)
+    levels = (img * 255).round().clamp(0, 255)
+    img = levels / 255
+    b = img.shape[0]
+    # distinct 8-bit values per image, all images in one bincount
+    offsets = torch.arange(b, device=img.device).view(b, 1) * 256
+    bins = torch.bincount((levels.reshape(b, -1).long() + offsets).reshape(-1), minlength=256 * b)
+    counts = (bins.view(b, 256) > 0).sum(1).double()
+    vals = torch.exp2(torch.ceil(torch.log2(counts))).to(img).view(-1, 1, 1, 1)
     return torch.poisson(img * vals, generator=generator) / vals - img
 
 
