@@ -1030,17 +1030,27 @@ def reference_markdown() -> str:
         cls = typing.get_type_hints(Config)[section.name]
         lines += [f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}", "",
                   "| field | type | default | meaning |", "|---|---|---|---|"]
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            value = getattr(getattr(defaults, section.name), f.name)
-            default = repr(list(value) if isinstance(value, tuple) else value).replace("|", "\\|")
-            hint = (getattr(hints[f.name], "__name__", None) if not typing.get_args(hints[f.name])
-                    else str(hints[f.name]).replace("typing.", ""))
-            lines.append(f"| `{section.name}.{f.name}` | {str(hint).replace('|', 'or')} | `{default}` | "
-                         f"{docs.get(f.name, '').replace('|', '/')} |")
+        lines += _reference_rows(cls, getattr(defaults, section.name), section.name)
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(cls: type, values, prefix: str) -> list[str]:
+    """One table row per field of dataclass ``cls``; a nested section (a dataclass-typed
+    field, e.g. ``degradation.first``) gives one row per field of its own."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        value, hint = getattr(values, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += _reference_rows(hint, value, f"{prefix}.{f.name}")
+            continue
+        default = repr(list(value) if isinstance(value, tuple) else value).replace("|", "\\|")
+        name = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
+        rows.append(f"| `{prefix}.{f.name}` | {str(name).replace('|', 'or')} | `{default}` | "
+                    f"{docs.get(f.name, '').replace('|', '/')} |")
+    return rows
 
 
 if __name__ == "__main__":
