@@ -128,7 +128,6 @@ def jpeg(img: torch.Tensor, quality: torch.Tensor | float, differentiable: bool 
     # would stop every gradient, so the differentiable path leaves them out.
     pixels = img.clamp(0, 1) * 255 if differentiable else torch.round(img.clamp(0, 1) * 255)
     ycc = rgb_to_ycbcr(_pad_to(pixels, 16))  # whole 16x16 MCUs: 8x8 blocks after subsampling
-    hp, wp = ycc.shape[-2:]
     luma = _code_plane(ycc[:, :1], luma_table, differentiable)
     chroma = F.avg_pool2d(ycc[:, 1:], 2)
     hc, wc = (h + 1) // 2, (w + 1) // 2  # chroma samples that cover the image
@@ -138,7 +137,6 @@ def jpeg(img: torch.Tensor, quality: torch.Tensor | float, differentiable: bool 
     # libjpeg's fancy upsampling: 3/4 nearer + 1/4 farther sample, replicated edges.
     chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
     ycc = torch.cat([luma[..., :h, :w], chroma[..., :h, :w]], 1)
-    assert hp >= h and wp >= w
     rgb = ycbcr_to_rgb(ycc)
     rgb = (rgb if differentiable else torch.round(rgb)).clamp(0, 255)
     return rgb / 255
