@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +29,8 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from sr_core import codecs  # noqa: E402
+from sr_core import codecs
 
 IMAGES = REPO / "assets" / "images"
 

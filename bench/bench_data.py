@@ -1,9 +1,12 @@
 """Training data pipeline throughput: crops/s of one process reading sub-image shards
 (local, and from a GCS API server on 127.0.0.1 cold then cached) against a naive
 loader that decodes a whole 2K source image per crop; then the share of step time the
-tiny preset's training loop waits for data with 2 DataLoader workers.
+tiny preset's training loop waits for data with 2 DataLoader workers; then degraded
+pairs/s of Real-ESRGAN's second-order degradation (``sr_core.realdegrade``) on this CPU,
+the whole pipeline and each of its steps, beside the bicubic loader.
 
     .venv/bin/python bench/bench_data.py [--images 6] [--steps 60]
+    .venv/bin/python bench/bench_data.py --degraded-only [--batches 4]
 
 Sources are DIV2K-sized (2040x1356) PNGs made by upscaling the photos in
 assets/images; shards are made by ``sr prepare`` with the defaults (480/240).
@@ -12,6 +15,7 @@ assets/images; shards are made by ``sr prepare`` with the defaults (480/240).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -130,9 +134,74 @@ def train_wait(dataset, cfg, steps: int, samples_per_transfer: int, warmup: int 
     return meter.fraction(), 1000 * meter.total_seconds / max(meter.steps, 1)
 
 
+def _best_ms(fn, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 1000 * best
+
+
+def degraded_pairs(shards: str, batches: int) -> None:
+    """Pairs/s of one process: the bicubic loader, the GT-only loader + the second-order
+    degradation, and each degradation step alone on one batch (best of ``batches``)."""
+    from torch.nn import functional as F
+
+    from sr_core import jpeg_torch
+    from sr_core import realdegrade as rd
+
+    print(f"\nDegraded pairs/s, one process, {torch.get_num_threads()} torch thread(s), CPU "
+          f"(best of {batches} batches per step row):\n")
+    print(f"| {'setting':<26} | {'what':<44} | {'ms/batch':>9} | {'pairs/s':>8} |")
+    print(f"|{'-' * 28}|{'-' * 46}|{'-' * 11}|{'-' * 10}|")
+    for label, gt_size, scale, batch in (("x4plus: 256 px, x4, b 12", 256, 4, 12),
+                                         ("demo_real_x2: 64 px, x2, b 16", 64, 2, 16)):
+        def row(what, ms):
+            print(f"| {label:<26} | {what:<44} | {ms:>9.1f} | {1000 * batch / ms:>8.1f} |")
+
+        bicubic = SubImageDataset(shards, gt_size, scale)
+        row("bicubic loader (MATLAB imresize LR)", 1000 * batch / crops_per_second(bicubic, batch * batches))
+        gt_only = SubImageDataset(shards, gt_size, scale, gt_only=True)
+        row("GT-only loader (the LR made in the step)", 1000 * batch / crops_per_second(gt_only, batch * batches))
+        pipeline = rd.RealDegradation(rd.RealDegradationOptions(scale=scale))
+        loader = TrainLoader(gt_only, batch_size=batch, rank=0, world_size=1, seed=0, num_workers=0)
+        gts = []
+        for b in loader:
+            gts.append(b["gt"])
+            if len(gts) == batches:
+                break
+        seeds = iter(range(10**6))
+        row("second-order pipeline (no loader)",
+            min(_best_ms(lambda: pipeline(gt, torch.Generator().manual_seed(next(seeds))), 1) for gt in gts))
+        gt, g = gts[0], torch.Generator().manual_seed(0)
+        lr_size = gt_size // scale
+        kernels = pipeline.kernels(g, batch, pipeline.options.first)[1]
+        sigma, gray = torch.full((batch,), 10 / 255), torch.zeros(batch, dtype=torch.bool)
+        small = F.interpolate(gt, size=(lr_size, lr_size), mode="area")
+        steps = [
+            ("  USM sharpening of the GT", lambda: rd.usm_sharpen(gt)),
+            ("  drawing the kernels (2 x b + b sinc)", lambda: (pipeline.kernels(g, batch, pipeline.options.first),
+                                                                 pipeline.kernels(g, batch, pipeline.options.second),
+                                                                 pipeline.final_sinc_kernels(g, batch))),
+            ("  blur 21x21, GT size", lambda: rd.filter2d(gt, kernels)),
+            ("  resize GT size -> 0.7x (bicubic)", lambda: F.interpolate(gt, scale_factor=0.7, mode="bicubic")),
+            ("  Gaussian noise, GT size", lambda: rd.gaussian_noise(gt, sigma, gray, g)),
+            ("  Poisson noise, GT size", lambda: rd.poisson_noise(gt, sigma * 10, gray, g)),
+            ("  JPEG, GT size", lambda: jpeg_torch.jpeg(gt, 60)),
+            ("  blur 21x21, LR size", lambda: rd.filter2d(small, kernels)),
+            ("  JPEG, LR size", lambda: jpeg_torch.jpeg(small, 60)),
+        ]
+        for what, fn in steps:
+            row(what, _best_ms(fn, batches))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=6, help="2K source images (default: 6)")
+    parser.add_argument("--degraded-only", action="store_true",
+                        help="only the degraded-pairs table (local raw shards of --images sources)")
+    parser.add_argument("--batches", type=int, default=4, help="batches per degraded-pairs row (default: 4)")
     parser.add_argument("--crops", type=int, default=320, help="crops per throughput measurement (default: 320)")
     parser.add_argument("--steps", type=int, default=200, help="training steps measured (default: 200)")
     args = parser.parse_args()
@@ -151,6 +220,9 @@ def main() -> None:
                   f"{index['num_shards']} shards ({index['total_bytes'] / 1e6:.0f} MB) in "
                   f"{time.perf_counter() - t:.1f} s")
 
+        degraded_pairs(str(work / "raw"), args.batches)
+        if args.degraded_only:
+            return
         emulator, url = start_emulator()
         import gcsfs
 

@@ -320,7 +320,6 @@ def compare_precision(quick: bool, rounds: int) -> None:
     import torch
     from PIL import Image
 
-    sys.path.insert(0, str(REPO))
     from sr_cli.main import main as sr_main
     from sr_core import build_generator, codecs, save_generator
     from sr_core.precision import cpu_bf16_flag
@@ -373,7 +372,6 @@ def compare_compile(quick: bool) -> None:
     import torch
     import torch._inductor.config
 
-    sys.path.insert(0, str(REPO))
     from sr_core import build_generator
 
     # A cold compile, as a fresh worker pays it: no graphs cached by an earlier run.

@@ -22,6 +22,7 @@ from typing import Any, Union
 
 from sr_core.errors import MAX_SHOWN, shown
 from sr_core.precision import PRECISIONS
+from sr_core.realdegrade import SECOND_STAGE, RealDegradationOptions, StageOptions
 
 
 @dataclass
@@ -280,6 +281,51 @@ class TrainConfig:
 
 
 @dataclass
+class RealDegradationConfig:
+    """Real-ESRGAN's second-order degradation (``sr_core.realdegrade``), made from the GT
+    batch on the training device inside the step, with a pool of pairs that mixes
+    batches. The defaults are Real-ESRGAN x4plus's published values."""
+
+    enabled: bool = False
+    """Make the LR by the second-order model instead of bicubic downscaling (the loader
+    then delivers GT crops only; ``data.degradation_probs`` must be empty)."""
+
+    first: StageOptions = field(default_factory=StageOptions)
+    """The first blur -> resize -> noise -> JPEG pass (fields: ``blur_prob``,
+    ``kernel_prob``, ``sinc_prob``, ``blur_sigma``, ``betag``, ``betap``, ``resize_prob``,
+    ``resize_range``, ``gaussian_noise_prob``, ``noise_range``, ``poisson_scale_range``,
+    ``gray_noise_prob``, ``jpeg_range``; e.g. ``degradation.first.noise_range=[1,30]``)."""
+
+    second: StageOptions = field(default_factory=lambda: SECOND_STAGE)
+    """The second pass, same fields (published: blur_prob 0.8, sigma 0.2-1.5, resize
+    0.3/0.4/0.3 over 0.3-1.2, noise sigma 1-25, Poisson 0.05-2.5)."""
+
+    kernel_sizes: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)
+    """Odd blur kernel sizes, drawn uniformly."""
+
+    final_sinc_prob: float = 0.8
+    """Probability of the final sinc filter (per sample)."""
+
+    usm_gt: bool = True
+    """Sharpen the GT by unsharp masking for the pixel and perceptual losses (the
+    discriminator sees the unsharpened GT)."""
+
+    pool_size: int = 180
+    """Degraded pairs kept to mix batches (Real-ESRGAN's queue); a multiple of
+    ``data.batch_size``; 0 turns the pool off. It is saved in every checkpoint (uint8)
+    so that a resumed run continues exactly."""
+
+    num_images_logged: int = 4
+    """Crops shown in TensorBoard's ``degraded/`` grid (LR | output | GT) at each
+    validation; 0 for none."""
+
+    def options(self, scale: int) -> RealDegradationOptions:
+        return RealDegradationOptions(scale=scale, first=self.first, second=self.second,
+                                      kernel_sizes=tuple(self.kernel_sizes), final_sinc_prob=self.final_sinc_prob,
+                                      usm_gt=self.usm_gt)
+
+
+@dataclass
 class Config:
     """The training job's configuration."""
 
@@ -297,6 +343,9 @@ class Config:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """The run itself."""
+
+    degradation: RealDegradationConfig = field(default_factory=RealDegradationConfig)
+    """Real-ESRGAN's second-order degradation of the training pairs (off by default)."""
 
 
 # Presets are plain override dicts applied before the config file. The published ones
@@ -516,6 +565,62 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.pixel": "l1",
     },
 }
+
+
+# Real-ESRGAN's recipes (Wang et al. 2021; options/train_realesrnet_x4plus.yml and
+# options/train_realesrgan_x4plus.yml): the second-order degradation with its published
+# values (RealDegradationConfig's defaults) on 256 px GT crops, batch 12 per GPU on 4
+# GPUs, a pool of 180 pairs, the GT sharpened by USM for the pixel and perceptual losses,
+# Adam betas (0.9, 0.99), EMA 0.999, lr halved at the last step (i.e. constant).
+_REAL_ESRGAN_DATA = {
+    "degradation.enabled": True,
+    "degradation.pool_size": 180,
+    "data.gt_size": 256,
+    "data.scale": 4,
+    "data.batch_size": 12,
+    "train.ema_decay": 0.999,
+    "optim.betas_g": [0.9, 0.99],
+    "optim.betas_d": [0.9, 0.99],
+    "optim.schedule": "multistep",
+    "optim.gamma": 0.5,
+    "loss.pixel": "l1",
+    "loss.pixel_weight": 1.0,
+    "train.checkpoint_every": 5000,
+    "train.val_every": 5000,
+}
+# RealESRNet: L1 only, lr 2e-4, 1M iterations, from ESRGAN's x4 weights (set
+# train.pretrained to ESRGAN_SRx4_DF2KOST_official-ff704c30.pth or our esrgan_psnr_x4 run).
+_REAL_PSNR = {**_REAL_ESRGAN_DATA, "train.stage": "psnr", "train.max_steps": 1_000_000,
+              "optim.lr_g": 2e-4, "optim.milestones": [1_000_000]}
+# RealESRGAN: from RealESRNet, + perceptual (VGG19 before activation, L1: conv1_2 0.1,
+# conv2_2 0.1, conv3_4/4_4/5_4 1.0) + vanilla GAN 0.1 against the U-Net discriminator
+# with spectral norm; lr 1e-4 for G and D, 400k iterations.
+_REAL_GAN = {**_REAL_ESRGAN_DATA, "train.stage": "gan", "train.max_steps": 400_000,
+             "optim.lr_g": 1e-4, "optim.lr_d": 1e-4, "optim.milestones": [400_000],
+             "model.discriminator": "unet_sn", "model.discriminator_variant": "realesrgan",
+             "loss.perceptual_weight": 1.0, "loss.perceptual_criterion": "l1",
+             "loss.perceptual_layers": {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1.0, "conv4_4": 1.0,
+                                        "conv5_4": 1.0},
+             "loss.gan": "vanilla", "loss.gan_weight": 0.1}
+REAL_PRESETS: dict[str, dict[str, Any]] = {
+    "realesrnet_x4plus": {**_REAL_PSNR, "model.generator": "rrdbnet", "model.generator_variant": "esrgan"},
+    "realesrgan_x4plus": {**_REAL_GAN, "model.generator": "rrdbnet", "model.generator_variant": "esrgan"},
+    # The compact counterpart (realesr-general-x4v3's size) with the same degradations and
+    # stages; Real-ESRGAN publishes no options for it, so these are the x4plus values.
+    "realesr_general_x4": {**_REAL_PSNR, "model.generator": "srvgg_compact",
+                           "model.generator_variant": "realesr_general"},
+    "realesr_general_gan_x4": {**_REAL_GAN, "model.generator": "srvgg_compact",
+                               "model.generator_variant": "realesr_general"},
+    # The CPU demo for real photographs: demo_x2 (the compact `small` x2, 64 px crops,
+    # batch 16, lr 1e-3, EMA 0.99) trained on the second-order degradation; chosen by
+    # measurement (docs/TRAINING.md, "How demo_real_x2 was chosen").
+    "demo_real_x2": {
+        **PRESETS["demo_x2"],
+        "degradation.enabled": True,
+        "degradation.pool_size": 192,
+    },
+}
+PRESETS.update(REAL_PRESETS)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -813,7 +918,8 @@ def _check_range(name: str, value, low, high) -> None:
 
 def validate(config) -> None:
     """Checks that involve several fields or value ranges, section by section."""
-    for check in (validate_data, validate_model, validate_loss, validate_optim, validate_train):
+    for check in (validate_data, validate_model, validate_loss, validate_optim, validate_train,
+                  validate_degradation):
         check(config)
 
 
@@ -928,6 +1034,24 @@ def validate_loss(config) -> None:
         raise ValueError("loss.pixel_weight must be > 0 in the psnr stage (it is the only loss there)")
 
 
+def validate_degradation(config) -> None:
+    deg, d = config.degradation, config.data
+    try:
+        deg.options(d.scale)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("degradation ", "degradation.", 1)) from None
+    if deg.pool_size < 0 or (deg.enabled and deg.pool_size and deg.pool_size % d.batch_size):
+        raise ValueError(f"degradation.pool_size ({deg.pool_size}) must be 0 or a multiple of data.batch_size "
+                         f"({d.batch_size})")
+    if deg.num_images_logged < 0:
+        raise ValueError(f"degradation.num_images_logged must be >= 0, got {deg.num_images_logged}")
+    if deg.enabled and d.degradation_probs:
+        raise ValueError("degradation.enabled makes the LR itself: leave data.degradation_probs empty")
+    if deg.enabled and d.train_lr:
+        raise ValueError("degradation.enabled makes the LR from the GT: train from data.train_shards, "
+                         "not paired folders (data.train_lr)")
+
+
 SCHEDULES = ("constant", "multistep", "cosine_restart")
 
 
@@ -1035,17 +1159,27 @@ def reference_markdown() -> str:
         cls = typing.get_type_hints(Config)[section.name]
         lines += [f"### `{section.name}`: {' '.join((cls.__doc__ or '').split())}", "",
                   "| field | type | default | meaning |", "|---|---|---|---|"]
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            value = getattr(getattr(defaults, section.name), f.name)
-            default = repr(list(value) if isinstance(value, tuple) else value).replace("|", "\\|")
-            hint = (getattr(hints[f.name], "__name__", None) if not typing.get_args(hints[f.name])
-                    else str(hints[f.name]).replace("typing.", ""))
-            lines.append(f"| `{section.name}.{f.name}` | {str(hint).replace('|', 'or')} | `{default}` | "
-                         f"{docs.get(f.name, '').replace('|', '/')} |")
+        lines += _reference_rows(cls, getattr(defaults, section.name), section.name)
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(cls: type, values, prefix: str) -> list[str]:
+    """One table row per field of dataclass ``cls``; a nested section (a dataclass-typed
+    field, e.g. ``degradation.first``) gives one row per field of its own."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        value, hint = getattr(values, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += _reference_rows(hint, value, f"{prefix}.{f.name}")
+            continue
+        default = repr(list(value) if isinstance(value, tuple) else value).replace("|", "\\|")
+        name = getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
+        rows.append(f"| `{prefix}.{f.name}` | {str(name).replace('|', 'or')} | `{default}` | "
+                    f"{docs.get(f.name, '').replace('|', '/')} |")
+    return rows
 
 
 if __name__ == "__main__":

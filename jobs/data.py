@@ -355,10 +355,13 @@ class SubImageDataset(Dataset):
     """
 
     def __init__(self, shards_url: str, gt_size: int, scale: int, augment: Augment | None = None,
-                 cache: ShardCache | None = None):
+                 cache: ShardCache | None = None, gt_only: bool = False):
         if gt_size % scale:
             raise ValueError(f"gt_size {gt_size} must be a multiple of scale {scale}")
         self.shards_url, self.gt_size, self.scale = shards_url, gt_size, scale
+        self.gt_only = gt_only
+        """No LR: the training step makes it (``degradation.enabled``); items carry an
+        empty ``lr``."""
         self.augment = augment or Augment()
         self.index = read_index(shards_url)
         root = shards_url[: -len("/index.json")] if shards_url.endswith("/index.json") else shards_url
@@ -427,6 +430,8 @@ class SubImageDataset(Dataset):
         else:
             hr = self.read_subimage(index)[y:y + self.gt_size, x:x + self.gt_size]
         (gt,) = self.augment.geometric(rng, hr)
+        if self.gt_only:
+            return {"lr": _to_tensor(gt[:0, :0]), "gt": _to_tensor(gt), "index": index}
         lr = imresize(gt, scale=1 / self.scale)
         lr = self.augment.degrade(rng, lr)
         return {"lr": _to_tensor(lr), "gt": _to_tensor(gt), "index": index}
@@ -741,12 +746,14 @@ def _worker_errors_as_raised(loader):
         yield packed
 
 
-def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device: str = "cpu") -> TrainLoader:
-    """The training loader described by a :class:`jobs.config.DataConfig`."""
+def build_train_loader(cfg, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                       gt_only: bool = False) -> TrainLoader:
+    """The training loader described by a :class:`jobs.config.DataConfig` (``gt_only``:
+    GT crops only, for a step that makes the LR itself)."""
     augment = Augment(cfg.hflip_prob, cfg.vflip_prob, cfg.transpose_prob, dict(cfg.degradation_probs))
     cache = ShardCache(cfg.cache_dir, int(cfg.cache_max_gb * 1024**3))
     if cfg.train_shards:
-        dataset = SubImageDataset(cfg.train_shards, cfg.gt_size, cfg.scale, augment, cache)
+        dataset = SubImageDataset(cfg.train_shards, cfg.gt_size, cfg.scale, augment, cache, gt_only)
     elif cfg.train_hr:
         dataset = PairedImageDataset(cfg.train_hr, cfg.train_lr, cfg.gt_size, cfg.scale, augment, cache)
     else:

@@ -41,6 +41,7 @@ from jobs import config as config_module
 from jobs import validation
 from jobs.config import Config
 from jobs.data import TrainLoader, ValidationDataset, build_train_loader, build_val_dataset
+from jobs.degrade import DeviceDegradation
 from jobs.engines import (
     BACKENDS,
     DDPBackend,
@@ -82,6 +83,8 @@ class TrainingState:
     """Bicubic's validation scores, the baseline printed beside the model's."""
     tb: TensorBoardLog | None
     """Rank 0's TensorBoard writer; None on other ranks."""
+    degrader: DeviceDegradation | None = None
+    """The second-order degradation made in the step (``degradation.enabled``)."""
     step: int = 0
     """Optimizer steps done."""
     best_psnr: float = -math.inf
@@ -144,7 +147,8 @@ def build_state(config: Config, resume: str) -> TrainingState:
     discriminator_net = backend.network(
         discriminator, adam(discriminator, optim.lr_d, optim.betas_d, optim.weight_decay_d)) if gan else None
 
-    loader = build_train_loader(config.data, accelerator.process_index, accelerator.num_processes, device=str(device))
+    loader = build_train_loader(config.data, accelerator.process_index, accelerator.num_processes, device=str(device),
+                                gt_only=config.degradation.enabled)
     val_set = build_val_dataset(config.data)
     state = TrainingState(
         config=config, backend=backend, accelerator=accelerator, precision=precision,
@@ -153,6 +157,7 @@ def build_state(config: Config, resume: str) -> TrainingState:
         pixel_loss=build_pixel_loss(loss.pixel), perceptual_loss=perceptual_loss,
         gan_loss=GANLoss(loss.gan, loss_weight=loss.gan_weight) if gan else None,
         loader=loader, val_set=val_set, bicubic_scores=None, tb=None,
+        degrader=DeviceDegradation(config, accelerator.process_index, device) if config.degradation.enabled else None,
     )
     try:
         if val_set is not None:
@@ -221,8 +226,10 @@ def save_checkpoint(state: TrainingState, step: int) -> str:
     writer = ckpt.CheckpointWriter(train.run_dir, step, rank, state.config)
     sync_buffers(state.accelerator, state.modules())
     backend_state = state.backend.save(state.networks, writer)
-    writer.save_torch(f"rank_{rank}.pt",
-                      {"rng": ckpt.rng_state(), "loader": state.loader.state_dict(), "digest": weights_digest(state)})
+    mine = {"rng": ckpt.rng_state(), "loader": state.loader.state_dict(), "digest": weights_digest(state)}
+    if state.degrader is not None:  # the pair pool: part of the data position
+        mine["degradation"] = state.degrader.state_dict()
+    writer.save_torch(f"rank_{rank}.pt", mine)
     if state.is_main:
         writer.save_torch("state.pt", {
             "step": step, "best_psnr": state.best_psnr, "g": fp32_state_dict(state.generator.module),
@@ -250,5 +257,7 @@ def load_checkpoint(state: TrainingState, folder: str) -> None:
         mine = ckpt.load_torch(rank_file)
         state.loader.load_state_dict(mine["loader"])
         ckpt.set_rng_state(mine["rng"])
+        if state.degrader is not None and "degradation" in mine:
+            state.degrader.load_state_dict(mine["degradation"])
     else:  # more ranks than the checkpoint had: this one starts its data epoch over
         log(state.accelerator, f"{rank_file} does not exist (the world size changed): rank {rank} restarts its epoch")

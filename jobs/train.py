@@ -39,6 +39,7 @@ from jobs import preemption, validation
 from jobs.cli import add_train_arguments
 from jobs.config import Config, OptimConfig
 from jobs.data import DataWaitMeter
+from jobs.degrade import degraded_grid
 from jobs.engines import adopt_deepspeed_launch, fp32_state_dict
 from jobs.export import export_models
 from jobs.progress import LogWindow, log, progress_bar
@@ -156,6 +157,8 @@ def train_loop(state: TrainingState) -> str:
             new_best = False
             if state.val_set is not None and (step % train.val_every == 0 or step == train.max_steps):
                 new_best = _validate(state, step)
+            if state.tb and state.degrader is not None and (step % train.val_every == 0 or step == train.max_steps):
+                _log_degraded(state, step)
             if new_best or step % train.checkpoint_every == 0 or step == train.max_steps:
                 save_checkpoint(state, step)
                 last_checkpoint = step
@@ -177,20 +180,24 @@ def generator_step(state: TrainingState, batches, window: LogWindow, index: int,
     if discriminator is not None:
         discriminator.freeze(True)
     fakes, step_loss = [], torch.zeros((), device=state.accelerator.device)
-    for _ in range(state.config.train.grad_accum_steps):
+    for micro in range(state.config.train.grad_accum_steps):
         batch = next(batches)
-        lr, hr = batch["lr"], batch["gt"]
+        if state.degrader is not None:  # the LR is made here, on the device (degradation.enabled)
+            batch = state.degrader(batch, index, micro)
+        # The pixel and perceptual losses may aim at a sharpened GT; the discriminator
+        # always sees the GT itself (Real-ESRGAN's l1/percep_gt_usm, not gan_gt_usm).
+        lr, hr, target = batch["lr"], batch["gt"], batch.get("gt_sharp", batch["gt"])
         with generator.accumulate():
             out = generator(lr, all_heads=True) if state.multihead else generator(lr)
             heads = [h.float() for h in (out if isinstance(out, list) else [out])]
             # Every head of a multi-head model gets the loss; the discriminator judges
             # their mean (what the model returns at inference by default).
             fake = heads[0] if len(heads) == 1 else torch.stack(heads).mean(dim=0)
-            terms = {"loss/g_pixel": loss.pixel_weight * sum(state.pixel_loss(h, hr) for h in heads)}
+            terms = {"loss/g_pixel": loss.pixel_weight * sum(state.pixel_loss(h, target) for h in heads)}
             if discriminator is not None:
                 if state.perceptual_loss is not None:
                     terms["loss/g_perceptual"] = loss.perceptual_weight * sum(
-                        state.perceptual_loss(h, hr) for h in heads)
+                        state.perceptual_loss(h, target) for h in heads)
                 # The plain module (not the DDP wrapper): no gradient sync is armed for
                 # the discriminator in the generator's step. Real logits need no graph.
                 fake_logits, real_logits = discriminator.plain(fake), None
@@ -327,6 +334,21 @@ def _validate(state: TrainingState, step: int) -> bool:
                            f"{scores['ssim']:.4f} (bicubic: {bicubic['psnr_bicubic']:.2f} dB, "
                            f"{bicubic['ssim_bicubic']:.4f})" + (" best" if new_best else ""))
     return new_best
+
+
+def _log_degraded(state: TrainingState, step: int) -> None:
+    """TensorBoard's ``degraded/N`` images: what the model is taught (degraded LR |
+    the generator's output | GT) on crops of the last training batch."""
+    batch = state.degrader.last
+    count = min(state.config.degradation.num_images_logged, batch["lr"].shape[0])
+    if count == 0:
+        return
+    module = state.generator.module
+    with torch.no_grad():
+        out = module(batch["lr"][:count].to(next(module.parameters()).dtype))
+    out = (out[0] if isinstance(out, list) else out).float()
+    for i in range(count):
+        state.tb.image(f"degraded/{i}", degraded_grid(batch["lr"][i], out[i], batch["gt"][i]), step)
 
 
 def _hparams(config: Config) -> dict:

@@ -37,6 +37,8 @@ class Report:
     lpips: bool = False
     figures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """set name -> (file name below the output folder, caption)."""
+    lr_chain: str = ""
+    """How ``--degrade`` made the LR images (empty: MATLAB bicubic downscaling)."""
 
     @property
     def metrics(self) -> list[str]:
@@ -141,8 +143,10 @@ def problem_lines(report: Report) -> list[str]:
 def markdown(report: Report) -> str:
     out = ["# sr eval results", "",
            f"{protocol(report)}. Each row is the mean over the set's scored images; the best value of "
-           "each column is in bold. LR inputs are made from the HR images with MATLAB bicubic "
-           "downscaling unless the set brings its own.", ""]
+           "each column is in bold. "
+           + (f"LR inputs are made from the HR images by: {report.lr_chain}." if report.lr_chain else
+              "LR inputs are made from the HR images with MATLAB bicubic downscaling unless the set brings "
+              "its own."), ""]
     for result in report.sets:
         image_set = result.image_set
         out.append(f"## {markdown_cell(image_set.name)}")
@@ -263,6 +267,7 @@ def to_json(report: Report) -> dict:
         })
     return {
         "scale": report.scale, "channel": report.channel, "crop_border": report.crop_border,
+        **({"lr_chain": report.lr_chain} if report.lr_chain else {}),
         "methods": [{"name": m.name, "kind": m.kind, "definition": m.definition} for m in report.methods],
         "sets": sets,
         "set_errors": [{"input": s, "reason": r} for s, r in report.set_errors],

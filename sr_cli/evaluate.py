@@ -62,6 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "each model's output is then resized to it with MATLAB bicubic)")
     p.add_argument("--bicubic", type=int, metavar="SCALE", default=None,
                    help="shorthand for --scale SCALE --baseline bicubic (the published baseline)")
+    p.add_argument("--degrade", metavar="SPEC", default=None,
+                   help="score on a degraded copy of the sets: HR -> Gaussian blur (blur=SIGMA, HR px) -> MATLAB "
+                        "bicubic downscale -> Gaussian noise (noise=SIGMA on 0..255) -> Pillow JPEG "
+                        "(jpeg=QUALITY), in that order, any subset, e.g. blur=1.2,noise=5,jpeg=60; the noise is "
+                        "seeded per image by its name, so runs agree (not with --paired)")
     p.add_argument("--rgb", action="store_true", help="score on RGB instead of the Y channel")
     p.add_argument("--crop-border", type=int, default=None, help="pixels cropped at each edge (default: the scale)")
     p.add_argument("-o", "--out", metavar="DIR", default=None,
@@ -124,6 +129,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if scale is not None and scale < 1:
         raise ValueError(f"the scale must be 1 or more, got {scale}")
     baselines = parse_baselines(args.baseline, args.bicubic is not None)
+    degrade = None
+    if args.degrade is not None:
+        from sr_core.degradations import parse_eval_degradation
+
+        if args.paired:
+            raise ValueError("--degrade makes the LR images from the HR ones; --paired sets bring their own: "
+                             "give one or the other")
+        degrade = parse_eval_degradation(args.degrade)
     labels = model_labels(args.model)
     models = [modelfile.load_generator(url) for url in args.model]
     if scale is None:
@@ -146,7 +159,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     crop_border = scale if args.crop_border is None else args.crop_border
     report = eval_report.Report(scale=scale, crop_border=crop_border, y_channel=not args.rgb, methods=methods,
-                                lpips=lpips is not None)
+                                lpips=lpips is not None, lr_chain=degrade.describe() if degrade else "")
     listed = []
     used_names: set[str] = set()
     for source, lr_source in [(s, None) for s in args.inputs] + [tuple(p) for p in args.paired]:
@@ -167,11 +180,11 @@ def run_eval(args: argparse.Namespace) -> int:
     for image_set in listed:
         bar.set_description(f"eval {eval_report.visible(image_set.name)[:30]}")
         report.sets.append(evaluate.evaluate_set(image_set, methods, scale, crop_border, not args.rgb, lpips,
-                                                 on_method=lambda: bar.update(1)))
+                                                 on_method=lambda: bar.update(1), degrade=degrade))
     bar.close()
 
     if out is not None:
-        _write_figures(report, out, args.figures)
+        _write_figures(report, out, args.figures, degrade)
         for name, data in (("results.md", eval_report.markdown(report).encode("utf-8", "backslashreplace")),
                            ("results.csv", eval_report.summary_csv(report)),
                            ("per_image.csv", eval_report.per_image_csv(report)),
@@ -180,6 +193,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json_out:
         storage.write_bytes(args.json_out, eval_report.json_bytes(report))
 
+    if degrade is not None:
+        print(f"LR images: {degrade.describe()}")
     print(eval_report.text_tables(report))
     problems = eval_report.problem_lines(report)
     scored = sum(len(s.images) for s in report.sets)
@@ -191,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 1 if report.num_failures else 0
 
 
-def _write_figures(report, out: str, count: int) -> None:
+def _write_figures(report, out: str, count: int, degrade=None) -> None:
     from sr_cli import eval_figures
     from sr_cli import eval_report
     from sr_core import evaluate, storage
@@ -226,7 +241,7 @@ def _write_figures(report, out: str, count: int) -> None:
         for image_name, kind, rank in evaluate.figure_images(result, primary.name, count):
             try:
                 hr, outputs = result.kept.get(image_name) or evaluate.run_methods(items[image_name], report.methods,
-                                                                                  report.scale)
+                                                                                  report.scale, degrade)
             except Exception as exc:  # it was scored a moment ago; say so rather than lose the tables
                 result.failures.append((image_name, f"figure: {evaluate.failure_reason(exc, items[image_name])}"))
                 continue

@@ -12,6 +12,7 @@ uniformly (integers for quality, hole counts and sizes).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
+
+from sr_core.resize import imresize
 
 
 def _check_image(img: np.ndarray, what: str) -> None:
@@ -223,3 +226,69 @@ def apply_degradations(
     if rng.random() < cfg.jpeg:
         img = jpeg(img, cfg.jpeg_quality_range, rng=rng)
     return img
+
+
+# ---------------------------------------------------------------- a fixed chain for evaluation
+
+EVAL_CHAIN_ORDER = ("blur", "noise", "jpeg")
+
+
+@dataclass(frozen=True)
+class EvalDegradation:
+    """A fixed degradation of evaluation images, always in this order: the HR image is
+    blurred (isotropic Gaussian, ``blur`` = sigma in HR pixels, kernel ``2 ceil(3 sigma) +
+    1``, reflect padding), downscaled with MATLAB bicubic, given Gaussian noise (``noise``
+    = sigma on the 0..255 scale, independent per channel, rounded and clipped) and saved
+    as a Pillow JPEG (``jpeg`` = quality, 4:2:0). A step whose value is 0 is left out.
+    The noise of an image is drawn from a generator seeded by the SHA-256 of its name, so
+    every run degrades an image the same way."""
+
+    blur: float = 0.0
+    noise: float = 0.0
+    jpeg: int = 0
+
+    def describe(self) -> str:
+        steps = [f"Gaussian blur sigma {self.blur:g} px (HR)"] if self.blur else []
+        steps.append("MATLAB bicubic downscale")
+        if self.noise:
+            steps.append(f"Gaussian noise sigma {self.noise:g}/255")
+        if self.jpeg:
+            steps.append(f"JPEG quality {self.jpeg} (Pillow, 4:2:0)")
+        return " -> ".join(steps)
+
+    def make_lr(self, hr: np.ndarray, scale: int, name: str) -> np.ndarray:
+        """The degraded LR of a uint8 HR image (HW or HWC) cropped to a multiple of ``scale``."""
+        rng = np.random.default_rng(list(hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()[:16]))
+        img = gaussian_blur(hr, (self.blur, self.blur), rng=rng) if self.blur else hr
+        lr = imresize(img, scale=1 / scale)
+        if self.noise:
+            lr = gaussian_noise(lr, (self.noise, self.noise), rng=rng, gray_prob=0.0)
+        if self.jpeg:
+            lr = jpeg(lr, (self.jpeg, self.jpeg), rng=rng)
+        return lr
+
+
+def parse_eval_degradation(spec: str) -> EvalDegradation:
+    """``"blur=1.2,noise=5,jpeg=60"`` -> :class:`EvalDegradation` (any subset, any order)."""
+    values: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or key not in EVAL_CHAIN_ORDER:
+            raise ValueError(f"--degrade {spec!r}: {part!r} is not one of blur=SIGMA, noise=SIGMA, jpeg=QUALITY "
+                             "(e.g. --degrade blur=1.2,noise=5,jpeg=60)")
+        if key in values:
+            raise ValueError(f"--degrade {spec!r}: {key} is given twice")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"--degrade {spec!r}: {key}={raw!r} is not a number") from None
+        values[key] = value
+    if not values:
+        raise ValueError("--degrade: empty; e.g. --degrade blur=1.2,noise=5,jpeg=60")
+    if not 0 <= values.get("blur", 0) <= 20 or not 0 <= values.get("noise", 0) <= 255:
+        raise ValueError(f"--degrade {spec!r}: blur must be in [0, 20] px and noise in [0, 255]")
+    quality = values.get("jpeg", 0)
+    if quality != int(quality) or not (quality == 0 or 1 <= quality <= 100):
+        raise ValueError(f"--degrade {spec!r}: jpeg must be an integer quality 1..100")
+    return EvalDegradation(blur=values.get("blur", 0.0), noise=values.get("noise", 0.0), jpeg=int(quality))

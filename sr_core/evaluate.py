@@ -45,6 +45,7 @@ from sr_core import metrics, storage
 from sr_core.archs.multihead_rrdbnet import MEAN_OF_HEADS, MultiHeadRRDBNet
 from sr_core.codecs import INPUT_EXTENSIONS, read_image, to_rgb8
 from sr_core.datasets import hr_key, read_list
+from sr_core.degradations import EvalDegradation
 from sr_core.errors import short_reason, strip_url
 from sr_core.resize import imresize, mod_crop
 from sr_core.upscaler import Upscaler
@@ -277,14 +278,17 @@ class SetResult:
         return self.image_set.failures + self.failures
 
 
-def make_pair(hr: np.ndarray, lr: np.ndarray | None, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """(HR cropped to the scored size, LR input), both uint8 HW (gray) or HWC (colour)."""
+def make_pair(hr: np.ndarray, lr: np.ndarray | None, scale: int, degrade: EvalDegradation | None = None,
+              name: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(HR cropped to the scored size, LR input), both uint8 HW (gray) or HWC (colour).
+    With ``degrade`` (and no LR of the set's own) the LR is made by that fixed chain,
+    seeded by the image's ``name``."""
     hr = to_rgb8(hr, keep_gray=True)
     if lr is None:
         hr = mod_crop(hr, scale)
         if min(hr.shape[:2]) < scale:
             raise ValueError(f"{hr.shape[1]}x{hr.shape[0]} is too small to score at x{scale}")
-        return hr, imresize(hr, scale=1 / scale)
+        return hr, (degrade.make_lr(hr, scale, name) if degrade else imresize(hr, scale=1 / scale))
     lr = to_rgb8(lr, keep_gray=True)
     if lr.ndim != hr.ndim:  # one gray, one colour: compare in colour
         hr, lr = to_rgb8(hr), to_rgb8(lr)
@@ -320,23 +324,26 @@ def _upscale(method: Method, lr: np.ndarray, hr: np.ndarray) -> np.ndarray:
     return sr
 
 
-def read_pair(item: SetItem, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    return make_pair(read_image(item.hr), read_image(item.lr) if item.lr else None, scale)
+def read_pair(item: SetItem, scale: int, degrade: EvalDegradation | None = None) -> tuple[np.ndarray, np.ndarray]:
+    return make_pair(read_image(item.hr), read_image(item.lr) if item.lr else None, scale, degrade, item.name)
 
 
-def run_methods(item: SetItem, methods: list[Method], scale: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def run_methods(item: SetItem, methods: list[Method], scale: int,
+                degrade: EvalDegradation | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(HR as scored, each method's output) for one image."""
-    hr, lr = read_pair(item, scale)
+    hr, lr = read_pair(item, scale, degrade)
     return hr, {method.name: _upscale(method, lr, hr) for method in methods}
 
 
 def evaluate_set(image_set: ImageSet, methods: list[Method], scale: int, crop_border: int | None = None,
                  y_channel: bool = True, lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
-                 on_method: Callable[[], None] | None = None, keep_bytes: int = KEEP_OUTPUT_BYTES) -> SetResult:
+                 on_method: Callable[[], None] | None = None, keep_bytes: int = KEEP_OUTPUT_BYTES,
+                 degrade: EvalDegradation | None = None) -> SetResult:
     """Score every method on every image of the set. An image that cannot be read or
     scored (by any method) becomes a failure with its reason and is left out of every
     mean, so all rows are means over the same images. ``on_method`` is called after
-    each method is scored on an image (a progress bar)."""
+    each method is scored on an image (a progress bar). ``degrade``: LR images made by
+    that fixed chain instead of plain bicubic downscaling (sets without LR of their own)."""
     border = scale if crop_border is None else crop_border
     result = SetResult(image_set)
     kept_bytes = 0
@@ -348,7 +355,7 @@ def evaluate_set(image_set: ImageSet, methods: list[Method], scale: int, crop_bo
             # anonymous lines on stderr.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                hr, lr = read_pair(item, scale)
+                hr, lr = read_pair(item, scale, degrade)
             result.warnings.extend((item.name, short_reason(w.message, None)) for w in caught)
             for method in methods:
                 outputs[method.name] = _upscale(method, lr, hr)

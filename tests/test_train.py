@@ -221,14 +221,21 @@ def sigterm_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path):
+# Real-ESRGAN's second-order degradation in the step, with a pool of 4 pairs (full after
+# the first step's two micro-batches, so every later batch comes out of the pool).
+DEGRADED = ["degradation.enabled=true", "degradation.pool_size=4"]
+
+
+@pytest.mark.parametrize("lr_made_by", ["bicubic", "degradation"])
+def test_gan_stage_resumes_exactly_after_sigkill_and_sigterm(data, tmp_path, lr_made_by):
     """8 straight steps == 8 steps killed (SIGKILL) after the step-3 checkpoint, resumed,
     stopped by SIGTERM (checkpoint + exit 0), resumed again. Every part runs with the same
     number of threads (a different reduction order would round differently)."""
     torch.set_num_threads(2)
     args = [*COMMON, f"data.train_shards={data['shards']}", "data.num_workers=1", "data.batch_size=2",
             "train.stage=gan", f"train.pretrained={data['start']}", *CHEAP_VGG, "train.max_steps=8",
-            "train.checkpoint_every=3", "optim.grad_clip=0.5", "train.grad_accum_steps=2"]
+            "train.checkpoint_every=3", "optim.grad_clip=0.5", "train.grad_accum_steps=2",
+            *(DEGRADED if lr_made_by == "degradation" else [])]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     assert train_main([*args, f"train.run_dir={straight}"]) == 0
     command = [sys.executable, "-m", "jobs.train", *args, f"train.run_dir={broken}", "--resume", "auto"]
