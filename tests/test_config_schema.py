@@ -138,3 +138,10 @@ def test_python_m_jobs_config_prints_the_reference():
     assert out.startswith("### `data`:") and config_module.reference_markdown() in out
     assert "| `train.backend` | ddp / deepspeed |" in out
     assert Config() == load_config(None, [])
+
+
+def test_the_config_imports_no_torch():
+    """`sr --help` lists the presets: reading the config package must not load torch."""
+    code = "import sys, jobs.config; print(sorted(m for m in ('torch', 'accelerate', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

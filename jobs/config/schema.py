@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 from jobs.config.typed import ranged
 from sr_core.precision import PRECISIONS
-from sr_core.realdegrade import SECOND_STAGE, RealDegradationOptions, StageOptions
+from sr_core.realdegrade_options import SECOND_STAGE, RealDegradationOptions, StageOptions
 
 Schedule = Literal["constant", "multistep", "cosine_restart"]
 Stage = Literal["psnr", "gan"]
