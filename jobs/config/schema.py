@@ -292,7 +292,7 @@ class TrainConfig:
     """``ddp`` (PyTorch DistributedDataParallel) or ``deepspeed`` (ZeRO, see ``zero_stage``)."""
 
     zero_stage: int = ranged(2, low=0, high=2, text="0, 1 or 2 (ZeRO-3 shards parameters; the EMA and "
-                                                             "validation need them whole)")
+                                                    "validation need them whole)")
     """DeepSpeed ZeRO stage (0, 1 or 2) when ``backend`` is ``deepspeed``."""
 
     deepspeed_config: str = ""
