@@ -46,6 +46,7 @@ from accelerate.utils import (
 from torch import nn
 
 from jobs import checkpoint as ckpt
+from jobs import config as config_module
 from jobs.config import Config, read_config_file
 from sr_core import storage
 from sr_core.net import free_port
@@ -66,16 +67,19 @@ def resolve_precision(requested: str, cuda: bool, arch: str | None = None) -> st
     return requested
 
 
-def adopt_deepspeed_launch(config: Config) -> None:
+def adopt_deepspeed_launch(config: Config) -> Config:
     """Launched by ``accelerate launch`` with a DeepSpeed config (jobs/launch/deepspeed_*):
-    train with DeepSpeed and that JSON. The job builds its two engines itself, so
+    the config to train with, DeepSpeed and that JSON, built and validated anew (``config``
+    itself is left as it was validated). The job builds its two engines itself, so
     Accelerate must not install its own DeepSpeed plugin."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return
+        return config
     os.environ.pop("ACCELERATE_USE_DEEPSPEED")
-    config.train.backend = "deepspeed"
+    values = config_module.to_dict(config)
+    values["train"]["backend"] = "deepspeed"
     if not config.train.deepspeed_config:
-        config.train.deepspeed_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        values["train"]["deepspeed_config"] = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    return config_module.from_dict(values)
 
 
 def fp32_state_dict(module: nn.Module) -> dict:
@@ -304,7 +308,8 @@ class DeepSpeedBackend:
                     network.engine.load_checkpoint(os.path.join(merged, name), tag="ckpt")
 
 
-BACKENDS = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}
+# Keyed by the config's one list of backend names (train.backend's Literal), in its order.
+BACKENDS = dict(zip(config_module.BACKENDS, (DDPBackend, DeepSpeedBackend), strict=True))
 
 
 def deepspeed_config(config: Config, precision: str) -> dict:

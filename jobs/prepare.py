@@ -287,36 +287,19 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     hidden: list[dict] = []
     sources = list_sources(src, settings, unsafe, hidden)
     if not sources:
-
         filtered = ", after --include/--exclude" if settings.include or settings.exclude else ""
         raise ValueError(f"{src}: no images found (looked for {', '.join(codecs.INPUT_EXTENSIONS)}{filtered})")
     plan = {"format": INDEX_FORMAT, "settings": settings.as_json(), "sources": sources}
     dst_fs, dst_path = storage.get_fs(dst)
     if dst_fs.isfile(dst_path):
         raise ValueError(f"{dst}: DST is a file; choose a folder (or prefix) for the shards and index")
-
-    index = _read_json(storage.join(dst, INDEX_NAME), "an sr prepare index")
+    index = _finished_index(dst, plan)
     if index is not None:
-        if index.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{storage.join(dst, INDEX_NAME)}: not an sr prepare index (format "
-                             f"{index.get('format')!r}); choose another DST")
-        if index.get("settings") != plan["settings"] or index.get("sources") != sources:
-            raise FileExistsError(f"{dst} already holds a prepared data set made from other images or "
-                                  "settings; choose another DST (or delete it)")
         print(f"{dst}: already prepared ({index['num_subimages']} sub-images); nothing to do", file=sys.stderr)
         return index
     # A read-only, foreign or full DST is refused before any image is cut.
     storage.check_writable(dst)
-    old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
-    # Created only if absent: of two runs starting at once into one DST, one creates the
-    # plan and the other compares with it. Runs of the same plan may then work side by
-    # side (a unit's bytes depend only on the plan; temporaries are per process);
-    # a run of another plan is refused instead of interleaving its shards.
-    if old_plan is None and not storage.create_bytes(storage.join(dst, PLAN_NAME), json.dumps(plan, indent=1).encode()):
-        old_plan = _read_json(storage.join(dst, PLAN_NAME), "an sr prepare plan")
-    if old_plan is not None and old_plan != plan:
-        raise ValueError(f"{dst} holds an unfinished prepare of other images or settings; re-run it with "
-                         "the same SRC and options to finish it, or choose another DST")
+    _claim_plan(dst, plan)
     # A killed local write leaves a temporary file behind; those of killed runs go,
     # those of a run still writing into the same DST stay.
     storage.remove_stale_temporaries(dst)
@@ -337,21 +320,7 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
         bar.write(f"resuming: {len(manifests)} of {len(units)} shard units already done")
     start = time.monotonic()
     try:
-        if num_workers == 1 or len(pending) <= 1:
-            for job in pending:
-                m = prepare_unit(*job)
-                manifests[m["unit"]] = m
-                bar.update(len(m["sources"]))
-        else:
-            # spawn: gcsfs holds an event-loop thread and sockets that must not be forked
-            ctx = multiprocessing.get_context("spawn")
-            # Leaving the block (an error, Ctrl-C, SIGTERM as Terminated) terminates the
-            # workers; they ignore SIGINT, so Ctrl-C at a terminal (sent to the whole group)
-            # stops them through this process instead of a KeyboardInterrupt traceback each.
-            with ctx.Pool(min(num_workers, len(pending)), initializer=_worker_ignores_sigint) as pool:
-                for m in pool.imap_unordered(_prepare_unit_star, pending):
-                    manifests[m["unit"]] = m
-                    bar.update(len(m["sources"]))
+        _run_units(pending, num_workers, manifests, bar)
     except OSError as exc:
         # a full (or quota-limited, or read-only) DST: the finished units are kept
         if is_unwritable(exc):
@@ -378,6 +347,57 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     }
     storage.write_bytes(storage.join(dst, INDEX_NAME), json.dumps(index).encode())
     return index
+
+
+def _finished_index(dst: str, plan: dict) -> dict | None:
+    """The index already in ``dst`` when it was made from ``plan`` (None when there is
+    none); an index of other images or settings, or of another tool, is refused."""
+    index = _read_json(storage.join(dst, INDEX_NAME), "an sr prepare index")
+    if index is None:
+        return None
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{storage.join(dst, INDEX_NAME)}: not an sr prepare index (format "
+                         f"{index.get('format')!r}); choose another DST")
+    if index.get("settings") != plan["settings"] or index.get("sources") != plan["sources"]:
+        raise FileExistsError(f"{dst} already holds a prepared data set made from other images or "
+                              "settings; choose another DST (or delete it)")
+    return index
+
+
+def _claim_plan(dst: str, plan: dict) -> None:
+    """Write ``plan.json`` into ``dst``, or check that the one there is ``plan``.
+
+    Created only if absent: of two runs starting at once into one DST, one creates the
+    plan and the other compares with it. Runs of the same plan may then work side by
+    side (a unit's bytes depend only on the plan; temporaries are per process); a run
+    of another plan is refused instead of interleaving its shards."""
+    url = storage.join(dst, PLAN_NAME)
+    old_plan = _read_json(url, "an sr prepare plan")
+    if old_plan is None and not storage.create_bytes(url, json.dumps(plan, indent=1).encode()):
+        old_plan = _read_json(url, "an sr prepare plan")
+    if old_plan is not None and old_plan != plan:
+        raise ValueError(f"{dst} holds an unfinished prepare of other images or settings; re-run it with "
+                         "the same SRC and options to finish it, or choose another DST")
+
+
+def _run_units(pending: list[tuple], num_workers: int, manifests: dict[int, dict], bar) -> None:
+    """Cut the ``pending`` units (in this process, or in a pool of ``num_workers``),
+    adding each finished unit's manifest to ``manifests`` as it arrives."""
+    if num_workers == 1 or len(pending) <= 1:
+        for job in pending:
+            m = prepare_unit(*job)
+            manifests[m["unit"]] = m
+            bar.update(len(m["sources"]))
+        return
+    # spawn: gcsfs holds an event-loop thread and sockets that must not be forked
+    ctx = multiprocessing.get_context("spawn")
+    # Leaving the block (an error, Ctrl-C, SIGTERM as Terminated) terminates the
+    # workers; they ignore SIGINT, so Ctrl-C at a terminal (sent to the whole group)
+    # stops them through this process instead of a KeyboardInterrupt traceback each.
+    with ctx.Pool(min(num_workers, len(pending)), initializer=_worker_ignores_sigint) as pool:
+        for m in pool.imap_unordered(_prepare_unit_star, pending):
+            manifests[m["unit"]] = m
+            bar.update(len(m["sources"]))
 
 
 def read_index(url: str) -> dict:

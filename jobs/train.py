@@ -80,7 +80,7 @@ def run(config: Config, resume: str = "") -> int:
     """Train with a validated config; returns the exit code (0 also after a preemption)."""
     previous_handler = preemption.install()
     try:
-        adopt_deepspeed_launch(config)
+        config = adopt_deepspeed_launch(config)
         with ckpt.run_lease(config.train.run_dir):  # one job per run directory
             state = build_state(config, resume)
             try:

@@ -4,6 +4,7 @@ local cache, paired folders, validation sets, typed config and the data-wait met
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -431,6 +432,9 @@ def test_close_releases_the_open_shards(local_shards):
     def open_fds():
         return len(os.listdir("/proc/self/fd"))
 
+    # Readers of earlier tests close their descriptors when collected: collect them now,
+    # not in the middle of the count.
+    gc.collect()
     ds = SubImageDataset(local_shards, gt_size=32, scale=2)
     before = open_fds()
     with TrainLoader(ds, 4, num_workers=0) as loader:
