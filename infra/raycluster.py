@@ -152,10 +152,6 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
     validator accepts it as written and ``ray up`` adds no surprises)."""
     check_spec(spec)
     ray_bin = f"{image.VENV}/bin/ray"
-    worker_cpus = spec.cpus_per_gpu * spec.gpus_per_worker
-    scheduling = {"onHostMaintenance": "TERMINATE", "automaticRestart": False}
-    if spec.spot:
-        scheduling = {**scheduling, "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE"}
     install = image.install_script("batch", also=(f"ray[default]=={image.RAY_VERSION}",))
     login = registry_login_commands(spec.docker_image)
     config = {
@@ -171,35 +167,7 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
             "project_id": spec.project_id,
         },
         "auth": {"ssh_user": "ubuntu"},
-        "available_node_types": {
-            "head": {
-                "resources": {"CPU": 8},
-                "node_config": {
-                    "machineType": spec.head_machine_type,
-                    "disks": _disk(spec),
-                },
-            },
-            "gpu_worker": {
-                "min_workers": spec.min_workers,
-                "max_workers": spec.max_workers,
-                "resources": {"CPU": worker_cpus, "GPU": spec.gpus_per_worker},
-                "node_config": {
-                    "machineType": worker_machine_type(spec),
-                    "guestAccelerators": [{"acceleratorType": spec.gpu, "acceleratorCount": spec.gpus_per_worker}],
-                    "metadata": {"items": [{"key": "install-nvidia-driver", "value": "True"}]},
-                    "scheduling": scheduling,
-                    "disks": _disk(spec),
-                    # Ray sets a service account on the head only; without one the
-                    # workers could not read the inputs or write the outputs.
-                    "serviceAccounts": [{
-                        "email": spec.worker_service_account or service_account_email(spec.project_id),
-                        "scopes": SCOPES,
-                    }],
-                },
-                # Replaces the global list on these nodes (run before Docker starts).
-                "initialization_commands": [WAIT_FOR_DRIVER, *login],
-            },
-        },
+        "available_node_types": node_types(spec, login),
         "head_node_type": "head",
         "file_mounts": {PROJECT_ON_NODES: project_dir},
         "cluster_synced_files": [],
@@ -235,6 +203,42 @@ def cluster_config(spec: ClusterSpec, project_dir: str) -> dict:
             "worker_run_options": ["--gpus all"],
         }
     return config
+
+
+def node_types(spec: ClusterSpec, login: list[str]) -> dict:
+    """The CPU head and the autoscaling GPU workers (``available_node_types``)."""
+    scheduling = {"onHostMaintenance": "TERMINATE", "automaticRestart": False}
+    if spec.spot:
+        scheduling = {**scheduling, "provisioningModel": "SPOT", "instanceTerminationAction": "DELETE"}
+    return {
+        "head": {
+            "resources": {"CPU": 8},
+            "node_config": {
+                "machineType": spec.head_machine_type,
+                "disks": _disk(spec),
+            },
+        },
+        "gpu_worker": {
+            "min_workers": spec.min_workers,
+            "max_workers": spec.max_workers,
+            "resources": {"CPU": spec.cpus_per_gpu * spec.gpus_per_worker, "GPU": spec.gpus_per_worker},
+            "node_config": {
+                "machineType": worker_machine_type(spec),
+                "guestAccelerators": [{"acceleratorType": spec.gpu, "acceleratorCount": spec.gpus_per_worker}],
+                "metadata": {"items": [{"key": "install-nvidia-driver", "value": "True"}]},
+                "scheduling": scheduling,
+                "disks": _disk(spec),
+                # Ray sets a service account on the head only; without one the
+                # workers could not read the inputs or write the outputs.
+                "serviceAccounts": [{
+                    "email": spec.worker_service_account or service_account_email(spec.project_id),
+                    "scopes": SCOPES,
+                }],
+            },
+            # Replaces the global list on these nodes (run before Docker starts).
+            "initialization_commands": [WAIT_FOR_DRIVER, *login],
+        },
+    }
 
 
 def registry_login_commands(docker_image: str) -> list[str]:

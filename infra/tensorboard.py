@@ -72,6 +72,15 @@ def start(logdir: str, host: str = "127.0.0.1", port: int = 6006, reload_interva
     return tb, url
 
 
+def serve(target: str, host: str = "127.0.0.1", port: int = 6006, reload_interval: float = 30.0) -> tuple[str, str]:
+    """``sr tensorboard TARGET``: TensorBoard on the folder :func:`resolve_logdir` picks, in
+    background threads; returns ``(logdir, url)``."""
+    check_port(port)  # before the run directory is listed (a bucket listing takes seconds)
+    logdir = resolve_logdir(target)
+    _, url = start(logdir, host=host, port=port, reload_interval=reload_interval)
+    return logdir, url
+
+
 def _in_use(host: str, port: int) -> bool:
     """Whether something accepts connections on host:port (TensorBoard's own test)."""
     import socket

@@ -25,7 +25,6 @@ machines have no GPU. CPU runs (gloo, fp32) are what the tests run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -36,7 +35,7 @@ import torch
 from jobs import checkpoint as ckpt
 from jobs import config as config_module
 from jobs import preemption, validation
-from jobs.cli import add_train_arguments
+from jobs.arguments import job_parser
 from jobs.config import Config, OptimConfig
 from jobs.data import DataWaitMeter
 from jobs.degrade import degraded_grid
@@ -50,8 +49,7 @@ from sr_core import storage
 def main(argv: list[str] | None = None) -> int:
     # Intermixed: options may come between the overrides, as in a VM's command line
     # `... -m jobs.train CONFIG --resume auto train.run_dir=gs://...`.
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
-    add_train_arguments(parser)
+    parser = job_parser("python -m jobs.train", __doc__.split("\n\n")[0])
     args = parser.parse_intermixed_args(argv)
     return run(load_job_config(args.args, args.preset), args.resume)
 

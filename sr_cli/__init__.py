@@ -1,6 +1,6 @@
-"""The ``sr`` command: one table of commands (``sr_cli.main.COMMANDS``) and one
-exit-code policy (``sr_core.errors``). The parsers of sr_core's commands (upscale, eval,
-convert, interpolate) live here, with the option groups several commands share; the
-training, batch and cloud packages keep the parsers of their own commands, which the
-table names, built with the option groups of ``sr_cli.options``. sr_core never imports
-this package; jobs, batch and infra import only ``sr_cli.options``."""
+"""The ``sr`` command, the outermost layer: one table of commands (``sr_cli.main.COMMANDS``),
+one exit-code policy (``sr_core.errors``), and every parser with its handler (upscale,
+batch, eval, convert/interpolate, prepare/train/train export, cloud, tensorboard), built
+with the option groups of ``sr_cli.options``. A handler parses, calls one library
+function and prints. No other package imports this one: the training VMs run
+``python -m jobs.train``, which reads the job's own arguments from ``jobs.arguments``."""

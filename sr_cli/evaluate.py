@@ -113,42 +113,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from sr_cli import eval_report
     from sr_core import evaluate, modelfile, storage
-    from sr_core.errors import strip_url
 
-    if not args.inputs and not args.paired:
-        raise ValueError("give at least one HR set (a folder, prefix, image or .txt list) or --paired HR LR")
-    if args.figures < 0:
-        raise ValueError(f"--figures must be 0 or more, got {args.figures}")
-    if args.crop_border is not None and args.crop_border < 0:
-        raise ValueError(f"--crop-border must be 0 or more, got {args.crop_border}")
-    scale = args.scale
-    if args.bicubic is not None:
-        if scale is not None and scale != args.bicubic:
-            raise ValueError(f"--bicubic {args.bicubic} and --scale {scale} disagree; give one of them")
-        scale = args.bicubic
-    if scale is not None and scale < 1:
-        raise ValueError(f"the scale must be 1 or more, got {scale}")
+    scale, degrade = _checked_scale_and_degradation(args)
     baselines = parse_baselines(args.baseline, args.bicubic is not None)
-    degrade = None
-    if args.degrade is not None:
-        from sr_core.degradations import parse_eval_degradation
-
-        if args.paired:
-            raise ValueError("--degrade makes the LR images from the HR ones; --paired sets bring their own: "
-                             "give one or the other")
-        degrade = parse_eval_degradation(args.degrade)
     labels = model_labels(args.model)
     models = [modelfile.load_generator(url) for url in args.model]
     if scale is None:
-        if not models:
-            raise ValueError("nothing sets the scale: give --model M, or --scale S (or --bicubic S) to score "
-                             "baselines only")
-        scales = {int(m.scale) for m in models}
-        if len(scales) > 1:
-            found = ", ".join(f"{label} x{m.scale}" for label, m in zip(labels, models))
-            raise ValueError(f"the models have different scales ({found}); pass --scale S to score them all at "
-                             "S (each model's output is then resized to S with MATLAB bicubic)")
-        scale = scales.pop()
+        scale = _models_scale(models, labels)
     out = args.out
     if out is not None:
         storage.check_writable(out)
@@ -160,20 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
     crop_border = scale if args.crop_border is None else args.crop_border
     report = eval_report.Report(scale=scale, crop_border=crop_border, y_channel=not args.rgb, methods=methods,
                                 lpips=lpips is not None, lr_chain=degrade.describe() if degrade else "")
-    listed = []
-    used_names: set[str] = set()
-    for source, lr_source in [(s, None) for s in args.inputs] + [tuple(p) for p in args.paired]:
-        try:
-            image_set = evaluate.list_set(source, lr_source, scale)
-        except (FileNotFoundError, ValueError, OSError) as exc:  # one bad set is reported, the rest scored
-            report.set_errors.append((source, strip_url(exc, source)))
-            continue
-        base, n = image_set.name, 1
-        while image_set.name in used_names:  # two sets named alike (a/Set5, b/Set5)
-            n += 1
-            image_set.name = f"{base} ({n})"
-        used_names.add(image_set.name)
-        listed.append(image_set)
+    listed = _list_sets(args, scale, report)
 
     bar = tqdm(total=sum(len(s.items) for s in listed) * len(methods), unit="run", desc="eval", file=sys.stderr,
                dynamic_ncols=True)
@@ -204,6 +162,68 @@ def run_eval(args: argparse.Namespace) -> int:
     for line in problems:
         print(line, file=sys.stderr)
     return 1 if report.num_failures else 0
+
+
+def _checked_scale_and_degradation(args: argparse.Namespace):
+    """The scale the options set (None: the models') and the LR degradation of --degrade."""
+    if not args.inputs and not args.paired:
+        raise ValueError("give at least one HR set (a folder, prefix, image or .txt list) or --paired HR LR")
+    if args.figures < 0:
+        raise ValueError(f"--figures must be 0 or more, got {args.figures}")
+    if args.crop_border is not None and args.crop_border < 0:
+        raise ValueError(f"--crop-border must be 0 or more, got {args.crop_border}")
+    scale = args.scale
+    if args.bicubic is not None:
+        if scale is not None and scale != args.bicubic:
+            raise ValueError(f"--bicubic {args.bicubic} and --scale {scale} disagree; give one of them")
+        scale = args.bicubic
+    if scale is not None and scale < 1:
+        raise ValueError(f"the scale must be 1 or more, got {scale}")
+    degrade = None
+    if args.degrade is not None:
+        from sr_core.degradations import parse_eval_degradation
+
+        if args.paired:
+            raise ValueError("--degrade makes the LR images from the HR ones; --paired sets bring their own: "
+                             "give one or the other")
+        degrade = parse_eval_degradation(args.degrade)
+    return scale, degrade
+
+
+def _models_scale(models: list, labels: list[str]) -> int:
+    """The one scale of the models (no --scale given)."""
+    if not models:
+        raise ValueError("nothing sets the scale: give --model M, or --scale S (or --bicubic S) to score "
+                         "baselines only")
+    scales = {int(m.scale) for m in models}
+    if len(scales) > 1:
+        found = ", ".join(f"{label} x{m.scale}" for label, m in zip(labels, models))
+        raise ValueError(f"the models have different scales ({found}); pass --scale S to score them all at "
+                         "S (each model's output is then resized to S with MATLAB bicubic)")
+    return scales.pop()
+
+
+def _list_sets(args: argparse.Namespace, scale: int, report) -> list:
+    """The image sets of the arguments, uniquely named; a set that cannot be listed goes
+    to ``report.set_errors`` and the others are scored."""
+    from sr_core import evaluate
+    from sr_core.errors import strip_url
+
+    listed = []
+    used_names: set[str] = set()
+    for source, lr_source in [(s, None) for s in args.inputs] + [tuple(p) for p in args.paired]:
+        try:
+            image_set = evaluate.list_set(source, lr_source, scale)
+        except (FileNotFoundError, ValueError, OSError) as exc:  # one bad set is reported, the rest scored
+            report.set_errors.append((source, strip_url(exc, source)))
+            continue
+        base, n = image_set.name, 1
+        while image_set.name in used_names:  # two sets named alike (a/Set5, b/Set5)
+            n += 1
+            image_set.name = f"{base} ({n})"
+        used_names.add(image_set.name)
+        listed.append(image_set)
+    return listed
 
 
 def _write_figures(report, out: str, count: int, degrade=None) -> None:

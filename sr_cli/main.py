@@ -10,24 +10,21 @@ import argparse
 import contextlib
 import sys
 
-from batch import cli as batch_cli
-from infra import cli as infra_cli
-from jobs import cli as jobs_cli
-from sr_cli import evaluate, models, upscale
+from sr_cli import batch, cloud, evaluate, models, tensorboard, train, upscale
 from sr_core.errors import EXIT_INTERRUPTED, run_command, sigterm_interrupts
 
 # Every command, in the order `sr --help` lists them: name -> the function that adds its
 # parser (with its handler as ``func``) to the subcommand table.
 COMMANDS = {
     "upscale": upscale.add_parser,
-    "batch": batch_cli.add_parser,
+    "batch": batch.add_parser,
     "eval": evaluate.add_parser,
     "convert": models.add_convert_parser,
     "interpolate": models.add_interpolate_parser,
-    "prepare": jobs_cli.add_prepare_parser,
-    "train": jobs_cli.add_train_parser,
-    "cloud": infra_cli.add_cloud_parser,
-    "tensorboard": infra_cli.add_tensorboard_parser,
+    "prepare": train.add_prepare_parser,
+    "train": train.add_train_parser,
+    "cloud": cloud.add_cloud_parser,
+    "tensorboard": tensorboard.add_tensorboard_parser,
 }
 
 
@@ -43,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in COMMANDS.values():
         add_parser(sub)
     # `sr cloud batch` checks the `sr batch` options it will submit with this same parser
-    # (handed over here, so infra imports no other package's command module).
+    # (handed over here: infra imports nothing of sr_cli).
     parser.set_defaults(sr_parser=parser)
     return parser
 

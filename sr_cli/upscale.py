@@ -1,4 +1,5 @@
-"""``sr upscale``: upscale files, folders (recursive), globs and fsspec URLs with one model.
+"""``sr upscale``: upscale files, folders (recursive), globs and fsspec URLs with one model
+(the loop is ``sr_core.folder.upscale_folder``; this module parses and prints).
 
 Outputs are named by ``sr_core.outputs`` (as ``sr batch`` names them). Existing outputs
 are skipped unless --overwrite, so a rerun finishes only what is missing. A bad input
@@ -9,10 +10,7 @@ failed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
-import warnings
 
 from sr_cli.options import add_output_options, output_settings
 
@@ -42,123 +40,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from sr_core.folder import upscale_folder
 
-    from sr_core import codecs, storage
-    from sr_core.errors import is_unwritable, strip_url
-    from sr_core.memory import available_memory, read_within_memory
-    from sr_core.outputs import BackgroundWork, Task, plan_outputs
+    report = upscale_folder(args.inputs, args.output, args.model, output_settings(args), device=args.device,
+                            overwrite=args.overwrite, memory_limit_gib=args.memory_limit)
+    return print_report(report)
 
-    settings = output_settings(args)
-    if args.memory_limit is not None and not (math.isfinite(args.memory_limit) and args.memory_limit > 0):
-        raise ValueError(f"--memory-limit must be a positive number of GiB, got {args.memory_limit}")
-    options, max_pixels = settings.encode, settings.max_pixels
-    out_fs, out_path = storage.get_fs(args.output)
-    if out_fs.isfile(out_path):
-        raise ValueError(f"{args.output} is a file; OUT must be a folder (new or existing) to hold the outputs")
-    plan = plan_outputs(args.inputs, args.output, settings.suffix, options.extension)
-    failures = list(plan.failures)
-    # Temporaries of earlier runs that were killed between writing and renaming; a
-    # live run's own are kept (their writer's process still exists).
-    storage.remove_stale_temporaries(args.output)
-    todo, skipped = [], 0
-    for task in plan.tasks:
-        if not args.overwrite and storage.exists(task.output):
-            skipped += 1
-        else:
-            todo.append(task)
 
-    written, interrupted, stopped, ran_on = 0, False, None, ""
-    notes: list[tuple[str, str]] = []  # (input, decoder warning) of images that were processed
-    if todo:
-        # A read-only, foreign or full OUT is refused before any image is computed.
-        storage.check_writable(args.output)
-        up = settings.load_upscaler(args.model, device=args.device)
-        ran_on = f" on {up.device.type} in {up.precision}"
-        memory_limit = (args.memory_limit * 2**30 if args.memory_limit is not None else available_memory())
-        out_pixels = 0
-        start = time.perf_counter()
-        bar = tqdm(total=len(todo), unit="img", desc="upscale", file=sys.stderr, dynamic_ncols=True)
+def print_report(report) -> int:
+    """The summary line, one line per warning, skipped and failed input, and what is left;
+    returns the exit code (1 some failed or stopped, 130 interrupted)."""
+    from sr_core.storage import printable as show
 
-        def save(task: Task, image) -> int:
-            storage.write_bytes(task.output, codecs.encode_image(image, options))
-            return image.shape[0] * image.shape[1]
-
-        # Encoding (PNG above all) is as slow as a small model: it runs in the
-        # background while the next image is upscaled. At most two results wait, so
-        # memory stays at a few outputs.
-        writer = BackgroundWork(threads=2)
-        try:
-            def collect(finished) -> None:
-                nonlocal written, out_pixels, stopped
-                for task, future in finished:
-                    try:
-                        out_pixels += future.result()
-                        written += 1
-                    except Exception as exc:  # a failed write is reported, the run goes on
-                        failures.append((task.input, f"writing {task.output}: {strip_url(exc, task.output)}"))
-                        # ... unless no other write could succeed: storage down past the
-                        # retries, or a full / read-only / over-quota OUT
-                        if isinstance(exc, storage.StorageError) or is_unwritable(exc):
-                            stopped = stopped or f"writing {task.output}: {strip_url(exc, task.output)}"
-                    bar.update(1)
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{out_pixels / elapsed / 1e6:.2f} Mpx/s out")
-
-            try:
-                for task in todo:
-                    if stopped:
-                        break
-                    try:
-                        # Decoder warnings (a corrupt EXIF block...) become one report
-                        # line naming the file instead of Python's two anonymous lines.
-                        with warnings.catch_warnings(record=True) as caught:
-                            warnings.simplefilter("always")
-                            image = read_within_memory(task.input, max_pixels, memory_limit, up.scale,
-                                                       settings.outscale)
-                        notes.extend((task.input, str(w.message).strip()) for w in caught)
-                        result = up(image, outscale=settings.outscale)
-                    except storage.StorageError as exc:  # storage down past the retries: stop
-                        stopped = str(exc)
-                        break
-                    except Exception as exc:  # a bad input is reported, the run goes on
-                        failures.append((task.input, strip_url(exc, task.input)))
-                        bar.update(1)
-                        continue
-                    collect(writer.submit(task, save, task, result))
-                    del image, result
-            except KeyboardInterrupt:
-                # Ctrl-C: the outputs already handed to the writers are finished (each
-                # is written atomically), then the summary says what is left.
-                interrupted = True
-            collect(writer.drain())
-        finally:
-            writer.close()
-        bar.close()
-
+    plan = report.plan
     hidden = f", {len(plan.hidden)} hidden file(s) not read" if plan.hidden else ""
     hidden += f", {len(plan.special)} non-regular file(s) not read" if plan.special else ""
-    print(f"sr upscale: written {written}, skipped {skipped} (output exists), failed {len(failures)}{hidden}"
-          f"{ran_on}")
-    show = storage.printable
-    for url, message in notes:
+    print(f"sr upscale: written {report.written}, skipped {report.skipped} (output exists), "
+          f"failed {len(report.failures)}{hidden}{report.ran_on}")
+    for url, message in report.notes:
         print(f"  WARNING {show(url)}: {show(message)}", file=sys.stderr)
     for url in plan.hidden:
         print(f"  SKIPPED {show(url)}: hidden file (its name starts with '.'); name it as an INPUT to upscale it",
               file=sys.stderr)
     for url, reason in plan.special:
         print(f"  SKIPPED {show(url)}: {reason}", file=sys.stderr)
-    for url, reason in failures:
+    for url, reason in report.failures:
         print(f"  FAILED {show(url)}: {show(reason)}", file=sys.stderr)
-    if stopped:
-        print(f"sr upscale: stopped ({stopped}); {len(todo) - bar.n} image(s) not done; run the same command "
+    if report.stopped:
+        print(f"sr upscale: stopped ({report.stopped}); {report.left} image(s) not done; run the same command "
               "again to finish them (outputs that exist are skipped)", file=sys.stderr)
         return 1
-    if interrupted:
-        left = len(todo) - bar.n
-        print(f"sr upscale: interrupted with {left} image(s) not done; run the same command again to finish "
+    if report.interrupted:
+        print(f"sr upscale: interrupted with {report.left} image(s) not done; run the same command again to finish "
               "them (outputs that exist are skipped)", file=sys.stderr)
         return 130
-    return 1 if failures else 0
-
-
+    return 1 if report.failures else 0

@@ -167,7 +167,7 @@ CONSTRUCTION_SLACK_BYTES = 512 * 2**20
 
 
 def _check_sequence_indices(url: str, state: dict[str, torch.Tensor]) -> None:
-    from sr_core.modelfile import ModelFileError
+    from sr_core.modelformat import ModelFileError
 
     bound = SEQUENCE_INDEX_FACTOR * len(state) + SEQUENCE_INDEX_SLACK
     for key in state:
@@ -200,7 +200,7 @@ class _AllocationBound(torch.utils._python_dispatch.TorchDispatchMode):
                 numel *= max(int(n), 0)
             self.total += numel * torch.empty((), dtype=dtype).element_size()
             if self.total > self.limit:
-                from sr_core.modelfile import ModelFileError
+                from sr_core.modelformat import ModelFileError
 
                 raise ModelFileError(f"{self.url}: the model its tensors describe would need more than "
                                      f"{self.limit / 2**20:.0f} MiB to build, far more than the file holds; "
@@ -218,7 +218,7 @@ def load_foreign(url: str, state: dict[str, torch.Tensor], expected_arch: str | 
     ``expected_arch``: the architecture our metadata names (``spandrel:ID``); the tensors
     must be that architecture. Raises ``ValueError`` (``ModelFileError``) in one line.
     """
-    from sr_core.modelfile import ModelFileError
+    from sr_core.modelformat import ModelFileError
 
     try:
         spandrel = import_spandrel()
@@ -260,7 +260,7 @@ def load_foreign(url: str, state: dict[str, torch.Tensor], expected_arch: str | 
 def foreign_metadata(model: ForeignGenerator, /, **provenance) -> dict[str, str]:
     """Our self-describing metadata for a foreign model: loading the file needs spandrel
     again (the architecture's code is spandrel's), which the ``requires`` entry says."""
-    from sr_core.modelfile import FORMAT, FORMAT_VERSION
+    from sr_core.modelformat import FORMAT, FORMAT_VERSION
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": model.arch_name,
             "hparams": json.dumps(model.hparams, sort_keys=True), "scale": str(model.scale),
@@ -288,7 +288,7 @@ def save_foreign_pth(model: ForeignGenerator, url: str, /, **provenance) -> None
     import io
 
     from sr_core import storage
-    from sr_core.modelfile import PTH_METADATA_KEY
+    from sr_core.modelformat import PTH_METADATA_KEY
 
     buf = io.BytesIO()
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.native_state_dict().items()}

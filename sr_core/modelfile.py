@@ -38,9 +38,7 @@ from sr_core import foreign, storage
 from sr_core.errors import MAX_SHOWN, shown
 from sr_core.archs import GENERATORS, build_generator, check_hparams
 from sr_core.archs.srvgg import SCALES as COMPACT_SCALES
-
-FORMAT = "sr-cloud"
-FORMAT_VERSION = "1"
+from sr_core.modelformat import FORMAT, FORMAT_VERSION, PTH_METADATA_KEY, ModelFileError  # noqa: F401 (public here)
 
 # Key layouts of the two old ESRGAN formats, mapped onto ours (= BasicSR's).
 _ESRGAN_RENAMES = [
@@ -49,10 +47,6 @@ _ESRGAN_RENAMES = [
     (re.compile(r"^upconv(\d)\."), r"conv_up\1."),
     (re.compile(r"^HRconv\."), "conv_hr."),
 ]
-
-
-class ModelFileError(ValueError):
-    """A file that is not a model we can load (names the file and the reason)."""
 
 
 MAX_METADATA_DEPTH = 32
@@ -140,11 +134,10 @@ def save_generator(model: nn.Module, url: str, /, **provenance) -> None:
     storage.write_bytes(url, data)
 
 
-# Beside the tensors, our .pth exports carry our metadata under this key (plain strings,
-# which weights_only loading reads and which BasicSR, Real-ESRGAN and chaiNNer ignore:
-# they read only their wrapper key). It makes the export self-describing, which matters
-# where the tensors cannot tell (a compact model's ReLU from its LeakyReLU).
-PTH_METADATA_KEY = "sr_cloud_metadata"
+# Beside the tensors, our .pth exports carry our metadata under PTH_METADATA_KEY (plain
+# strings, which weights_only loading reads and which BasicSR, Real-ESRGAN and chaiNNer
+# ignore: they read only their wrapper key). It makes the export self-describing, which
+# matters where the tensors cannot tell (a compact model's ReLU from its LeakyReLU).
 
 # The wrapper key each architecture's own project uses: BasicSR / Real-ESRGAN read
 # ``params_ema`` (else ``params``); Real-ESRGAN's compact files hold ``params``, the only

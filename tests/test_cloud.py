@@ -287,7 +287,7 @@ def test_a_second_job_of_the_same_name_is_refused(tmp_path, offline_env, sr, mon
     """`sr cloud train --name X` while a managed job X has not finished would put two jobs
     on one run directory: refused, from `sky jobs queue --output json` as SkyPilot's own
     record model writes it, both by `sr cloud train` and by its commands.sh."""
-    from infra.cli import refuse_if_running
+    from infra.training import refuse_if_running
 
     done = subprocess.run([sys.executable, "-c", _QUEUE_JSON], env=offline_env, capture_output=True, text=True,
                           timeout=120)
@@ -604,7 +604,7 @@ def test_batch_submits_through_the_tunnel_only(tmp_path, offline_env, fake_ray, 
     """`sr cloud batch`'s own submission: through a tunnel on a free port, checked to be
     the cluster's Ray; a dead tunnel or another Ray version submits nothing."""
     from infra import raycluster
-    from infra.cli import submit_through_tunnel
+    from infra.raysubmit import submit_through_tunnel
 
     job = raycluster.BatchJob(input="gs://in/a", output="gs://out/a", model="gs://m/x",
                               cluster_yaml=str(tmp_path / "cluster.yaml"), submission_id="job2", project_dir=str(ROOT),

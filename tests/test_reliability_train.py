@@ -278,8 +278,8 @@ runpy.run_module("sr_cli", run_name="__main__")
 
 
 @pytest.mark.parametrize("module, command", [
-    ("batch", ["prepare", "SRC", "DST"]),  # sr_cli.main's imports of the command modules
-    ("infra", ["upscale", "SRC", "-o", "DST", "--model", "M"]),
+    ("jobs.arguments", ["prepare", "SRC", "DST"]),  # the command modules' imports, while sr_cli.main imports
+    ("infra.outfolder", ["upscale", "SRC", "-o", "DST", "--model", "M"]),
     ("jobs.prepare", ["prepare", "SRC", "DST"]),  # the command's own imports
     ("torch", ["upscale", "SRC", "-o", "DST", "--model", "M"]),
 ])

@@ -2,10 +2,7 @@
 level or inside a function: a lazy import is still a dependency): the command line is
 the outermost layer, so no package imports ``sr_cli``; no two modules depend on each
 other, directly or through others; and what the training VMs run (``python -m
-jobs.train``) loads nothing of the ``sr`` command.
-
-PENDING: committed as ``tests/test_imports_pending.py.txt`` (not collected) until the
-parsers have moved into sr_cli; then rename it to tests/test_imports.py."""
+jobs.train``) loads nothing of the ``sr`` command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The parser of ``sr batch`` (named by the table in ``sr_cli.main``): upscale a folder,
+"""The parser of ``sr batch``: upscale a folder,
 prefix or manifest of images on Ray Data. Heavy imports (ray, torch) stay inside the
 handler so ``sr --help`` is instant."""
 
