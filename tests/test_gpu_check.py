@@ -407,7 +407,8 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
     else:
         assert batch[context.COMPACT][3] == tables.UNAVAILABLE
 
-    assert figure(by_step["jpeg-gpu"][0], "same bytes as CPU") == "yes"  # the CPU fallback of the GPU JPEG path
+    jpeg = {r[1]: r for r in by_step["jpeg-gpu"]}  # the CPU fallback of the GPU JPEG path
+    assert figure(jpeg["CPU fallback (no GPU JPEG encoder)"], "same bytes as CPU") == "yes"
     assert "compile" not in by_step  # opt-in
 
     data = json.loads(out.with_suffix(".json").read_text())
