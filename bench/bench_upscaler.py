@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.gpucheck.workloads import IMAGES, conv_flops_per_input_pixel, load_photos, reference_loop
+from infra.gpucheck.workloads import IMAGES, PHOTOS, conv_flops_per_input_pixel, load_photos, reference_loop
 
 REPO = Path(__file__).resolve().parent.parent
 # A small-ish RRDBNet that finishes on a CPU in minutes but has the real layer mix.

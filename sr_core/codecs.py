@@ -23,13 +23,8 @@ Encoding writes PNG (8-bit, 16-bit grayscale, 16-bit RGB/RGBA), JPEG and WebP. J
 no alpha, so transparent images are composited over white; JPEG and WebP have no 16-bit,
 so 16-bit images are rounded to 8 bits for them.
 
-PNG encoding is the slow stage beside a GPU (Pillow at zlib level 1: ~140 ms per output
-megapixel on one core), so by default (no compression level asked for) 8-bit RGB/RGBA is
-written by fpng (the ``fpng`` package: ~10x faster, files ~10% larger) and every other
-kind by libpng through ``imagecodecs`` with OpenCV's fast settings (level 1, RLE, SUB
-filter: ~2x Pillow, ~18% larger); an explicit level goes to libpng at that level.
-Both write standard PNG that Pillow decodes to the same pixels (tests/test_codecs.py,
-bench/bench_codecs.py). Without those packages, Pillow and OpenCV write it.
+PNG is written by ``sr_core.png`` (fpng for 8-bit colour at the default level, libpng
+through ``imagecodecs`` otherwise; Pillow and OpenCV without those packages).
 """
 
 from __future__ import annotations
@@ -45,15 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sr_core import storage
-
-try:  # fast PNG writers (see the module docstring); Pillow / OpenCV write PNG without them
-    import fpng as _fpng
-except ImportError:
-    _fpng = None
-try:
-    import imagecodecs as _imagecodecs
-except ImportError:
-    _imagecodecs = None
+from sr_core.png import encode_png, png_encoder  # noqa: F401  (png_encoder: part of this module's API)
 
 # 100 Mpx (e.g. 10000 x 10000): anything larger is far more likely a decompression bomb
 # than a photograph someone wants upscaled x4 (the output would be 1.6 Gpx).
@@ -384,48 +371,6 @@ def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
-# libpng settings of the default (no level asked for): zlib level 1 with the RLE strategy
-# and the SUB filter, what OpenCV uses for its fastest PNG.
-_LIBPNG_FAST = dict(level=1, strategy=3, filter=16)
-
-
-def png_encoder(image: np.ndarray, compress_level: int | None) -> str:
-    """Which library writes this (shape-normalized) array as PNG: ``fpng``,
-    ``imagecodecs`` (libpng), ``pillow`` or ``opencv`` (16-bit colour without imagecodecs)."""
-    if compress_level is None and _fpng is not None and image.dtype == np.uint8 and image.ndim == 3 \
-            and image.shape[2] in (3, 4):
-        return "fpng"  # fpng writes 8-bit RGB and RGBA only
-    if _imagecodecs is not None:
-        return "imagecodecs"
-    return "opencv" if image.dtype == np.uint16 and image.ndim == 3 else "pillow"
-
-
-def _encode_png(image: np.ndarray, compress_level: int | None) -> bytes:
-    encoder = png_encoder(image, compress_level)
-    if encoder == "fpng":
-        return _fpng.from_ndarray(np.ascontiguousarray(image))
-    if encoder == "imagecodecs":
-        settings = _LIBPNG_FAST if compress_level is None else dict(level=compress_level)
-        return bytes(_imagecodecs.png_encode(np.ascontiguousarray(image), **settings))
-    level = 1 if compress_level is None else compress_level
-    if encoder == "opencv":
-        return _encode_png_16_bit_colour(image, level)
-    buf = io.BytesIO()
-    to_pil(image).save(buf, "PNG", compress_level=level)
-    return buf.getvalue()
-
-
-def _encode_png_16_bit_colour(image: np.ndarray, compress_level: int) -> bytes:
-    import cv2
-
-    conversion = cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
-    bgr = cv2.cvtColor(np.ascontiguousarray(image), conversion)
-    ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {image.shape} uint16 image as PNG")
-    return encoded.tobytes()
-
-
 def read_image_bytes(url: str) -> bytes:
     """The bytes of an image file at any fsspec URL; errors name the URL."""
     try:
@@ -598,7 +543,7 @@ def encode_image(image: np.ndarray, options: EncodeOptions = EncodeOptions(), de
         if image.dtype == np.uint16 and image.ndim == 3 and image.shape[2] == 2:
             raise ValueError("16-bit gray + alpha (H, W, 2) cannot be written as PNG; write it as 16-bit "
                              "RGBA (repeat the gray channel) or round it to 8 bits")
-        return _encode_png(image, options.png_compress_level)
+        return encode_png(image, options.png_compress_level)
     if options.format == "jpeg":
         image = _to_8bit(image)
         if image.ndim == 3 and image.shape[2] in (2, 4):

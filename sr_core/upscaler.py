@@ -29,7 +29,6 @@ import contextlib
 import copy
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from torch.nn import functional as F
 from sr_core.modelfile import load_generator
 from sr_core.precision import PRECISIONS, choose_precision, cpu_bf16_flag
 from sr_core.resize import imresize
+from sr_core.tiling import AxisWindow, activation_bytes_per_pixel, choose_tile, plan_axis  # noqa: F401  (API)
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,10 +59,6 @@ DEFAULT_CPU_BUDGET_BYTES = 256 * 2**20
 DEFAULT_MPS_BUDGET_BYTES = 1 * 2**30
 # Share of the free GPU memory (measured at call time) one call may plan for.
 GPU_BUDGET_FRACTION = 0.5
-# Live activations at the peak, as a multiple of the largest single layer output
-# (e.g. upsampled input + conv output + the previous feature map).
-ACTIVATION_LIVE_FACTOR = 3
-MIN_AUTO_TILE = 32
 # A model whose description discourages tiling (it relies on wide context: SwinIR and
 # the like, as spandrel describes them) plans its tiles with this many times the memory
 # budget: tiles twice as wide, so half as many seams.
@@ -110,86 +106,6 @@ def resolve_precision(precision: str, device: torch.device, arch: str | None = N
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     cpu_bf16 = cpu_bf16_flag() if device.type == "cpu" else None
     return choose_precision(device.type, capability, arch=arch, cpu_bf16=cpu_bf16)
-
-
-# ---------------------------------------------------------------- tiling plan
-
-
-@dataclass(frozen=True)
-class AxisWindow:
-    """One window along one axis, in (padded) input pixels."""
-
-    start: int
-    """First input pixel the window reads."""
-    length: int
-    """Window length (the same for every window of an axis)."""
-    core_start: int
-    """First pixel this window writes."""
-    core_end: int
-    """One past the last pixel this window writes, clipped to the real image."""
-
-
-def plan_axis(length: int, tile: int, overlap: int, multiple: int, minimum: int = 0) -> list[AxisWindow]:
-    """Windows covering ``length`` pixels. ``tile <= 0`` means one window.
-
-    The image is padded (bottom/right) to a multiple of ``multiple``, and to at least
-    ``minimum`` pixels (the smallest input the model takes; windows are never shorter); ``tile`` and
-    ``overlap`` are rounded up to multiples of it, so every window starts on the model's
-    pixel grid. All windows have one length, at most ``tile + 2 * overlap``; inner
-    windows write their centre, the first and last also write out to the border (they
-    need no context there), so no work is spent on context that does not exist.
-    """
-    assert length >= 1 and multiple >= 1
-    padded = -(-max(length, minimum) // multiple) * multiple
-    overlap = -(-max(overlap, 0) // multiple) * multiple
-    tile = -(-tile // multiple) * multiple
-    if tile > 0 and tile + 2 * overlap < minimum:
-        tile = -(-(minimum - 2 * overlap) // multiple) * multiple
-    if tile <= 0 or padded <= tile + 2 * overlap:
-        return [AxisWindow(0, padded, 0, length)]
-    count = -(-(padded - 2 * overlap) // tile)
-    # Inner core size: the smallest on the pixel grid with which `count` windows cover.
-    core = -(-(padded - 2 * overlap) // (count * multiple)) * multiple
-    window = core + 2 * overlap
-    windows = []
-    for i in range(count):
-        start = min(i * core, padded - window)
-        core_start = 0 if i == 0 else i * core + overlap
-        core_end = length if i == count - 1 else (i + 1) * core + overlap
-        assert start <= core_start < core_end <= start + window and start % multiple == 0
-        windows.append(AxisWindow(start, window, core_start, min(core_end, length)))
-    return windows
-
-
-def choose_tile(bytes_per_pixel: float, budget_bytes: float, tiles_per_batch: int, overlap: int, multiple: int) -> int:
-    """The largest tile (core side, input pixels) whose batch of windows fits the budget."""
-    window_pixels = budget_bytes / (max(tiles_per_batch, 1) * bytes_per_pixel)
-    tile = int(math.isqrt(int(window_pixels))) - 2 * overlap
-    tile = tile // multiple * multiple
-    return max(tile, -(-MIN_AUTO_TILE // multiple) * multiple)
-
-
-def activation_bytes_per_pixel(model: nn.Module, num_channels: int, multiple: int, device: torch.device,
-                               minimum: int = 0) -> float:
-    """Peak activation bytes (fp32) per input pixel, estimated from one small forward:
-    the largest layer output per input pixel times ``ACTIVATION_LIVE_FACTOR``."""
-    side = max(4 * multiple * max(1, 8 // multiple), -(-minimum // multiple) * multiple)
-    largest = 0
-
-    def record(_module, _inputs, output):
-        nonlocal largest
-        if isinstance(output, torch.Tensor):
-            largest = max(largest, output.numel())
-
-    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.inference_mode():
-            out = model(torch.zeros(1, num_channels, side, side, device=device))
-        largest = max(largest, out.numel())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return ACTIVATION_LIVE_FACTOR * 4 * largest / (side * side)
 
 
 # ---------------------------------------------------------------- padding and precision
@@ -250,6 +166,33 @@ def _eval_mode(model: nn.Module):
             m.training = True
 
 
+def _check_options(tile: int | None, overlap: int, tiles_per_batch: int | None, alpha: str) -> None:
+    if tile is not None and tile < 0:
+        raise ValueError(f"tile must be >= 0 (0 disables tiling) or None (automatic), got {tile}")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, got {overlap}")
+    if tiles_per_batch is not None and tiles_per_batch < 1:
+        raise ValueError(f"tiles_per_batch must be >= 1 (or None: automatic), got {tiles_per_batch}")
+    if alpha not in ("model", "bicubic"):
+        raise ValueError(f"alpha must be 'model' or 'bicubic', got {alpha!r}")
+
+
+def _place_model(model: nn.Module, device: torch.device, owns_model: bool) -> nn.Module:
+    """The model the Upscaler runs (see ``Upscaler.__init__``'s ``owns_model``)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if owns_model or not all(_same_device(t.device, device) for t in tensors):
+        if not owns_model:
+            # The caller's model stays where it is: we run a copy on our device.
+            model = copy.deepcopy(model)
+        # channels_last: cuDNN's and oneDNN's fast convolution layout (NHWC); the
+        # windows are built NHWC on the host already, so it costs no transposes.
+        model = model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    # Otherwise the caller's model is used as it is (e.g. a generator being trained,
+    # validated between steps): calls run under inference_mode in eval mode and then
+    # give every module back its train/eval mode; parameters are never touched.
+    return model
+
+
 class Upscaler:
     """Upscale images of any size with one generator.
 
@@ -293,33 +236,8 @@ class Upscaler:
             mode and back, so such an Upscaler is not for concurrent threads while the
             model is in train mode), else copied to the device.
         """
-        if tile is not None and tile < 0:
-            raise ValueError(f"tile must be >= 0 (0 disables tiling) or None (automatic), got {tile}")
-        if overlap < 0:
-            raise ValueError(f"overlap must be >= 0, got {overlap}")
-        if tiles_per_batch is not None and tiles_per_batch < 1:
-            raise ValueError(f"tiles_per_batch must be >= 1 (or None: automatic), got {tiles_per_batch}")
-        if alpha not in ("model", "bicubic"):
-            raise ValueError(f"alpha must be 'model' or 'bicubic', got {alpha!r}")
-        if not isinstance(getattr(model, "scale", None), int):
-            raise ValueError(f"{type(model).__name__} is not a generator (it has no integer `scale`); "
-                             "load one with sr_core.modelfile.load_generator or build_generator")
-        hparams = getattr(model, "hparams", {})
-        self.num_channels = int(hparams.get("num_in_ch", 3))
-        if self.num_channels not in (1, 3, 4):
-            # Images are gray or colour (+ alpha: run separately, or by an RGBA model).
-            raise ValueError(f"the model has {self.num_channels} input channels; the Upscaler runs "
-                             "1- (gray), 3- (RGB) or 4-channel (RGBA) models")
-        if int(hparams.get("num_out_ch", self.num_channels)) != self.num_channels:
-            raise ValueError("the Upscaler needs a model with as many output channels as input channels")
-        self.scale = int(model.scale)
-        self.size_multiple = int(getattr(model, "size_multiple", 1))
-        # What a model described by spandrel (sr_core.foreign) may add; our own generators
-        # take any size, pad by replicating edges and tile freely.
-        self.size_minimum = int(getattr(model, "size_minimum", 0))
-        self.size_square = bool(getattr(model, "size_square", False))
-        self.pad_mode = getattr(model, "pad_mode", "replicate")
-        self.tiling = getattr(model, "tiling", "supported")
+        _check_options(tile, overlap, tiles_per_batch, alpha)
+        self._read_model_description(model)
         self.device = choose_device(device)
         self.precision = resolve_precision(precision, self.device, getattr(model, "arch_name", None))
         self.precision = _precision_the_model_supports(model, self.precision)
@@ -333,18 +251,7 @@ class Upscaler:
         self.tiles_per_batch = tiles_per_batch
         self.alpha = alpha
         self.memory_budget = memory_budget
-        tensors = list(model.parameters()) + list(model.buffers())
-        if owns_model or not all(_same_device(t.device, self.device) for t in tensors):
-            if not owns_model:
-                # The caller's model stays where it is: we run a copy on our device.
-                model = copy.deepcopy(model)
-            # channels_last: cuDNN's and oneDNN's fast convolution layout (NHWC); the
-            # windows are built NHWC on the host already, so it costs no transposes.
-            model = model.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
-        # Otherwise the caller's model is used as it is (e.g. a generator being trained,
-        # validated between steps): calls run under inference_mode in eval mode and then
-        # give every module back its train/eval mode; parameters are never touched.
-        self.model = model
+        self.model = model = _place_model(model, self.device, owns_model)
         # Feed the layout the weights have: mixing layouts costs conversions (and rounds
         # differently from a plain run of the caller's model).
         self.memory_format = (torch.channels_last if any(
@@ -353,6 +260,27 @@ class Upscaler:
         with _eval_mode(self.model):
             self.bytes_per_pixel = activation_bytes_per_pixel(self.model, self.num_channels, self.size_multiple,
                                                               self.device, self.size_minimum)
+
+    def _read_model_description(self, model: nn.Module) -> None:
+        """Scale, channels and what a model described by spandrel (``sr_core.foreign``)
+        may add; our own generators take any size, pad by replicating edges and tile freely."""
+        if not isinstance(getattr(model, "scale", None), int):
+            raise ValueError(f"{type(model).__name__} is not a generator (it has no integer `scale`); "
+                             "load one with sr_core.modelfile.load_generator or build_generator")
+        hparams = getattr(model, "hparams", {})
+        self.num_channels = int(hparams.get("num_in_ch", 3))
+        if self.num_channels not in (1, 3, 4):
+            # Images are gray or colour (+ alpha: run separately, or by an RGBA model).
+            raise ValueError(f"the model has {self.num_channels} input channels; the Upscaler runs "
+                             "1- (gray), 3- (RGB) or 4-channel (RGBA) models")
+        if int(hparams.get("num_out_ch", self.num_channels)) != self.num_channels:
+            raise ValueError("the Upscaler needs a model with as many output channels as input channels")
+        self.scale = int(model.scale)
+        self.size_multiple = int(getattr(model, "size_multiple", 1))
+        self.size_minimum = int(getattr(model, "size_minimum", 0))
+        self.size_square = bool(getattr(model, "size_square", False))
+        self.pad_mode = getattr(model, "pad_mode", "replicate")
+        self.tiling = getattr(model, "tiling", "supported")
 
     @classmethod
     def from_file(

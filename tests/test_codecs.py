@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from sr_core import codecs
+from sr_core import codecs, png
 from sr_core.codecs import EncodeOptions, ImageDecodeError, ImageTooLargeError, decode_image, encode_image
 
 IMAGES = Path(__file__).resolve().parent.parent / "assets" / "images"
@@ -553,8 +553,8 @@ def _every_png_kind() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("level", [None, 1, 9])
 def test_png_writers_decode_to_the_same_pixels_for_every_kind(monkeypatch, fast_writers, level):
     if not fast_writers:  # what runs where fpng and imagecodecs are not installed
-        monkeypatch.setattr(codecs, "_fpng", None)
-        monkeypatch.setattr(codecs, "_imagecodecs", None)
+        monkeypatch.setattr(png, "_fpng", None)
+        monkeypatch.setattr(png, "_imagecodecs", None)
     for kind, image in _every_png_kind().items():
         data = encode_image(image, EncodeOptions("png", png_compress_level=level))
         assert data[:8] == b"\x89PNG\r\n\x1a\n", kind

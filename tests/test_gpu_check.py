@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.gpucheck import context, measure, runner, steps_batch, steps_environment, steps_train, steps_upscale
+from infra.gpucheck import (context, measure, runner, steps_batch, steps_codecs, steps_compile, steps_environment,
+                            steps_train, steps_upscale)
 from infra.gpucheck import table as tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,20 +97,25 @@ def test_step_list_budgets_fit_eight_minutes_on_one_gpu():
     assert done.returncode == 0, done.stderr
     for step in runner.STEPS:
         assert any(line.split()[:2] == [step.name, f"{step.budget_s}s"] for line in done.stdout.splitlines()), step
-    one_gpu = [s for s in runner.STEPS if s.min_gpus == 1]
+    one_gpu = [s for s in runner.STEPS if s.min_gpus == 1 and not s.opt_in]
     assert sum(s.budget_s for s in one_gpu) <= 8 * 60
     assert f"total on one GPU: {sum(s.budget_s for s in one_gpu)} s" in done.stdout
     # every path of the issue has a step
     names = {s.name for s in runner.STEPS}
     assert {"upscaler-rrdbnet", "upscaler-compact", "upscale-e2e", "train-ddp", "train-deepspeed", "train-nccl",
-            "batch"} <= names
+            "batch", "jpeg-gpu", "compile"} <= names
     assert [s.name for s in runner.STEPS if s.min_gpus > 1] == ["train-nccl"]
+    assert runner.STEPS[-1].name == "train-nccl"
+    assert "compile" in done.stdout and "[opt-in: --only compile]" in done.stdout
 
 
 def test_step_selection_and_usage_errors():
-    assert [s.name for s in runner.select_steps([], [])] == [s.name for s in runner.STEPS]
+    assert [s.name for s in runner.select_steps([], [])] == [s.name for s in runner.STEPS if not s.opt_in]
     assert [s.name for s in runner.select_steps(["batch", "train-ddp"], [])] == ["environment", "train-ddp", "batch"]
     assert "batch" not in [s.name for s in runner.select_steps([], ["batch"])]
+    # an opt-in step runs only when named
+    assert "compile" not in [s.name for s in runner.select_steps([], [])]
+    assert [s.name for s in runner.select_steps(["compile"], [])] == ["environment", "compile"]
     with pytest.raises(ValueError, match="unknown step 'trian-ddp'"):
         runner.select_steps(["trian-ddp"], [])
     for args, message in ((["--only", "trian-ddp"], "unknown step 'trian-ddp'; steps: environment"),
@@ -278,6 +284,39 @@ def test_encoding_verdict():
     assert not keeps_up
 
 
+def test_gpu_jpeg_verdict_and_compile_payback():
+    assert steps_codecs.jpeg_verdict(40.2, 40.9) == tables.SUCCESS  # within 1 dB of libjpeg
+    assert steps_codecs.jpeg_verdict(41.0, 40.0) == tables.SUCCESS
+    worse = steps_codecs.jpeg_verdict(38.0, 40.0)
+    assert tables.is_failure(worse) and "38.0 dB vs CPU 40.0 dB" in worse
+    # 10 s first pass, 1 s eager, 0.5 s compiled: 9.5 s more, 0.5 s saved a pass -> 19 passes
+    figures = steps_compile.compile_figures(10.0, 1.0, 0.5)
+    assert figures["speed-up"] == 2.0 and math.isclose(figures["passes to pay back"], 19.0)
+    assert steps_compile.compile_figures(10.0, 1.0, 1.25)["passes to pay back"] == "never"
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_of_the_jpeg_and_compile_steps(tmp_path):
+    """The opt-in compile step and the GPU JPEG step's CPU fallback, each in its process."""
+    out = tmp_path / "rehearsal.md"
+    done = check("--cpu-rehearsal", "--only", "jpeg-gpu", "--only", "compile", "--out", out, env=isolated_env(tmp_path))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    by_step: dict[str, list[list[str]]] = {}
+    for row in rows_of(out.read_text()):
+        by_step.setdefault(row[0], []).append(row)
+    assert set(by_step) == {"environment", "jpeg-gpu", "compile"}
+    jpeg = {r[1]: r for r in by_step["jpeg-gpu"]}
+    fallback = jpeg["CPU fallback (no GPU JPEG encoder)"]
+    assert fallback[3] == "ok" and figure(fallback, "same bytes as CPU") == "yes"
+    assert float(figure(fallback, "CPU ms/output Mpx")) > 0
+    (compiled,) = [r for r in by_step["compile"] if r[1] != "time"]
+    assert compiled[3] == "ok", compiled
+    assert float(figure(compiled, "first pass s (compile)")) > 0
+    # inductor's kernels may round differently from eager's, but the picture is the same
+    assert float(figure(compiled, "dB vs eager")) >= context.PSNR_FLOOR_DB
+    assert figure(compiled, "precision") in ("fp32", "bf16")
+
+
 # ---------------------------------------------------------------- failures reach the exit code
 
 
@@ -329,7 +368,7 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
     by_step: dict[str, list[list[str]]] = {}
     for row in body:
         by_step.setdefault(row[0], []).append(row)
-    for step in runner.STEPS[:-1]:  # each ran in its own process and was timed against its budget
+    for step in [s for s in runner.STEPS[:-1] if not s.opt_in]:  # each ran in its own process, timed against its budget
         times = [r for r in by_step[step.name] if r[1] == "time"]
         assert len(times) == 1 and f"budget s {step.budget_s}" in times[0][2], step.name
     assert by_step["train-nccl"][0][3].startswith("skipped: multi-GPU (NCCL) needs GPUs")
@@ -367,6 +406,10 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
         assert batch[f"{context.COMPACT} · sr batch, 1 CPU actor"][3] == "ok"
     else:
         assert batch[context.COMPACT][3] == tables.UNAVAILABLE
+
+    jpeg = {r[1]: r for r in by_step["jpeg-gpu"]}  # the CPU fallback of the GPU JPEG path
+    assert figure(jpeg["CPU fallback (no GPU JPEG encoder)"], "same bytes as CPU") == "yes"
+    assert "compile" not in by_step  # opt-in
 
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["rows"]) == len(body) and data["title"] == title[2:]

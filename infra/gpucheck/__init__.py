@@ -26,6 +26,10 @@ without CUDA it prints one line and exits 0 without running anything.
 - ``sr batch`` on a local Ray with one GPU actor over a few hundred small images against
   ``sr upscale`` on the same GPU, GPU utilisation sampled with nvidia-smi, and whether
   the actor's encoding keeps up with its model.
+- JPEG encoding on the GPU (nvJPEG through ``torchvision.io``, or nvImageCodec) against
+  the CPU encoder, and the CPU fallback where neither is installed (``jpeg-gpu``).
+- ``torch.compile`` of the Upscaler's model against eager (``compile``; opt-in with
+  ``--only compile``: its budget would take the default run past 8 minutes).
 
 Every step runs in a process of its own (its peak memory is its own, a crash or a hang
 fails that step alone) with a hard limit of ``--timeout-factor`` times its budget.
@@ -49,8 +53,9 @@ Layout:
 
 - ``runner.py``: the registry ``STEPS``, one process per step with its hard limit, the
   table at the end, the command line.
-- ``steps_environment.py``, ``steps_upscale.py``, ``steps_train.py``, ``steps_batch.py``:
-  one module per group of steps, one function per step.
+- ``steps_environment.py``, ``steps_upscale.py``, ``steps_train.py``, ``steps_batch.py``,
+  ``steps_tensorrt.py``, ``steps_codecs.py``, ``steps_compile.py``: one module per group
+  of steps, one function per step.
 - ``context.py`` (sizes, the ``Context`` a step gets, models), ``processes.py`` (the
   commands a step starts), ``measure.py`` (timing, memory, nvidia-smi), ``table.py``
   (rows, the Markdown table, the exit code), ``workloads.py`` (photographs, the FLOP
@@ -67,7 +72,8 @@ Adding a step:
    limit stops them. An exception fails the step with one row and the others still run.
 2. Add one line to ``STEPS`` in ``runner.py``: name, budget in seconds on one
    V100-class GPU (the one-GPU total must stay within ``TOTAL_BUDGET_ONE_GPU_S``), what
-   it checks, the function, and ``min_gpus`` if it needs more than one.
+   it checks, the function, ``min_gpus`` if it needs more than one, and ``opt_in=True``
+   for a step that runs only when ``--only`` names it.
 3. Test its pure parts and its CPU rehearsal in tests/test_gpu_check.py (the rehearsal
    test runs every step).
 """
