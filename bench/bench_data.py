@@ -156,7 +156,7 @@ def degraded_pairs(shards: str, batches: int) -> None:
     print(f"| {'setting':<26} | {'what':<44} | {'ms/batch':>9} | {'pairs/s':>8} |")
     print(f"|{'-' * 28}|{'-' * 46}|{'-' * 11}|{'-' * 10}|")
     for label, gt_size, scale, batch in (("x4plus: 256 px, x4, b 12", 256, 4, 12),
-                                         ("demo_real_x2: 64 px, x2, b 16", 64, 2, 16)):
+                                         ("demo size: 64 px, x2, b 16", 64, 2, 16)):
         def row(what, ms):
             print(f"| {label:<26} | {what:<44} | {ms:>9.1f} | {1000 * batch / ms:>8.1f} |")
 
