@@ -618,7 +618,8 @@ REAL_PRESETS: dict[str, dict[str, Any]] = {
     # destroy most of the image and the model learns to smear (27.5 dB against bicubic's
     # 28.3); these milder ranges (sigma <= 1.2, noise <= 8 then 5, JPEG 50-95, a weak
     # second pass, sinc 0.2, no USM: its sharpened target costs PSNR against the photo)
-    # pass bicubic and demo_x2 on three held-out chains by step 500 and level off by 1,000.
+    # pass bicubic and demo_x2 on the two blurred held-out chains by step 500, on all three
+    # by step 1,000, and level off there.
     "demo_real_x2": {
         **PRESETS["demo_x2"],
         "degradation.enabled": True,
