@@ -156,7 +156,7 @@ def degraded_pairs(shards: str, batches: int) -> None:
     print(f"| {'setting':<26} | {'what':<44} | {'ms/batch':>9} | {'pairs/s':>8} |")
     print(f"|{'-' * 28}|{'-' * 46}|{'-' * 11}|{'-' * 10}|")
     for label, gt_size, scale, batch in (("x4plus: 256 px, x4, b 12", 256, 4, 12),
-                                         ("demo_real_x2: 64 px, x2, b 16", 64, 2, 16)):
+                                         ("demo size: 64 px, x2, b 16", 64, 2, 16)):
         def row(what, ms):
             print(f"| {label:<26} | {what:<44} | {ms:>9.1f} | {1000 * batch / ms:>8.1f} |")
 
@@ -196,6 +196,54 @@ def degraded_pairs(shards: str, batches: int) -> None:
             row(what, _best_ms(fn, batches))
 
 
+def crops_table(work: Path, files: list[str], crops: int) -> dict:
+    """The crops/s table (local and emulator shards against the naive loader); returns the
+    shard caches, which the training table reads through."""
+    gt, scale = 128, 4
+    rows = []
+    naive = NaiveDataset(files, gt, scale)
+    rows.append(("naive: whole 2K PNG per crop (local)", crops_per_second(naive, crops // 4)))
+    caches = {}
+    for fmt in ("png", "raw"):
+        local = SubImageDataset(str(work / fmt), gt, scale)
+        rows.append((f"{fmt} shards, local", crops_per_second(local, crops)))
+        caches[fmt] = ShardCache(str(work / f"cache-{fmt}"))
+        remote = SubImageDataset(f"gs://bench/{fmt}", gt, scale, cache=caches[fmt])
+        # one epoch touches every shard once: all downloads happen in it
+        rows.append((f"{fmt} shards, emulator gs://, cold cache (1 epoch)", crops_per_second(remote, len(remote))))
+        rows.append((f"{fmt} shards, emulator gs://, cached", crops_per_second(remote, crops, seed=1)))
+
+    print(f"\nCrops/s of one worker process, gt {gt} px, x{scale} (LR by MATLAB bicubic), flips on:\n")
+    print(f"| {'source':<50} | {'crops/s':>8} | {'vs naive':>8} |")
+    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 10}|")
+    for name, rate in rows:
+        print(f"| {name:<50} | {rate:>8.1f} | {rate / rows[0][1]:>7.1f}x |")
+    return caches
+
+
+def training_table(files: list[str], caches: dict, steps: int) -> None:
+    """ms per step and the share of it spent waiting for data, training the tiny preset."""
+    cfg = load_config(None, [], preset="tiny").data
+    print(f"\nTraining the tiny preset (rrdbnet tiny, gt {cfg.gt_size}, x{cfg.scale}, batch {cfg.batch_size}, "
+          f"{cfg.num_workers} DataLoader workers, {torch.get_num_threads()} torch threads), "
+          f"{steps} steps after 5 warm-up:\n")
+    print(f"| {'loader (samples per worker hand-over)':<44} | {'ms/step':>8} | {'data wait':>9} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|")
+    remote = {fmt: SubImageDataset(f"gs://bench/{fmt}", cfg.gt_size, cfg.scale, cache=caches[fmt])
+              for fmt in ("raw", "png")}
+    group = cfg.samples_per_transfer
+    variants = [
+        (f"raw shards, gs:// cached, {group}/transfer", remote["raw"], group),
+        ("raw shards, gs:// cached, 1 batch/transfer", remote["raw"], 1),
+        (f"png shards, gs:// cached, {group}/transfer", remote["png"], group),
+        ("png shards, gs:// cached, 1 batch/transfer", remote["png"], 1),
+        ("naive: whole 2K PNG per crop", NaiveDataset(files, cfg.gt_size, cfg.scale), group),
+    ]
+    for name, ds, per_transfer in variants:
+        fraction, ms = train_wait(ds, cfg, steps, per_transfer)
+        print(f"| {name:<44} | {ms:>8.1f} | {100 * fraction:>8.1f}% |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=6, help="2K source images (default: 6)")
@@ -231,45 +279,8 @@ def main() -> None:
         for fmt in ("png", "raw"):
             fs.put(str(work / fmt) + "/", f"bench/{fmt}/", recursive=True)
 
-        gt, scale = 128, 4
-        rows = []
-        naive = NaiveDataset(files, gt, scale)
-        rows.append(("naive: whole 2K PNG per crop (local)", crops_per_second(naive, args.crops // 4)))
-        caches = {}
-        for fmt in ("png", "raw"):
-            local = SubImageDataset(str(work / fmt), gt, scale)
-            rows.append((f"{fmt} shards, local", crops_per_second(local, args.crops)))
-            caches[fmt] = ShardCache(str(work / f"cache-{fmt}"))
-            remote = SubImageDataset(f"gs://bench/{fmt}", gt, scale, cache=caches[fmt])
-            # one epoch touches every shard once: all downloads happen in it
-            rows.append((f"{fmt} shards, emulator gs://, cold cache (1 epoch)", crops_per_second(remote, len(remote))))
-            rows.append((f"{fmt} shards, emulator gs://, cached", crops_per_second(remote, args.crops, seed=1)))
-
-        print(f"\nCrops/s of one worker process, gt {gt} px, x{scale} (LR by MATLAB bicubic), flips on:\n")
-        print(f"| {'source':<50} | {'crops/s':>8} | {'vs naive':>8} |")
-        print(f"|{'-' * 52}|{'-' * 10}|{'-' * 10}|")
-        for name, rate in rows:
-            print(f"| {name:<50} | {rate:>8.1f} | {rate / rows[0][1]:>7.1f}x |")
-
-        cfg = load_config(None, [], preset="tiny").data
-        print(f"\nTraining the tiny preset (rrdbnet tiny, gt {cfg.gt_size}, x{cfg.scale}, batch {cfg.batch_size}, "
-              f"{cfg.num_workers} DataLoader workers, {torch.get_num_threads()} torch threads), "
-              f"{args.steps} steps after 5 warm-up:\n")
-        print(f"| {'loader (samples per worker hand-over)':<44} | {'ms/step':>8} | {'data wait':>9} |")
-        print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|")
-        remote = {fmt: SubImageDataset(f"gs://bench/{fmt}", cfg.gt_size, cfg.scale, cache=caches[fmt])
-                  for fmt in ("raw", "png")}
-        group = cfg.samples_per_transfer
-        variants = [
-            (f"raw shards, gs:// cached, {group}/transfer", remote["raw"], group),
-            ("raw shards, gs:// cached, 1 batch/transfer", remote["raw"], 1),
-            (f"png shards, gs:// cached, {group}/transfer", remote["png"], group),
-            ("png shards, gs:// cached, 1 batch/transfer", remote["png"], 1),
-            ("naive: whole 2K PNG per crop", NaiveDataset(files, cfg.gt_size, cfg.scale), group),
-        ]
-        for name, ds, per_transfer in variants:
-            fraction, ms = train_wait(ds, cfg, args.steps, per_transfer)
-            print(f"| {name:<44} | {ms:>8.1f} | {100 * fraction:>8.1f}% |")
+        caches = crops_table(work, files, args.crops)
+        training_table(files, caches, args.steps)
         print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"torch {torch.__version__}")
     finally:

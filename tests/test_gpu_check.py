@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.gpucheck import (context, measure, runner, steps_batch, steps_codecs, steps_compile, steps_environment,
-                            steps_train, steps_upscale)
+from infra.gpucheck import (context, measure, runner, steps_batch, steps_codecs, steps_compile, steps_degrade,
+                            steps_environment, steps_train, steps_upscale)
 from infra.gpucheck import table as tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,10 +103,11 @@ def test_step_list_budgets_fit_eight_minutes_on_one_gpu():
     # every path of the issue has a step
     names = {s.name for s in runner.STEPS}
     assert {"upscaler-rrdbnet", "upscaler-compact", "upscale-e2e", "train-ddp", "train-deepspeed", "train-nccl",
-            "batch", "jpeg-gpu", "compile"} <= names
+            "batch", "jpeg-gpu", "compile", "degradation"} <= names
     assert [s.name for s in runner.STEPS if s.min_gpus > 1] == ["train-nccl"]
     assert runner.STEPS[-1].name == "train-nccl"
     assert "compile" in done.stdout and "[opt-in: --only compile]" in done.stdout
+    assert "[opt-in: --only degradation]" in done.stdout
 
 
 def test_step_selection_and_usage_errors():
@@ -409,8 +410,25 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
 
     jpeg = {r[1]: r for r in by_step["jpeg-gpu"]}  # the CPU fallback of the GPU JPEG path
     assert figure(jpeg["CPU fallback (no GPU JPEG encoder)"], "same bytes as CPU") == "yes"
-    assert "compile" not in by_step  # opt-in
+    assert "compile" not in by_step and "degradation" not in by_step  # opt-in
 
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["rows"]) == len(body) and data["title"] == title[2:]
     assert leftovers == []  # nothing failed: the scratch folder is gone
+
+
+def test_degradation_step_on_the_cpu(tmp_path):
+    """The GPU step's code on the CPU rehearsal's sizes: a real degraded batch is timed
+    and the JPEG compared (CPU against CPU, so it must come out identical)."""
+    import time
+
+    ctx = context.Context(rehearsal=True, workdir=tmp_path, deadline=time.monotonic() + 60)
+    gt = steps_degrade.gt_batch(ctx, 2, 64)
+    assert gt.shape == (2, 3, 64, 64) and float(gt.std()) > 0.05  # photograph crops, not a flat image
+    rows = list(steps_degrade.step_degradation(ctx))
+    assert [r.case for r in rows] == ["second-order pipeline, 2 x 64 px, x4", "JPEG q60 on the device vs on the CPU"]
+    assert all(r.status == tables.SUCCESS for r in rows)
+    pipeline = rows[0].figures
+    assert pipeline["pairs/s"] > 0 and math.isclose(pipeline["ms/batch"], 1000 * 2 / pipeline["pairs/s"])
+    assert pipeline["peak GiB"] == "n/a (CPU)"
+    assert rows[1].figures == {"dB": "identical", "differing 8-bit values": 0.0}

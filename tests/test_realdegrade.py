@@ -191,21 +191,45 @@ def test_gaussian_noise_has_the_drawn_sigma_and_gray_means_one_plane():
 
 
 def test_poisson_noise_has_shot_noise_moments():
-    # Two grey levels: each image has 2 distinct values, so v = 2 and the noise at a pixel
-    # of value p is scale * (Poisson(2 p) / 2 - p): mean 0, variance scale^2 * p / 2.
+    # Two grey levels: the noise at a pixel of value p is scale * (Poisson(256 p) / 256 - p):
+    # mean 0, variance scale^2 * p / 256, however few distinct values the image has
+    # (Real-ESRGAN's v = 2 here would make it 128x that variance).
     img = torch.zeros(1, 3, 256, 256)
     img[..., :128] = 51 / 255
     img[..., 128:] = 153 / 255
-    scale = 0.1
+    scale = 2.0
     g = torch.Generator().manual_seed(2)
     noise = (rd.poisson_noise(img, torch.tensor([scale]), torch.tensor([False]), g) - img).double()
     for region, p in ((noise[..., :128], 51 / 255), (noise[..., 128:], 153 / 255)):
         n = region.numel()
-        variance = scale**2 * p / 2
+        variance = scale**2 * p / rd.POISSON_LEVELS
         assert float(region.mean()) == pytest.approx(0, abs=4 * math.sqrt(variance / n))
         assert float(region.var()) == pytest.approx(variance, rel=0.03)
     gray = rd.poisson_noise(img, torch.tensor([scale]), torch.tensor([True]), g) - img
     assert torch.equal(gray[0, 0], gray[0, 2])
+
+
+def test_noise_keeps_the_mean_of_a_flat_image():
+    # Mid-grey, far from both clipping ends at these strengths: neither noise may move
+    # the mean. A flat image has one distinct value; with v = that count (rounded to a
+    # power of two: 1) Poisson(0.5) samples clip at 1 and the mean fell 22 levels.
+    flat = torch.full((8, 3, 64, 64), 0.5)
+    g = torch.Generator().manual_seed(3)
+    for noisy in (rd.poisson_noise(flat, torch.full((8,), 3.0), torch.tensor([True, False] * 4), g),
+                  rd.gaussian_noise(flat, torch.full((8,), 30 / 255), torch.tensor([True, False] * 4), g)):
+        # 4 standard errors of the mean (gray samples count once for their 3 channels): ~0.5 level
+        tolerance = 4 * float(noisy.std()) / math.sqrt(noisy.numel() / 3)
+        assert abs(float(noisy.mean()) - 0.5) < tolerance
+        assert float(noisy.std()) * 255 > 10  # real noise, at the drawn strength
+
+
+def test_pipeline_keeps_the_mean_of_a_flat_image():
+    # Blur, resize, noise, JPEG and sinc all preserve a flat mid-grey's mean (the published
+    # ranges, every draw of 8 seeds x 16 images); before the Poisson fix it fell 4 levels.
+    flat = torch.full((16, 3, 64, 64), 0.5)
+    pipeline = rd.RealDegradation(rd.RealDegradationOptions(scale=2))
+    means = [float(pipeline(flat, torch.Generator().manual_seed(seed))[0].mean()) for seed in range(8)]
+    assert abs(sum(means) / len(means) - 0.5) * 255 < 0.5, [round((m - 0.5) * 255, 2) for m in means]
 
 
 # ---------------------------------------------------------------- the draws
@@ -310,6 +334,20 @@ def test_jpeg_matches_pillow_at_the_same_quality(quality):
     assert psnr(ours, pillow) > psnr(pillow, img) + 5
     assert psnr(ours, img) == pytest.approx(psnr(pillow, img), abs=0.5)
     assert np.array_equal(ours, np.round(ours))  # on the 8-bit grid
+
+
+def test_jpeg_keeps_the_mean_colour_like_pillow():
+    # A colour bias in the JPEG step would teach the model to shift colours: per channel,
+    # the decoded mean stays within 0.5 of the original's, and of Pillow's, at q 60.
+    for name in ("coffee.png", "chelsea.png", "astronaut.png"):
+        img = _photo(name, box=(0, 0, 256, 256))
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="JPEG", quality=60)
+        pillow = np.asarray(Image.open(io.BytesIO(buffer.getvalue()))).astype(np.float64)
+        ours = jpeg_torch.jpeg(_tensor(img), 60)[0].numpy().transpose(1, 2, 0) * 255
+        mean = img.reshape(-1, 3).mean(0)
+        assert np.abs(ours.reshape(-1, 3).mean(0) - mean).max() < 0.5, name
+        assert np.abs(ours.reshape(-1, 3).mean(0) - pillow.reshape(-1, 3).mean(0)).max() < 0.5, name
 
 
 def test_differentiable_jpeg_has_a_gradient():

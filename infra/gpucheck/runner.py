@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from infra.gpucheck import (steps_batch, steps_codecs, steps_compile, steps_environment, steps_tensorrt, steps_train,
-                            steps_upscale)
+from infra.gpucheck import (steps_batch, steps_codecs, steps_compile, steps_degrade, steps_environment, steps_tensorrt,
+                            steps_train, steps_upscale)
 from infra.gpucheck.context import COMPACT, REPO, Context, visible_gpus
 from infra.gpucheck.processes import StepStopped, kill_group, stop_step
 from infra.gpucheck.table import SUCCESS, Row, exit_code, failed, is_failure, render_table, write_results
@@ -76,6 +76,9 @@ STEPS = [
          steps_codecs.step_jpeg_gpu),
     Step("compile", 30, f"torch.compile of the Upscaler's model ({COMPACT}, default precision) vs eager: compile "
                         "time, Mpx/s, passes to pay back, output vs eager", steps_compile.step_compile, opt_in=True),
+    Step("degradation", 5, "Real-ESRGAN's second-order degradation on the GPU (sr_core.realdegrade): degraded "
+                           "pairs/s at x4plus's batch of 12 x 256 px, peak memory, its JPEG on the GPU vs the CPU",
+         steps_degrade.step_degradation, opt_in=True),
     Step("train-nccl", 150, "with 2+ GPUs: sr train --processes 2 (DDP) and the DeepSpeed launch config, 2 "
                             "processes over NCCL, ranks equal", steps_train.step_train_nccl, min_gpus=2),
 ]
