@@ -222,5 +222,19 @@ def plan_dataset(run_url: str, block_rows: int):
     # merges what a read task yields into blocks of up to 128 MiB, which would make a
     # whole shard one decode task: the streaming repartition cuts it into small blocks
     # again, so decoding runs on many tasks at once.
-    ds = ray.data.read_datasource(PlanSource(), override_num_blocks=1, num_cpus=0)
-    return ds.repartition(target_num_rows_per_block=block_rows)
+    #
+    # A read task's output buffer hands on what it yields only once it holds
+    # ``target_max_block_size`` bytes (128 MiB) or the task ends: with its default, the
+    # first tasks (a few KiB) reached the decode stage when the listing was over
+    # (measured: the first output of 1,000,000 inputs came after their 72 s listing).
+    # One byte makes every yielded slice a block at once. The setting is the dataset's
+    # (Ray Data copies the context into it), so later stages cut their outputs into
+    # blocks of one row too; the actors still get ``batch_size`` rows per call.
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    context.target_max_block_size = 1
+    try:
+        ds = ray.data.read_datasource(PlanSource(), override_num_blocks=1, num_cpus=0)
+        return ds.repartition(target_num_rows_per_block=block_rows)
+    finally:
+        context.target_max_block_size = saved
