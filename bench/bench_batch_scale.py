@@ -25,7 +25,9 @@ processes are not counted):
   one prefix of a GCS emulator (gcp-storage-emulator, the server the tests start, on
   loopback), OUTPUT a prefix of the same bucket; the number of list requests is
   counted, so the time per request at the parallelism used is printed. The emulator
-  answers one request at a time, unlike Cloud Storage.
+  answers one request at a time and ignores ``maxResults`` (a prefix comes back in one
+  response, held whole by the driver: its peak RSS here is not Cloud Storage's), so
+  neither figure is Cloud Storage's.
 
 Columns: planning rate = inputs / listing seconds (the plan thread's own time, from the
 first listing to end.json); first task = when the first plan shard is written or Ray is
