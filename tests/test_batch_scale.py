@@ -6,7 +6,12 @@ at 20,000 inputs within 10% of its peak at 2,000.
 Kept fast for two CPUs: every input is the same 8x8 PNG (its bytes copied, so writing
 20,000 files takes a fraction of a second), the tiny x2 RRDBNet untiled, 64 images per
 actor call. Each driver is its own process (``DRIVER``) that prints its VmHWM when the
-command returns; the killed one's is read from /proc just before the kill."""
+command returns; the killed one's is read from /proc just before the kill.
+
+Its time on 2 shared cores: 184 s and 333 s in two runs (three drivers, each starting its
+own Ray; ~80 images/s, the tiny model's per-image overhead), at or over a 3-minute CI
+budget. Measured driver peaks: 530 MiB at 2,000, 528 MiB when killed, 554 MiB for the
+20,000-input rerun (+4.5%).
 
 from __future__ import annotations
 
