@@ -15,10 +15,12 @@ CSV row by row, Parquet by row group).
 
 What is held in memory: one folder's names at a time (two inputs can only have one
 output when they are in one folder with one stem), and a page of a manifest. What must
-be remembered for every input goes to disk (``batch.diskset``): the outputs an object
-store lists (resume), the inputs an earlier run recorded (orphans), the outputs a
-manifest's entries have taken. A local OUTPUT is checked with one ``stat`` per output
-instead of a listing.
+be remembered for every input goes to disk (``batch.diskset``): the inputs an earlier
+run recorded (orphans), the outputs a manifest's entries have taken. Resume checks the
+outputs of each step where they are made: a local OUTPUT with one ``stat`` per output,
+an object store with a listing of the range of names the step's outputs span in their
+folder (on Cloud Storage; the folder elsewhere), so a rerun's first task comes after
+one input page, not after a listing of all of OUTPUT.
 """
 
 from __future__ import annotations
@@ -212,7 +214,6 @@ class Planner:
         self.num_todo = 0
         self._sets: list[DiskSet] = []
         self._recorded: DiskSet | None = None
-        self._done: DiskSet | None = None
         self._out_local = storage.is_local(output)
         self._out_key = _key(output)
         if kind := storage.special_kind(input_url):
@@ -231,8 +232,6 @@ class Planner:
     def steps(self) -> Iterator[PlanStep]:
         """The plan, a folder (or a page of a manifest) at a time."""
         try:
-            if not self.overwrite and not self._out_local:
-                self._done = self._listed_outputs()
             yield from (self._manifest_steps() if self.manifest else self._folder_steps())
         finally:
             for s in self._sets:
@@ -383,10 +382,14 @@ class Planner:
                 self.num_todo += 1
 
     def _done_outputs(self, tasks: list[BatchTask]) -> set[str]:
+        """Of ``tasks``' outputs, those that exist: locally one ``stat`` each; on an
+        object store, per output folder, the listing of the range from the first to the
+        last of their names only (outputs do not sort like their inputs, so the range is
+        taken over the outputs' own names), never the whole of OUTPUT."""
         if self.overwrite or not tasks:
             return set()
+        done = set()
         if self._out_local:
-            done = set()
             for task in tasks:
                 try:
                     if stat.S_ISREG(os.stat(task.output).st_mode):
@@ -394,19 +397,13 @@ class Planner:
                 except (OSError, ValueError):
                     pass
             return done
-        assert self._done is not None
-        return set(self._done.lookup([t.output for t in tasks]))
-
-    def _listed_outputs(self) -> DiskSet:
-        """Every object below a remote OUTPUT, page by page, into a set on disk: one
-        request per 1,000 names instead of one per image."""
-        done = self._new_set()
-        fs, path = storage.get_fs(self.output)
-        if fs.exists(path):
-            skip = storage.join(self.output, results.RESULTS_FOLDER)
-            for chunk in listing.walk(self.output, skip=skip):
-                base = storage.join(self.output, chunk.folder) if chunk.folder else self.output.rstrip("/")
-                done.add_many(f"{base}/{name}" for name in chunk.names if _is_utf8(name))
+        by_folder: dict[str, list[str]] = {}
+        for task in tasks:
+            folder, name = task.output.rsplit("/", 1)
+            by_folder.setdefault(folder, []).append(name)
+        for folder, names in by_folder.items():
+            found = listing.names_between(folder, min(names), max(names))
+            done.update(f"{folder}/{name}" for name in names if name in found)
         return done
 
     def _recorded_of(self, inputs: list[str]) -> set[str]:
