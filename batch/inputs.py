@@ -185,14 +185,6 @@ def _common_folder(a: str, b: str) -> str:
     return posixpath.commonpath([a, b])
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _is_below(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip("/") + "/")
 
@@ -282,11 +274,7 @@ class Planner:
                     step.not_read.append((url, HIDDEN_REASON))
                 continue
             step.num_listed += 1
-            if not self._selected(rel):
-                continue
-            step.num_found += 1
-            if not _is_utf8(url):
-                step.failures.append((storage.printable(url), NOT_UTF8_REASON))
+            if not self._admitted(step, rel, url):
                 continue
             if name in linked and (target := storage.link_out_of(root_url, url)):
                 step.failures.append((url, f"a symbolic link to {target}, outside the folder {root_url}; not "
@@ -311,16 +299,23 @@ class Planner:
                 step.num_listed += 1
                 key = _key(url)
                 rel = key[len(root_key) + 1:] if _is_below(key, root_key) else key
-                if not self._selected(rel):
-                    continue
-                step.num_found += 1
-                if not _is_utf8(url):
-                    step.failures.append((storage.printable(url), NOT_UTF8_REASON))
-                    continue
-                candidates.append((rel, url))
+                if self._admitted(step, rel, url):
+                    candidates.append((rel, url))
             self._assign(candidates, step, listed=False, overlap=False, taken=taken,
                          inputs_in_output=inputs_in_output)
             yield step
+
+    def _admitted(self, step: PlanStep, rel: str, url: str) -> bool:
+        """Whether a listed input goes on to naming: selected by --include/--exclude
+        (counted as found) and with a UTF-8 name (else a failure row, never a crash in
+        the results tables)."""
+        if not self._selected(rel):
+            return False
+        step.num_found += 1
+        if not storage.is_utf8(url):
+            step.failures.append((storage.printable(url), NOT_UTF8_REASON))
+            return False
+        return True
 
     # ------------------------------------------------------------ naming and checks
 
@@ -474,7 +469,7 @@ class _ReferenceIndex:
         for name in names:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in _INPUT_EXTENSIONS:
                 continue
-            if name in ("", ".", "..") or "/" in name or "\\" in name or not _is_utf8(name):
+            if name in ("", ".", "..") or "/" in name or "\\" in name or not storage.is_utf8(name):
                 continue
             full = storage.join(url, name)
             if storage.is_local(full) and not os.path.isfile(full):
