@@ -286,9 +286,14 @@ def _walk_gcs(fs, root: str, skip: str | None, ranges: bool = True) -> Iterator[
                     if pending[0] == 0:
                         pages.put(None)
 
-    threads = [threading.Thread(target=worker, daemon=True, name="sr batch: list") for _ in range(NUM_LIST_THREADS)]
-    for t in threads:
-        t.start()
+    for _ in range(NUM_LIST_THREADS):
+        threading.Thread(target=worker, daemon=True, name="sr batch: list").start()
+    yield from _consume(pages, spans, stop)
+
+
+def _consume(pages: queue.Queue, spans: queue.Queue, stop: threading.Event) -> Iterator:
+    """The workers' pages until the last (None), re-raising a worker's error; at the end
+    (or when the consumer stops early) the workers are told to stop."""
     try:
         while True:
             item = pages.get()
@@ -299,7 +304,7 @@ def _walk_gcs(fs, root: str, skip: str | None, ranges: bool = True) -> Iterator[
             yield item
     finally:
         stop.set()
-        for _ in threads:
+        for _ in range(NUM_LIST_THREADS):
             spans.put(None)
         while True:  # unblock workers waiting on a full queue
             try:
