@@ -15,10 +15,12 @@ CSV row by row, Parquet by row group).
 
 What is held in memory: one folder's names at a time (two inputs can only have one
 output when they are in one folder with one stem), and a page of a manifest. What must
-be remembered for every input goes to disk (``batch.diskset``): the outputs an object
-store lists (resume), the inputs an earlier run recorded (orphans), the outputs a
-manifest's entries have taken. A local OUTPUT is checked with one ``stat`` per output
-instead of a listing.
+be remembered for every input goes to disk (``batch.diskset``): the inputs an earlier
+run recorded (orphans), the outputs a manifest's entries have taken. Resume checks the
+outputs of each step where they are made: a local OUTPUT with one ``stat`` per output,
+an object store with a listing of the range of names the step's outputs span in their
+folder (on Cloud Storage; the folder elsewhere), so a rerun's first task comes after
+one input page, not after a listing of all of OUTPUT.
 """
 
 from __future__ import annotations
@@ -183,14 +185,6 @@ def _common_folder(a: str, b: str) -> str:
     return posixpath.commonpath([a, b])
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _is_below(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip("/") + "/")
 
@@ -212,7 +206,6 @@ class Planner:
         self.num_todo = 0
         self._sets: list[DiskSet] = []
         self._recorded: DiskSet | None = None
-        self._done: DiskSet | None = None
         self._out_local = storage.is_local(output)
         self._out_key = _key(output)
         if kind := storage.special_kind(input_url):
@@ -231,8 +224,6 @@ class Planner:
     def steps(self) -> Iterator[PlanStep]:
         """The plan, a folder (or a page of a manifest) at a time."""
         try:
-            if not self.overwrite and not self._out_local:
-                self._done = self._listed_outputs()
             yield from (self._manifest_steps() if self.manifest else self._folder_steps())
         finally:
             for s in self._sets:
@@ -283,11 +274,7 @@ class Planner:
                     step.not_read.append((url, HIDDEN_REASON))
                 continue
             step.num_listed += 1
-            if not self._selected(rel):
-                continue
-            step.num_found += 1
-            if not _is_utf8(url):
-                step.failures.append((storage.printable(url), NOT_UTF8_REASON))
+            if not self._admitted(step, rel, url):
                 continue
             if name in linked and (target := storage.link_out_of(root_url, url)):
                 step.failures.append((url, f"a symbolic link to {target}, outside the folder {root_url}; not "
@@ -312,16 +299,23 @@ class Planner:
                 step.num_listed += 1
                 key = _key(url)
                 rel = key[len(root_key) + 1:] if _is_below(key, root_key) else key
-                if not self._selected(rel):
-                    continue
-                step.num_found += 1
-                if not _is_utf8(url):
-                    step.failures.append((storage.printable(url), NOT_UTF8_REASON))
-                    continue
-                candidates.append((rel, url))
+                if self._admitted(step, rel, url):
+                    candidates.append((rel, url))
             self._assign(candidates, step, listed=False, overlap=False, taken=taken,
                          inputs_in_output=inputs_in_output)
             yield step
+
+    def _admitted(self, step: PlanStep, rel: str, url: str) -> bool:
+        """Whether a listed input goes on to naming: selected by --include/--exclude
+        (counted as found) and with a UTF-8 name (else a failure row, never a crash in
+        the results tables)."""
+        if not self._selected(rel):
+            return False
+        step.num_found += 1
+        if not storage.is_utf8(url):
+            step.failures.append((storage.printable(url), NOT_UTF8_REASON))
+            return False
+        return True
 
     # ------------------------------------------------------------ naming and checks
 
@@ -383,10 +377,14 @@ class Planner:
                 self.num_todo += 1
 
     def _done_outputs(self, tasks: list[BatchTask]) -> set[str]:
+        """Of ``tasks``' outputs, those that exist: locally one ``stat`` each; on an
+        object store, per output folder, the listing of the range from the first to the
+        last of their names only (outputs do not sort like their inputs, so the range is
+        taken over the outputs' own names), never the whole of OUTPUT."""
         if self.overwrite or not tasks:
             return set()
+        done = set()
         if self._out_local:
-            done = set()
             for task in tasks:
                 try:
                     if stat.S_ISREG(os.stat(task.output).st_mode):
@@ -394,19 +392,13 @@ class Planner:
                 except (OSError, ValueError):
                     pass
             return done
-        assert self._done is not None
-        return set(self._done.lookup([t.output for t in tasks]))
-
-    def _listed_outputs(self) -> DiskSet:
-        """Every object below a remote OUTPUT, page by page, into a set on disk: one
-        request per 1,000 names instead of one per image."""
-        done = self._new_set()
-        fs, path = storage.get_fs(self.output)
-        if fs.exists(path):
-            skip = storage.join(self.output, results.RESULTS_FOLDER)
-            for chunk in listing.walk(self.output, skip=skip):
-                base = storage.join(self.output, chunk.folder) if chunk.folder else self.output.rstrip("/")
-                done.add_many(f"{base}/{name}" for name in chunk.names if _is_utf8(name))
+        by_folder: dict[str, list[str]] = {}
+        for task in tasks:
+            folder, name = task.output.rsplit("/", 1)
+            by_folder.setdefault(folder, []).append(name)
+        for folder, names in by_folder.items():
+            found = listing.names_between(folder, min(names), max(names))
+            done.update(f"{folder}/{name}" for name in names if name in found)
         return done
 
     def _recorded_of(self, inputs: list[str]) -> set[str]:
@@ -477,7 +469,7 @@ class _ReferenceIndex:
         for name in names:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in _INPUT_EXTENSIONS:
                 continue
-            if name in ("", ".", "..") or "/" in name or "\\" in name or not _is_utf8(name):
+            if name in ("", ".", "..") or "/" in name or "\\" in name or not storage.is_utf8(name):
                 continue
             full = storage.join(url, name)
             if storage.is_local(full) and not os.path.isfile(full):

@@ -146,16 +146,9 @@ def _clean_strings(rows: dict[str, list], columns) -> dict[str, list]:
     out = dict(rows)
     for name, kind, _ in columns:
         if kind == "string":
-            out[name] = [v if _is_utf8(v) else storage.printable(v) for v in rows[name]]
+            out[name] = [v if storage.is_utf8(v) else storage.printable(v) for v in rows[name]]
     return out
 
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class RunResults:

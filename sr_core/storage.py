@@ -525,6 +525,16 @@ def safe_key(rel: str) -> str:
     return rel
 
 
+def is_utf8(text: str) -> bool:
+    """Whether a name is valid UTF-8 (a local file name that is not arrives with
+    Python's surrogate escapes, which Parquet and object stores cannot hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def link_out_of(root: str, url: str) -> str | None:
     """Where a local file found below the folder ``root`` really is, if a symbolic link
     takes it outside ``root`` (listings must not follow links out of the folder they
@@ -539,5 +549,6 @@ def link_out_of(root: str, url: str) -> str | None:
 __all__ = [
     "StorageError", "RetryPolicy", "get_fs", "is_gcs", "is_local", "join", "read_bytes", "exists", "size",
     "write_bytes", "create_bytes", "swap_if_unchanged", "list_files", "special_kind", "relative_key", "safe_key",
-    "remove_stale_temporaries", "check_writable", "printable", "local_files", "upload_folder", "UploadedFolder",
+    "remove_stale_temporaries", "check_writable", "printable", "is_utf8", "local_files", "upload_folder",
+    "UploadedFolder",
 ]
