@@ -1,12 +1,12 @@
 """The plan reaching Ray Data as a stream: the driver writes the tasks as Parquet shards
 under the run's folder while it lists (``PlanFeed``, a thread), and the dataset reads
-them as they appear (``plan_dataset``: one read task that waits for each next shard).
+them as they appear (``plan_dataset``: read tasks that wait for their shards).
 
 Why shards in storage rather than a list handed to ``ray.data.from_items``: the driver
 never holds the plan (a shard of at most ``MAX_SHARD_TASKS`` tasks at a time), work
-can start on the first shard while the listing goes on (today Ray Data holds it back:
-see ``plan_dataset``) (the first shard is small and a
-shard is also written after ``FLUSH_SECONDS``), and the plan is a file any node can
+can start on the first shard while the listing goes on (the first shard is small, a
+shard is also written after ``FLUSH_SECONDS``, and ``plan_dataset`` says how the read
+hands each early shard on at once), and the plan is a file any node can
 read, so it needs no channel back to the driver. Why not a Ray Data datasource that
 lists lazily: the plan's checks (collisions, resume, orphans, references) and its
 counts belong to the driver, which reports them; listing inside a read task would
@@ -39,6 +39,11 @@ FLUSH_SECONDS = 1.0
 """A shard is written after this long even if not full (slow listings start work too)."""
 POLL_SECONDS = 0.2
 """How often the dataset's reader looks for the next shard while the driver lists."""
+SHARD_READ_TASKS = 64
+"""Read tasks of the plan's dataset: one per shard for the first 63 shards (16 tasks
+doubling to 4096: up to 229,360 tasks), one for all later shards."""
+SHARD_READ_CONCURRENCY = 2
+"""Read tasks waiting for their shard at a time."""
 MAX_NOT_READ = 1000
 """Files not read (hidden, special) kept by name for summary.json; all are counted."""
 COLUMNS = ("input", "output", "reference", "reference_error")
@@ -183,14 +188,15 @@ class PlanFeed:
             fs.rm(path, recursive=True)
 
 
-def _read_shards(run_url: str, block_rows: int):
-    """The blocks of the plan's shards, in order, as they appear; ends after the last
-    shard that ``end.json`` names."""
+def _read_shards(run_url: str, block_rows: int, first: int, count: int | None):
+    """The blocks of shards ``first`` .. ``first + count - 1`` (``count`` None: every
+    shard from ``first`` on), in order, as they appear; ends early when ``end.json``
+    says the plan has no more shards."""
     import pyarrow as pa
 
-    index = 0
+    index = first
     end_url = storage.join(plan_url(run_url), "end.json")
-    while True:
+    while count is None or index < first + count:
         url = shard_url(run_url, "shard", index)
         if storage.exists(url):
             table = pa.Table.from_pylist(read_shard(url))
@@ -204,7 +210,21 @@ def _read_shards(run_url: str, block_rows: int):
 
 
 def plan_dataset(run_url: str, block_rows: int):
-    """The Ray dataset of the plan's tasks, read as the driver writes the shards."""
+    """The Ray dataset of the plan's tasks, read as the driver writes the shards.
+
+    Ray Data hands on what a read task yields only once it holds
+    ``target_max_block_size`` bytes (128 MiB, about a million tasks) or the task ends.
+    So the first ``SHARD_READ_TASKS - 1`` shards each get a read task of their own, which
+    ends, and hands its tasks on, as soon as its shard is read: work starts on the first
+    shard (16 tasks) while the listing goes on. The last read task takes every later
+    shard; by then the earlier shards hold up to 229,360 tasks of work, and
+    its 128 MiB blocks keep coming as the listing goes on. At most
+    ``SHARD_READ_CONCURRENCY`` read tasks wait at a time (each polls for its shard), in
+    order; one whose shard never comes (a short plan) ends when ``end.json`` is written.
+    The block size stays Ray's for every stage: one byte for the whole dataset would make
+    every stage's blocks one row (8x8 images went from ~80 to ~6 images/s)."""
+    import functools
+
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -215,20 +235,15 @@ def plan_dataset(run_url: str, block_rows: int):
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            return [ReadTask(lambda: _read_shards(run_url, block_rows), metadata)]
+            alone = SHARD_READ_TASKS - 1
+            return [ReadTask(functools.partial(_read_shards, run_url, block_rows, i, 1), metadata)
+                    for i in range(alone)] + [
+                ReadTask(functools.partial(_read_shards, run_url, block_rows, alone, None), metadata)]
 
-    # No CPU of its own: the reader mostly waits for shards, and on a small machine a
+    # No CPU of its own: a reader mostly waits for shards, and on a small machine a
     # reserved CPU would leave the decode tasks none. (A different resource request
-    # also keeps Ray Data from fusing the decode stage into this one task.) Ray Data
-    # merges what a read task yields into blocks of up to 128 MiB, which would make a
-    # whole shard one decode task: the streaming repartition cuts it into small blocks
-    # again, so decoding runs on many tasks at once.
-    #
-    # KNOWN LIMIT (measured, not fixed): a read task's output buffer hands on what it
-    # yields only once it holds ``target_max_block_size`` bytes (128 MiB) or the task
-    # ends, so the first tasks reach the decode stage when the listing is over. A
-    # context with a block size of one byte hands every slice on at once, but the setting
-    # is the whole dataset's: every stage then makes blocks of one row, and 8x8 images went
-    # from ~80 to ~6 images/s. A fix needs the small size on this read alone.
-    ds = ray.data.read_datasource(PlanSource(), override_num_blocks=1, num_cpus=0)
+    # also keeps Ray Data from fusing the decode stage into the read.) The streaming
+    # repartition cuts a shard into small blocks, so decoding runs on many tasks at once.
+    ds = ray.data.read_datasource(PlanSource(), override_num_blocks=SHARD_READ_TASKS, num_cpus=0,
+                                  concurrency=SHARD_READ_CONCURRENCY)
     return ds.repartition(target_num_rows_per_block=block_rows)

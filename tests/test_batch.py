@@ -450,3 +450,39 @@ def test_one_image_gives_the_same_file_through_sr_upscale_and_sr_batch(ray_addre
     assert names == ["a_x.jpg", "sub/b_x.jpg", "sub/c_x.jpg"]
     for name in names:
         assert (tmp_path / "up" / name).read_bytes() == (tmp_path / "batch" / name).read_bytes(), name
+
+
+def test_the_plan_reaches_ray_data_before_the_listing_ends(ray_address, tmp_path):
+    """Issue 22: the first shard's tasks reach the pipeline while the driver still lists
+    (no ``end.json`` yet). With a single read task for every shard, Ray Data held them
+    back until the listing ended: this wait would hang."""
+    import threading
+
+    from batch import planfeed
+
+    run = str(tmp_path / "run")
+    rows = [{"input": f"/in/{i}.png", "output": f"/out/{i}.png", "reference": "", "reference_error": ""}
+            for i in range(planfeed.FIRST_SHARD_TASKS)]
+    storage.write_bytes(planfeed.shard_url(run, "shard", 0), planfeed._shard_bytes(rows))
+    seen: list[str] = []
+    errors: list[BaseException] = []
+
+    def consume():
+        try:
+            for batch in planfeed.plan_dataset(run, block_rows=4).iter_batches(batch_size=None):
+                seen.extend(batch["input"])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    wait_for(lambda: seen or errors or not reader.is_alive(), "the first shard's tasks to arrive")
+    assert not errors and seen, errors
+    assert not os.path.exists(storage.join(planfeed.plan_url(run), "end.json"))  # still "listing"
+    # A second shard, then the end: every task arrives once, and the read ends.
+    more = [{**r, "input": r["input"].replace("/in/", "/in2/")} for r in rows]
+    storage.write_bytes(planfeed.shard_url(run, "shard", 1), planfeed._shard_bytes(more))
+    storage.write_bytes(storage.join(planfeed.plan_url(run), "end.json"), json.dumps({"shards": 2}).encode())
+    reader.join(HANG_TIMEOUT)
+    assert not reader.is_alive() and not errors, errors
+    assert sorted(seen) == sorted(r["input"] for r in rows + more)
