@@ -11,7 +11,7 @@ command returns; the killed one's is read from /proc just before the kill.
 Its time on 2 shared cores: 184 s and 333 s in two runs (three drivers, each starting its
 own Ray; ~80 images/s, the tiny model's per-image overhead), at or over a 3-minute CI
 budget. Measured driver peaks: 530 MiB at 2,000, 528 MiB when killed, 554 MiB for the
-20,000-input rerun (+4.5%).
+20,000-input rerun (+4.5%)."""
 
 from __future__ import annotations
 
