@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import inputs, listing
-from events import HANG_TIMEOUT
+from events import HANG_TIMEOUT, wait_for
 from faultproxy import FaultProxy, FaultRates
 from ports import free_port
 
@@ -37,18 +36,15 @@ def start_ranged_emulator(log_path) -> tuple[subprocess.Popen, str]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(HERE / "gcs_ranges.py"), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + HANG_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the ranged emulator exited: {Path(log_path).read_text(errors='replace')[-2000:]}")
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"http://127.0.0.1:{port}"
+                return True
         except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("the ranged emulator did not listen: a hang")
-            time.sleep(0.05)  # polling for the port, not waiting for a time
+            return False
+
+    wait_for(listening, f"the ranged emulator to listen (log: {log_path})", proc)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
