@@ -1,8 +1,9 @@
 """Listing one flat prefix of Cloud Storage serially (page after page) and in parallel
 ranges (``batch.listing``), on the tests' ranged GCS emulator (``tests/gcs_ranges.py``).
-Prints a table: objects, pages, requests, seconds, pages/s, and the ratio.
+Prints a table: objects, pages, requests, seconds, pages/s, and the ratio. It starts
+the tests' emulator, so tests/ is on its import path (``./dev bench`` puts it there):
 
-    PYTHONPATH=.:tests python bench/bench_listing.py --objects 8000 --page 100
+    ./dev bench listing --objects 8000 --page 100
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 

@@ -105,7 +105,20 @@ def run(config: Config, resume: str = "") -> int:
             state.accelerator.end_training()
     finally:
         preemption.restore(previous_handler)
+        _forget_accelerate_state()
     return 0
+
+
+def _forget_accelerate_state() -> None:
+    """Accelerate keeps the first Accelerator's settings (mixed precision above all) for the
+    life of the process and refuses an Accelerator with others: a second run in the same
+    process (a notebook, a sweep, the tests) with another precision would fail. The process
+    group (PartialState) stays: it belongs to the launch, not to one run. Accelerate's own
+    test cases reset the same two states between runs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 # ---------------------------------------------------------------- the loop

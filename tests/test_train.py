@@ -332,3 +332,14 @@ def test_validation_reports_the_mean_of_the_images_mse(data, tmp_path):
         assert tb[f"val/psnr{suffix}"] == [pytest.approx(np.mean(psnrs), rel=1e-5)], suffix
         # the two images differ enough that the MSE of the mean PSNR is another number
         assert abs(255.0**2 / 10 ** (np.mean(psnrs) / 10) / np.mean(mses) - 1) > 0.01, suffix
+
+
+def test_runs_of_different_precisions_follow_each_other_in_one_process(data, tmp_path):
+    """Accelerate keeps one set of settings per process: a bf16 run followed by an fp32 run
+    in the same process (a notebook, a sweep) is refused by Accelerate unless each run
+    forgets them at its end. Both runs train, and each writes its model."""
+    for i, precision in enumerate(("bf16", "fp32", "bf16")):
+        run = tmp_path / f"run_{i}_{precision}"
+        assert train_main([*COMMON, f"data.train_shards={data['shards']}", "train.max_steps=1",
+                           f"train.precision={precision}", f"train.run_dir={run}"]) == 0
+        assert (run / "model.safetensors").exists()
