@@ -8,15 +8,13 @@ fixture sets for the whole session (child processes inherit it).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 
 import pytest
-from events import HANG_TIMEOUT
+from events import wait_listening
 from ports import free_port
 
 # gcsfs 2026.x probes buckets over gRPC unless told not to (a 60 s hang per operation
@@ -64,18 +62,7 @@ def gcs_emulator(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=log,
     )
     log.close()  # the child has its own copy
-    deadline = time.monotonic() + HANG_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"gcp-storage-emulator exited: {log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"gcp-storage-emulator did not start listening within {HANG_TIMEOUT:.0f} s: a hang")
-            time.sleep(0.1)
+    wait_listening(port, "gcp-storage-emulator", process, log_path)
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
     try:

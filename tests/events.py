@@ -5,6 +5,7 @@ takes longer; it never makes a wait fail)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 
@@ -28,6 +29,27 @@ def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} after {timeout:.0f} s: a hang")
         time.sleep(interval)  # the polling interval, not a wait for something to happen
+
+
+def wait_listening(port: int, what: str, proc: subprocess.Popen, log_path=None) -> None:
+    """Return once a server the test started (``proc``) accepts connections on
+    127.0.0.1:``port``. Fails, with the end of its log, if it exits first (servers log to
+    a file: an unread pipe would fill up and stop them); killed if the wait fails."""
+    def listening() -> bool:
+        if proc.poll() is not None:
+            log = open(log_path, errors="replace").read()[-3000:] if log_path else ""
+            pytest.fail(f"{what} exited {proc.returncode} before listening on 127.0.0.1:{port}: {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, f"{what} listening on 127.0.0.1:{port}")
+    except BaseException:
+        proc.kill()
+        raise
 
 
 def upscale_actors_below(pid: int | None = None) -> list:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import inputs, listing
-from events import HANG_TIMEOUT, wait_for
+from events import HANG_TIMEOUT, wait_listening
 from faultproxy import FaultProxy, FaultRates
 from ports import free_port
 
@@ -30,20 +30,11 @@ PAGE = 40  # names per page in these tests: many pages from a few hundred object
 
 def start_ranged_emulator(log_path) -> tuple[subprocess.Popen, str]:
     """The ranged emulator as its own process; (process, its URL) once it listens."""
-    import socket
-
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(HERE / "gcs_ranges.py"), str(port)],
                                 stdout=subprocess.DEVNULL, stderr=log)
-    def listening() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    wait_for(listening, f"the ranged emulator to listen (log: {log_path})", proc)
+    wait_listening(port, "the ranged emulator", proc, log_path)
     return proc, f"http://127.0.0.1:{port}"
 
 
