@@ -417,22 +417,22 @@ class _Progress:
     planned so far (the total grows until the listing ends), rate and failures."""
 
     def __init__(self, feed: planfeed.PlanFeed, results: RunResults, enabled: bool):
-        from tqdm import tqdm
+        from sr_core.progress import bar as progress_bar
 
         self.feed, self.results = feed, results
-        self.bar = tqdm(total=0, unit="img", desc="sr batch: listing", file=sys.stderr, dynamic_ncols=True,
-                        disable=not enabled)
+        self.bar = progress_bar(0, "sr batch: listing", "img", shown=enabled)
 
     def update(self, done: int = 0) -> None:
         feed = self.feed
         self.bar.total = feed.num_tasks
         if done:
             self.bar.set_description("sr batch", refresh=False)
-            self.bar.update(done)
         images_per_s, mpx_per_s = self.results.rates()
         listing = "" if feed.finished.is_set() else f"listing: {feed.num_listed} listed, {feed.num_tasks} to do; "
         self.bar.set_postfix_str(f"{listing}{images_per_s:.3g} img/s, {mpx_per_s:.3g} Mpx/s out, "
-                                 f"{self.results.num_failed} failed")
+                                 f"{self.results.num_failed} failed", refresh=False)
+        # update(0) too: it redraws (the listing's figures) as often as the bar's interval allows
+        self.bar.update(done)
 
     def close(self) -> None:
         self.bar.close()
@@ -453,11 +453,11 @@ def _recover(feed: planfeed.PlanFeed, settings: pipeline.StageSettings, results:
     each checkpointed at once, so a kill of this run does not lose them again. They are
     the few images of a checkpoint interval per kill, so they need no cluster. Returns
     how many could not be measured."""
-    from tqdm import tqdm
+    from sr_core.progress import bar as progress_bar
 
     failed = 0
-    bar = tqdm(total=feed.num_orphans, unit="img", desc="sr batch: rows of a killed run", file=sys.stderr,
-               dynamic_ncols=True, disable=not progress or not feed.num_orphans)
+    bar = progress_bar(feed.num_orphans, "sr batch: rows of a killed run", "img",
+                       shown=progress and bool(feed.num_orphans))
     for url in feed.orphan_shards():
         for task in planfeed.read_shard(url):
             row = pipeline.recover_row(task, settings)

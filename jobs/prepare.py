@@ -30,10 +30,10 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from sr_core import codecs, storage
 from sr_core.errors import is_unwritable
+from sr_core.progress import bar as progress_bar
 
 INDEX_FORMAT = "sr-cloud-subimages/1"
 INDEX_NAME = "index.json"
@@ -314,8 +314,7 @@ def prepare(src: str, dst: str, settings: PrepareSettings, num_workers: int = 1,
     pending = [(src, dst, u, units[u], settings) for u in range(len(units)) if u not in manifests]
 
     done_images = sum(len(units[u]) for u in manifests)
-    bar = tqdm(total=len(sources), initial=done_images, unit="img", desc="prepare",
-               disable=not progress, file=sys.stderr)
+    bar = progress_bar(len(sources), "prepare", "img", initial=done_images, shown=progress)
     if manifests:
         bar.write(f"resuming: {len(manifests)} of {len(units)} shard units already done")
     start = time.monotonic()

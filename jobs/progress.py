@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from jobs.data import DataWaitMeter
+from sr_core.progress import bar
 
 
 def log(accelerator: Accelerator, message: str) -> None:
@@ -26,8 +27,8 @@ def log(accelerator: Accelerator, message: str) -> None:
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int, shown: bool, stage: str) -> tqdm:
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                disable=not (accelerator.is_main_process and shown), desc=f"train {stage}")
+    return bar(total, f"train {stage}", "step", initial=initial,
+                           shown=accelerator.is_main_process and shown)
 
 
 def memory_mb(device: torch.device) -> float:

@@ -160,7 +160,7 @@ def train_loop(state: TrainingState) -> str:
                 if state.tb:
                     state.tb.scalars(step, values)
                     state.tb.maybe_sync()
-                bar.set_postfix(loss=f"{values['loss/g_total']:.4g}")
+                bar.set_postfix(loss=f"{values['loss/g_total']:.4g}", refresh=False)  # shown at the next redraw
             if stop == "preempted":
                 folder = save_checkpoint(state, step)
                 log(state.accelerator, f"SIGTERM: checkpoint {folder} written at step {step}; exiting")

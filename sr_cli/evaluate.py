@@ -109,7 +109,7 @@ def _slug(text: str) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from sr_core.progress import bar as progress_bar
 
     from sr_cli import eval_report
     from sr_core import evaluate, modelfile, storage
@@ -133,10 +133,9 @@ def run_eval(args: argparse.Namespace) -> int:
                                 lpips=lpips is not None, lr_chain=degrade.describe() if degrade else "")
     listed = _list_sets(args, scale, report)
 
-    bar = tqdm(total=sum(len(s.items) for s in listed) * len(methods), unit="run", desc="eval", file=sys.stderr,
-               dynamic_ncols=True)
+    bar = progress_bar(sum(len(s.items) for s in listed) * len(methods), "eval", "run")
     for image_set in listed:
-        bar.set_description(f"eval {eval_report.visible(image_set.name)[:30]}")
+        bar.set_description(f"eval {eval_report.visible(image_set.name)[:30]}", refresh=False)
         report.sets.append(evaluate.evaluate_set(image_set, methods, scale, crop_border, not args.rgb, lpips,
                                                  on_method=lambda: bar.update(1), degrade=degrade))
     bar.close()

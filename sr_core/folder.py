@@ -12,7 +12,6 @@ already being written and returns what is left.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -89,11 +88,11 @@ def upscale_folder(inputs: list[str], output: str, model: str, settings: OutputS
 
 def _upscale_tasks(todo: list[Task], up, settings: OutputSettings, memory_limit: float, report: FolderReport,
                    progress: bool) -> None:
-    from tqdm import tqdm
+    from sr_core.progress import bar as progress_bar
 
     out_pixels = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc="upscale", file=sys.stderr, dynamic_ncols=True, disable=not progress)
+    bar = progress_bar(len(todo), "upscale", "img", shown=progress)
 
     def save(task: Task, image) -> int:
         storage.write_bytes(task.output, codecs.encode_image(image, settings.encode))
@@ -112,8 +111,10 @@ def _upscale_tasks(todo: list[Task], up, settings: OutputSettings, memory_limit:
                 if isinstance(exc, storage.StorageError) or is_unwritable(exc):
                     report.stopped = report.stopped or f"writing {task.output}: {strip_url(exc, task.output)}"
             report.done += 1
+            # refresh=False: the update redraws, as often as the bar's interval allows
+            bar.set_postfix_str(f"{out_pixels / max(time.perf_counter() - start, 1e-9) / 1e6:.2f} Mpx/s out",
+                                refresh=False)
             bar.update(1)
-            bar.set_postfix_str(f"{out_pixels / max(time.perf_counter() - start, 1e-9) / 1e6:.2f} Mpx/s out")
 
     # Encoding (PNG above all) is as slow as a small model: it runs in the background
     # while the next image is upscaled. At most two results wait, so memory stays at a
