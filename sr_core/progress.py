@@ -20,5 +20,7 @@ def bar(total: int, desc: str, unit: str, *, initial: int = 0, shown: bool = Tru
     """A tqdm bar on ``file`` (default: stderr), hidden unless ``shown``."""
     file = file if file is not None else sys.stderr
     terminal = bool(getattr(file, "isatty", lambda: False)())
+    # maxinterval too: tqdm's monitor thread redraws a bar not redrawn for that long (10 s).
+    interval = {"mininterval": 0.1} if terminal else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
     return tqdm(total=total, initial=initial, unit=unit, desc=desc, file=file, disable=not shown,
-                dynamic_ncols=terminal, mininterval=0.1 if terminal else LOG_INTERVAL_S)
+                dynamic_ncols=terminal, **interval)
