@@ -27,8 +27,7 @@ def log(accelerator: Accelerator, message: str) -> None:
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int, shown: bool, stage: str) -> tqdm:
-    return bar(total, f"train {stage}", "step", initial=initial,
-                           shown=accelerator.is_main_process and shown)
+    return bar(total, f"train {stage}", "step", initial=initial, shown=accelerator.is_main_process and shown)
 
 
 def memory_mb(device: torch.device) -> float:

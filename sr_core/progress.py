@@ -16,8 +16,9 @@ LOG_INTERVAL_S = 30.0
 """Seconds between redraws when stderr is not a terminal (2,880 a day at most)."""
 
 
-def bar(total: int, desc: str, unit: str, *, initial: int = 0, shown: bool = True, file=None) -> tqdm:
-    """A tqdm bar on ``file`` (default: stderr), hidden unless ``shown``."""
+def bar(total: int | None, desc: str, unit: str, *, initial: int = 0, shown: bool = True, file=None) -> tqdm:
+    """A tqdm bar on ``file`` (default: stderr), hidden unless ``shown``; ``total`` None
+    for a count without an end."""
     file = file if file is not None else sys.stderr
     terminal = bool(getattr(file, "isatty", lambda: False)())
     # maxinterval too: tqdm's monitor thread redraws a bar not redrawn for that long (10 s).
