@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from events import wait_listening
+from events import server_in_env, wait_listening
 from ports import free_port
 
 # gcsfs 2026.x probes buckets over gRPC unless told not to (a 60 s hang per operation
@@ -63,21 +63,9 @@ def gcs_emulator(tmp_path_factory):
     )
     log.close()  # the child has its own copy
     wait_listening(port, "gcp-storage-emulator", process, log_path)
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    try:
-        yield GcsEmulator(url=os.environ["STORAGE_EMULATOR_HOST"], process=process)
-    finally:
-        if saved is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    url = f"http://127.0.0.1:{port}"
+    with server_in_env(process, STORAGE_EMULATOR_HOST=url):
+        yield GcsEmulator(url=url, process=process)
 
 
 @pytest.fixture(autouse=True)

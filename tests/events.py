@@ -5,6 +5,8 @@ takes longer; it never makes a wait fail)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -50,6 +52,28 @@ def wait_listening(port: int, what: str, proc: subprocess.Popen, log_path=None) 
     except BaseException:
         proc.kill()
         raise
+
+
+@contextlib.contextmanager
+def server_in_env(proc: subprocess.Popen, **env: str):
+    """``env`` set while a server the test started (``proc``) serves; afterwards the
+    environment as it was, and the server stopped (killed if it does not stop in 10 s)."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def upscale_actors_below(pid: int | None = None) -> list:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import inputs, listing
-from events import HANG_TIMEOUT, wait_listening
+from events import HANG_TIMEOUT, server_in_env, wait_listening
 from faultproxy import FaultProxy, FaultRates
 from ports import free_port
 
@@ -42,18 +42,8 @@ def start_ranged_emulator(log_path) -> tuple[subprocess.Popen, str]:
 def ranged(tmp_path_factory):
     """STORAGE_EMULATOR_HOST pointed at a ranged emulator for this module's tests."""
     proc, url = start_ranged_emulator(tmp_path_factory.mktemp("ranged") / "emulator.log")
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = url
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-    try:
+    with server_in_env(proc, STORAGE_EMULATOR_HOST=url):
         yield url
-    finally:
-        if saved is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture
